@@ -1,0 +1,1 @@
+"""The embedded default world, generator and segmenter, and loaders for users' own models."""

@@ -1,0 +1,238 @@
+"""Train the embedded generator on the scene world: ``python -m dissect.models.train``.
+
+Losses: the non-saturating GAN loss, lazy R1 on the discriminator, and a regression side loss that pulls
+G(z) towards the world's own render of the same latent (the world reads every random choice from z).
+Regression alone stays blurred, but as a warm start and side loss it keeps every mode of the world
+(dusk skies, the watermark's rate) that adversarial training alone tends to drop; the adversarial loss
+sharpens. An EMA copy of G is what gets shipped.
+
+Checkpoints are resumable and written atomically under ``--out`` (default ``~/.cache/dissect/train-spires``):
+run the same command again and it continues from the latest one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from .stylegan import Discriminator, Generator
+from .world import World
+
+DEFAULT_OUT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dissect" / "train-spires"
+
+
+def parse_channels(text: str) -> dict[int, int]:
+    """``"4:256,8:256,16:128"`` -> ``{4: 256, 8: 256, 16: 128}``."""
+    try:
+        return {int(k): int(v) for k, v in (item.split(":") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"channels must look like '4:256,8:256,16:128', got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dissect.models.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint and sample folder")
+    p.add_argument("--steps", type=int, default=10000, help="total optimisation steps (resumes count)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--g-channels", type=parse_channels, default=parse_channels("4:256,8:256,16:128,32:64,64:32"))
+    p.add_argument("--d-channels", type=parse_channels, default=parse_channels("64:24,32:48,16:96,8:192,4:192"))
+    p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--mapping-lr-mul", type=float, default=0.01, help="the mapping network learns slower")
+    p.add_argument("--warmup-steps", type=int, default=300, help="steps of pure regression before the GAN loss")
+    p.add_argument("--regress-weight", type=float, default=2.0, help="L1 side loss weight after warm-up")
+    p.add_argument("--r1-gamma", type=float, default=0.05)
+    p.add_argument("--r1-every", type=int, default=16, help="lazy R1: penalise every N steps, scaled by N")
+    p.add_argument("--ema-beta", type=float, default=0.998)
+    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--sample-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--export", type=Path, default=None, help="write the EMA generator (fp16 safetensors) here")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+class Trainer:
+    """Holds G, D, the EMA generator, optimisers and RNG state; ``step()`` runs one update of both nets."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        torch.manual_seed(args.seed)
+        self.world = World(args.resolution)
+        self.G = Generator(resolution=args.resolution, channels=args.g_channels).to(self.device)
+        self.D = Discriminator(args.resolution, args.d_channels).to(self.device)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        mapping = list(self.G.mapping.parameters())
+        mapping_ids = {id(p) for p in mapping}
+        rest = [p for p in self.G.parameters() if id(p) not in mapping_ids]
+        betas = (0.0, 0.99)
+        self.opt_g = torch.optim.Adam(
+            [{"params": rest}, {"params": mapping, "lr": args.lr * args.mapping_lr_mul}], lr=args.lr, betas=betas
+        )
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=args.lr, betas=betas)
+        self.latents = torch.Generator().manual_seed(args.seed + 1)
+        self.step_count = 0
+
+    def _z(self) -> torch.Tensor:
+        return torch.randn(self.args.batch, self.G.z_dim, generator=self.latents).to(self.device)
+
+    def _world(self, z: torch.Tensor) -> torch.Tensor:
+        images, _ = self.world.render(z.cpu())
+        return images.to(self.device)
+
+    def step(self) -> dict[str, float]:
+        """One step: a D update (with lazy R1) then a G update, sharing one G forward."""
+        a = self.args
+        z, z_real = self._z(), self._z()
+        target = self._world(z)
+        fake = self.G(z, noise_mode="random")
+        regress = (fake - target).abs().mean()
+        stats = {"regress": regress.item()}
+        if self.step_count < a.warmup_steps:
+            loss_g = regress
+        else:
+            real = self._world(z_real)
+            loss_d = F.softplus(self.D(fake.detach())).mean() + F.softplus(-self.D(real)).mean()
+            if a.r1_every > 0 and self.step_count % a.r1_every == 0:
+                real_r1 = real.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(self.D(real_r1).sum(), real_r1, create_graph=True)
+                loss_d = loss_d + grad.square().sum(dim=(1, 2, 3)).mean() * (a.r1_gamma / 2 * a.r1_every)
+            self.opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            self.opt_d.step()
+            adv = F.softplus(-self.D(fake)).mean()
+            loss_g = adv + a.regress_weight * regress
+            stats.update(loss_d=loss_d.item(), adv=adv.item())
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+        self._update_ema()
+        self.step_count += 1
+        return stats
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # Ramp the EMA in, so early weights do not linger in the shipped average.
+        beta = min(self.args.ema_beta, (1 + self.step_count) / (10 + self.step_count))
+        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
+            p_ema.lerp_(p, 1.0 - beta)
+        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step_count,
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "G_ema": self.G_ema.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "latents_rng": self.latents.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "config": json.dumps(self.G.config),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if json.loads(state["config"]) != json.loads(json.dumps(self.G.config)):
+            raise ValueError(
+                "The checkpoint was trained with another generator configuration "
+                f"({state['config']}); use the same --g-channels/--resolution or another --out."
+            )
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        self.G_ema.load_state_dict(state["G_ema"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.latents.set_state(state["latents_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step_count = int(state["step"])
+
+
+def checkpoint_path(out: Path) -> Path:
+    return out / "checkpoint.pt"
+
+
+def save_checkpoint(trainer: Trainer, out: Path) -> None:
+    """Write atomically: an interrupted save never replaces a good checkpoint with a truncated one."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "checkpoint.pt.tmp"
+    torch.save(trainer.state_dict(), tmp)
+    os.replace(tmp, checkpoint_path(out))
+
+
+def load_checkpoint(trainer: Trainer, out: Path) -> bool:
+    path = checkpoint_path(out)
+    if not path.exists():
+        return False
+    trainer.load_state_dict(torch.load(path, map_location=trainer.device, weights_only=True))
+    return True
+
+
+def export_generator(G: Generator, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Save ``G``'s weights as fp16 safetensors with its configuration (JSON) in the metadata."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in G.state_dict().items()}
+    save_file(tensors, str(path), metadata={"config": json.dumps(G.config), **(metadata or {})})
+
+
+def sample_grid(trainer: Trainer, path: Path, n: int = 32) -> None:
+    z = torch.randn(n, trainer.G.z_dim, generator=torch.Generator().manual_seed(1234)).to(trainer.device)
+    with torch.no_grad():
+        images = trainer.G_ema(z)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.clamp(-1, 1) * 0.5 + 0.5, str(path), nrow=8)
+
+
+def train(args: argparse.Namespace) -> Trainer:
+    """Run (or resume) training until ``args.steps``; returns the trainer."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    trainer = Trainer(args)
+    if load_checkpoint(trainer, args.out):
+        print(f"resumed from {checkpoint_path(args.out)} at step {trainer.step_count}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = (args.out / "log.jsonl").open("a")
+    start, t0 = trainer.step_count, time.time()
+    bar = tqdm(total=args.steps, initial=start, disable=args.no_progress, desc="train", unit="step")
+    try:
+        while trainer.step_count < args.steps:
+            stats = trainer.step()
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
+            s = trainer.step_count
+            if s % 50 == 0 or s == args.steps:
+                log.write(json.dumps({"step": s, "time": time.time() - t0, **stats}) + "\n")
+                log.flush()
+            if s % args.ckpt_every == 0 or s == args.steps:
+                save_checkpoint(trainer, args.out)
+            if args.sample_every and s % args.sample_every == 0:
+                sample_grid(trainer, args.out / "samples" / f"step-{s:06d}.png")
+    finally:
+        bar.close()
+        log.close()
+    if args.export:
+        export_generator(trainer.G_ema, args.export, {"steps": str(trainer.step_count)})
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from dissect.hooks import Trace, key_module_name, layers
+from dissect.models.stylegan import Discriminator, Generator
+
+SMALL = {4: 32, 8: 32, 16: 16, 32: 8, 64: 8}
+
+
+@pytest.fixture(scope="module")
+def G():
+    torch.manual_seed(0)
+    return Generator(z_dim=32, w_dim=32, channels=SMALL).eval()
+
+
+def test_shapes_and_layer_names(G):
+    z = torch.randn(3, 32)
+    with torch.no_grad():
+        img = G(z)
+    assert img.shape == (3, 3, 64, 64) and torch.isfinite(img).all()
+    assert G.num_ws == 2 + 3 * 4
+    infos = {i.name: i for i in layers(G, z)}
+    assert infos["synthesis.b16.conv1"].output_size == (16, 16)
+    assert infos["synthesis.b16.conv0"].in_channels == 32 and infos["synthesis.b16.conv0"].out_channels == 16
+    assert "synthesis.b16.conv1.conv" not in infos  # listed through its modulated parent
+    assert key_module_name(G, "synthesis.b16.conv0") == "synthesis.b16.conv0.conv"
+
+
+def test_const_noise_is_deterministic_random_is_not(G):
+    z = torch.randn(2, 32)
+    with torch.no_grad():
+        for m in G.modules():
+            if getattr(m, "noise_strength", None) is not None:
+                m.noise_strength.fill_(0.5)
+        a, b = G(z), G(z)
+        c, d = G(z, noise_mode="random"), G(z, noise_mode="none")
+        for m in G.modules():
+            if getattr(m, "noise_strength", None) is not None:
+                m.noise_strength.fill_(0.0)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c) and not torch.allclose(a, d)
+    with pytest.raises(ValueError, match="noise_mode"):
+        G(z, noise_mode="fixed")
+
+
+def test_keys_are_upsampled_modulated_input(G):
+    z = torch.randn(2, 32)
+    with torch.no_grad(), Trace(G, "synthesis.b16.conv0.conv", retain_input=True, stop=True) as t:
+        G(z)
+    assert t.input.shape == (2, 32, 16, 16)
+
+
+def test_style_mixing_and_truncation(G):
+    z1, z2 = torch.randn(2, 32), torch.randn(2, 32)
+    ws = G.mix(z1, z2, cutoff=5)
+    w1, w2 = G.mapping(z1), G.mapping(z2)
+    torch.testing.assert_close(ws[:, :5], w1[:, None].expand(-1, 5, -1))
+    torch.testing.assert_close(ws[:, 5:], w2[:, None].expand(-1, G.num_ws - 5, -1))
+    with torch.no_grad():
+        assert G.synthesis(ws).shape == (2, 3, 64, 64)
+        G.mapping.w_avg.copy_(torch.randn(32))
+        w_trunc = G.mapping(z1, truncation_psi=0.0)
+    torch.testing.assert_close(w_trunc, G.mapping.w_avg.expand(2, -1))
+    with pytest.raises(ValueError, match="cutoff"):
+        G.mix(z1, z2, cutoff=99)
+    with pytest.raises(ValueError, match=r"\(N, 32\)"):
+        G(torch.randn(2, 31))
+
+
+def test_demodulation_makes_layer_invariant_to_weight_scale():
+    torch.manual_seed(0)
+    G = Generator(z_dim=16, w_dim=16, channels=SMALL)
+    layer = G.synthesis.b8.conv1
+    x, w = torch.randn(4, 32, 8, 8), torch.randn(4, 16)
+    with torch.no_grad():
+        before = layer(x, w)
+        layer.conv.weight.mul_(100.0)
+        after = layer(x, w)
+        rgb_before = G.synthesis.b8.torgb(x, w)
+        G.synthesis.b8.torgb.conv.weight.mul_(2.0)
+        rgb_after = G.synthesis.b8.torgb(x, w)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rgb_after, rgb_before * 2 - G.synthesis.b8.torgb.bias[None, :, None, None])
+
+
+def test_unsupported_resolution_lists_supported():
+    with pytest.raises(ValueError, match="32, 64 or 128"):
+        Generator(resolution=48)
+
+
+def test_discriminator_shapes():
+    D = Discriminator(64, {64: 8, 32: 8, 16: 16, 8: 16, 4: 16})
+    assert D(torch.randn(6, 3, 64, 64)).shape == (6,)

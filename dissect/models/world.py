@@ -30,7 +30,9 @@ FIELDS = (
     + tuple(
         f"bld{i}_{k}"
         for i in range(MAX_BUILDINGS)
-        for k in ("x", "width", "height", "roof", "roof_size", "roof_shape", "wall", "wall_jitter", "roof_colour", "door")
+        for k in (
+            "x", "width", "height", "roof", "roof_size", "roof_shape", "wall", "wall_jitter", "roof_colour", "door"
+        )
     )
     + ("n_trees",)
     + tuple(f"tree{i}_{k}" for i in range(MAX_TREES) for k in ("x", "depth", "size", "green"))
@@ -40,21 +42,25 @@ FIELD_INDEX = {name: i for i, name in enumerate(FIELDS)}
 
 # Palettes (RGB in [0, 1]). Day skies are blue everywhere (B > R); dusk skies are red-dominated
 # everywhere (R > B), so the two modes separate on mean(R - B) over sky pixels.
-_DAY_TOP = torch.tensor([[0.10, 0.30, 0.72], [0.32, 0.58, 0.92]])
-_DAY_BOTTOM = torch.tensor([[0.58, 0.76, 0.95], [0.78, 0.88, 0.98]])
-_DUSK_TOP = torch.tensor([[0.55, 0.20, 0.45], [0.70, 0.28, 0.50]])
-_DUSK_BOTTOM = torch.tensor([[1.00, 0.55, 0.22], [0.98, 0.52, 0.55]])
-_DUSK_LIGHT = torch.tensor([0.92, 0.74, 0.68])  # tint of everything lit by a low sun
-_GRASS = torch.tensor([[0.30, 0.52, 0.20], [0.60, 0.62, 0.30]])
-_WALLS = torch.tensor(
-    [[0.80, 0.74, 0.62], [0.68, 0.36, 0.28], [0.92, 0.90, 0.86], [0.56, 0.56, 0.60], [0.86, 0.68, 0.40]]
-)
-_ROOFS = torch.tensor([[0.22, 0.25, 0.33], [0.28, 0.56, 0.50], [0.58, 0.26, 0.16], [0.80, 0.62, 0.18]])
-_WINDOW_DAY = torch.tensor([0.12, 0.14, 0.20])
-_WINDOW_DUSK = torch.tensor([1.00, 0.84, 0.36])  # lit windows
-_DOOR = torch.tensor([0.32, 0.18, 0.10])
-_TRUNK = torch.tensor([0.36, 0.22, 0.12])
-_CANOPY = torch.tensor([[0.10, 0.30, 0.12], [0.26, 0.44, 0.14]])
+_PALETTE = {
+    "day_top": torch.tensor([[0.10, 0.30, 0.72], [0.32, 0.58, 0.92]]),
+    "day_bottom": torch.tensor([[0.58, 0.76, 0.95], [0.78, 0.88, 0.98]]),
+    "dusk_top": torch.tensor([[0.55, 0.20, 0.45], [0.70, 0.28, 0.50]]),
+    "dusk_bottom": torch.tensor([[1.00, 0.55, 0.22], [0.98, 0.52, 0.55]]),
+    "dusk_light": torch.tensor([0.92, 0.74, 0.68]),  # tint of everything lit by a low sun
+    "cloud_day": torch.tensor([0.96, 0.97, 0.99]),
+    "cloud_dusk": torch.tensor([0.98, 0.80, 0.78]),
+    "grass": torch.tensor([[0.30, 0.52, 0.20], [0.60, 0.62, 0.30]]),
+    "walls": torch.tensor(
+        [[0.80, 0.74, 0.62], [0.68, 0.36, 0.28], [0.92, 0.90, 0.86], [0.56, 0.56, 0.60], [0.86, 0.68, 0.40]]
+    ),
+    "roofs": torch.tensor([[0.22, 0.25, 0.33], [0.28, 0.56, 0.50], [0.58, 0.26, 0.16], [0.80, 0.62, 0.18]]),
+    "window_day": torch.tensor([0.12, 0.14, 0.20]),
+    "window_dusk": torch.tensor([1.00, 0.84, 0.36]),  # lit windows
+    "door": torch.tensor([0.32, 0.18, 0.10]),
+    "trunk": torch.tensor([0.36, 0.22, 0.12]),
+    "canopy": torch.tensor([[0.10, 0.30, 0.12], [0.26, 0.44, 0.14]]),
+}
 
 # The watermark: the word "STOCK" in 3x5 block glyphs, one blank column between letters.
 _GLYPHS = {
@@ -76,6 +82,16 @@ def _mark_bitmap() -> Tensor:
 
 def _lerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
     return a + (b - a) * t
+
+
+def _mix(pair: Tensor, t: Tensor) -> Tensor:
+    """Blend a palette's two colours: pair (2, 3), t (N, 1) in [0, 1] -> (N, 3)."""
+    return _lerp(pair[0], pair[1], t)
+
+
+def _pick(palette: Tensor, u: Tensor) -> Tensor:
+    """One of a palette's colours per image: palette (K, 3), u (N, 1, 1) uniform -> (N, 3)."""
+    return palette[(u.view(-1) * len(palette)).long().clamp(max=len(palette) - 1)]
 
 
 class World:
@@ -180,10 +196,11 @@ class World:
         u = self._uniforms(z)
         lay = self._layout(u)
         dev = z.device
+        pal = {k: v.to(dev) for k, v in _PALETTE.items()}
         ys, xs = self._ys.to(dev), self._xs.to(dev)
         n, s = z.shape[0], self.size
         dusk = lay["dusk"].view(n, 1)
-        light = torch.where(dusk, _DUSK_LIGHT.to(dev), torch.ones(3, device=dev))  # (N, 3)
+        light = torch.where(dusk, pal["dusk_light"], torch.ones(3, device=dev))  # (N, 3)
 
         # Painter's algorithm on a map of colour-table ids; colours are looked up once at the end,
         # much cheaper than compositing three float channels per object. Ids 0..H-1 are the sky's
@@ -204,14 +221,14 @@ class World:
 
         # Sky: a vertical gradient from the top of the image to the horizon.
         hue = u["sky_hue"].view(n, 1)
-        top = torch.where(dusk, _lerp(_DUSK_TOP[0], _DUSK_TOP[1], hue), _lerp(_DAY_TOP[0], _DAY_TOP[1], hue))
-        bottom = torch.where(dusk, _lerp(_DUSK_BOTTOM[0], _DUSK_BOTTOM[1], hue), _lerp(_DAY_BOTTOM[0], _DAY_BOTTOM[1], hue))
+        top = torch.where(dusk, _mix(pal["dusk_top"], hue), _mix(pal["day_top"], hue))
+        bottom = torch.where(dusk, _mix(pal["dusk_bottom"], hue), _mix(pal["day_bottom"], hue))
         bright = 0.88 + 0.12 * u["sky_bright"].view(n, 1)
         t = (ys / horizon).clamp(max=1.0).unsqueeze(1)  # (N, 1, H, 1)
         sky = _lerp((top * bright).view(n, 3, 1, 1), (bottom * bright).view(n, 3, 1, 1), t)  # (N, 3, H, 1)
 
         # Clouds: three overlapping ellipses with a flat base.
-        cloud = torch.where(dusk, torch.tensor([0.98, 0.80, 0.78]), torch.tensor([0.96, 0.97, 0.99])) * bright
+        cloud = torch.where(dusk, pal["cloud_dusk"], pal["cloud_day"]) * bright
         for i in range(MAX_CLOUDS):
             r = 0.045 + 0.04 * u[f"cloud{i}_size"]
             dx = xs - (0.05 + 0.9 * u[f"cloud{i}_x"])  # (N, 1, W)
@@ -224,7 +241,7 @@ class World:
 
         # Ground: below the horizon, lighter towards the viewer.
         ids = torch.where(ys >= horizon, rows + s, ids)
-        grass = _lerp(_GRASS[0], _GRASS[1], u["ground_hue"].view(n, 1)) * light
+        grass = _mix(pal["grass"], u["ground_hue"].view(n, 1)) * light
         depth = ((ys - horizon) / (1 - horizon)).clamp(0, 1).unsqueeze(1)  # (N, 1, H, 1)
         shade = (0.8 + 0.15 * u["ground_shade"]).view(n, 1, 1, 1)
         ground = grass.view(n, 3, 1, 1) * (shade + 0.2 * depth)  # (N, 3, H, 1)
@@ -244,8 +261,7 @@ class World:
             in_x = (xs >= left) & (xs < left + width) & present  # (N, 1, W)
             in_y = (ys >= top) & (ys < base)  # (N, H, 1)
 
-            wall_idx = (u[f"bld{i}_wall"] * len(_WALLS)).long().clamp(max=len(_WALLS) - 1).view(n)
-            wall = _WALLS[wall_idx] * (0.92 + 0.16 * u[f"bld{i}_wall_jitter"].view(n, 1))
+            wall = _pick(pal["walls"], u[f"bld{i}_wall"]) * (0.92 + 0.16 * u[f"bld{i}_wall_jitter"].view(n, 1))
             paint(in_x & in_y, wall * light, WALL)
 
             # Windows: columns spaced evenly across the wall, rows from the top down to above the door.
@@ -256,20 +272,19 @@ class World:
             row_top, pitch_y, win_h = top + 0.035, 0.085, 0.06
             n_rows = ((base - door_h - 0.02 - row_top) / pitch_y).floor()
             ry = ys - row_top
-            fy = torch.remainder(ry, pitch_y)
-            rows = (ry >= 0) & (ry < n_rows * pitch_y) & (fy >= (pitch_y - win_h) / 2) & (fy < (pitch_y + win_h) / 2)
-            paint(cols & rows, torch.where(dusk, _WINDOW_DUSK, _WINDOW_DAY * light), WINDOW)
+            fy = torch.remainder(ry, pitch_y) - pitch_y / 2  # offset from the row's centre
+            win_rows = (ry >= 0) & (ry < n_rows * pitch_y) & (fy >= -win_h / 2) & (fy < win_h / 2)
+            paint(cols & win_rows, torch.where(dusk, pal["window_dusk"], pal["window_day"] * light), WINDOW)
 
             door_x = in_x & ((xs - cx).abs() < 0.0325)
-            paint(door_x & ((ys >= base - door_h) & (ys < base)), _DOOR * light, DOOR)
+            paint(door_x & ((ys >= base - door_h) & (ys < base)), pal["door"] * light, DOOR)
 
-            roof_idx = (u[f"bld{i}_roof_colour"] * len(_ROOFS)).long().clamp(max=len(_ROOFS) - 1).view(n)
-            roof = _ROOFS[roof_idx] * light
+            roof = _pick(pal["roofs"], u[f"bld{i}_roof_colour"]) * light
             # Spire: a triangle over the middle of the roof, its base narrower than the wall.
             spire_h = 0.12 + 0.10 * u[f"bld{i}_roof_size"]
             spire_half = width * (0.28 + 0.14 * u[f"bld{i}_roof_shape"])
             rise = (top - ys) / spire_h  # (N, H, 1): 0 at the roof, 1 at the tip
-            half = (spire_half * (1 - rise)).where((rise >= 0) & (rise < 1), torch.zeros(()))
+            half = (spire_half * (1 - rise)).where((rise >= 0) & (rise < 1), torch.zeros((), device=dev))
             paint(((xs - cx).abs() < half) & lay[f"bld{i}_spire"], roof, SPIRE)
             # Dome: the upper half of an ellipse sitting on the roof.
             rx = width * (0.36 + 0.12 * u[f"bld{i}_roof_size"])
@@ -285,9 +300,9 @@ class World:
             r = 0.055 + 0.055 * u[f"tree{i}_size"]
             trunk_h = 1.1 * r
             trunk_x = ((xs - x).abs() < torch.clamp(0.3 * r, min=0.018)) & present
-            paint(trunk_x & ((ys < foot) & (ys >= foot - trunk_h - r)), _TRUNK * light, TREE)
+            paint(trunk_x & ((ys < foot) & (ys >= foot - trunk_h - r)), pal["trunk"] * light, TREE)
             canopy_y = ((ys - (foot - trunk_h - 0.8 * r)) / (1.15 * r)) ** 2
-            green = _lerp(_CANOPY[0], _CANOPY[1], u[f"tree{i}_green"].view(n, 1)) * light
+            green = _mix(pal["canopy"], u[f"tree{i}_green"].view(n, 1)) * light
             paint(((((xs - x) / r) ** 2).masked_fill(~present, 2.0) + canopy_y < 1), green, TREE)
 
         table = torch.cat([sky.view(n, 3, s), ground.view(n, 3, s), *colours], 2).clamp(0, 1) * 2 - 1

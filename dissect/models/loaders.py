@@ -1,0 +1,153 @@
+"""Loading models: the embedded default by name, users' own models from an entry point, safe checkpoints.
+
+Checkpoints are read only as safetensors or with ``torch.load(weights_only=True)``: arbitrary pickled
+objects are never unpickled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+__all__ = [
+    "WEIGHTS_DIR",
+    "LatentSampler",
+    "available_models",
+    "load",
+    "load_entry_point",
+    "load_state_dict",
+    "load_weights",
+]
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+class LatentSampler:
+    """Seeded standard-normal latents: ``sampler(seeds) -> z (N, dim)``, row i drawn from ``seeds[i]`` alone.
+
+    ``description`` names the distribution stably, so statistics caches can key on it.
+    """
+
+    def __init__(self, dim: int, name: str = "normal") -> None:
+        self.dim = dim
+        self.description = f"{name}:normal(0,1)^{dim}:torch.Generator.manual_seed(seed)"
+
+    def __call__(self, seeds: Iterable[int] | torch.Tensor) -> torch.Tensor:
+        seeds = seeds.tolist() if isinstance(seeds, torch.Tensor) else list(seeds)
+        if not seeds:
+            return torch.empty(0, self.dim)
+        return torch.stack([torch.randn(self.dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+    def __repr__(self) -> str:
+        return f"LatentSampler({self.description!r})"
+
+
+def _load_spires(device: torch.device | str) -> tuple[nn.Module, LatentSampler]:
+    from .stylegan import Generator
+
+    path = WEIGHTS_DIR / "spires-generator.safetensors"
+    state, metadata = load_weights(path)
+    config = json.loads(metadata["config"])
+    G = Generator(**config)
+    load_state_dict(G, state, source=str(path))
+    return G.to(device).eval(), LatentSampler(G.z_dim, "spires")
+
+
+_MODELS: dict[str, Callable[[torch.device | str], tuple[nn.Module, Any]]] = {"spires": _load_spires}
+
+
+def available_models() -> list[str]:
+    """Names that :func:`load` accepts besides entry points."""
+    return sorted(_MODELS)
+
+
+def load(name: str = "spires", device: torch.device | str = "cpu") -> tuple[nn.Module, Any]:
+    """Return ``(model, sampler)`` in eval mode on ``device``.
+
+    ``name`` is an embedded model (``available_models()``) or an entry point ``"package.module:function"``
+    whose function returns ``(model, sampler)``.
+    """
+    if ":" in name:
+        model, sampler = load_entry_point(name)
+        return model.to(device).eval(), sampler
+    if name not in _MODELS:
+        raise KeyError(
+            f"Unknown model {name!r}. Available: {', '.join(available_models())}; "
+            "or give an entry point 'package.module:function' returning (model, sampler)."
+        )
+    return _MODELS[name](device)
+
+
+def load_entry_point(spec: str) -> tuple[nn.Module, Any]:
+    """Import ``"package.module:function"``, call it, and check it returned ``(nn.Module, sampler)``."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"An entry point looks like 'package.module:function'; got {spec!r}.")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ImportError(
+            f"Could not import {module_name!r} for entry point {spec!r}: {type(exc).__name__}: {exc}. "
+            "Check that the package is installed (or on PYTHONPATH) and imports cleanly."
+        ) from exc
+    fn = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise AttributeError(f"Module {module_name!r} has no attribute {attr!r} (entry point {spec!r}).")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise TypeError(f"Entry point {spec!r} names {type(fn).__name__}, not a function returning (model, sampler).")
+    result = fn()
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise TypeError(f"Entry point {spec!r} must return (model, sampler); it returned {type(result).__name__}.")
+    model, sampler = result
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Entry point {spec!r} returned {type(model).__name__} as the model; expected an nn.Module.")
+    if not callable(sampler) or not isinstance(getattr(sampler, "description", None), str):
+        raise TypeError(
+            f"Entry point {spec!r} returned a sampler without `__call__(seeds)` and a `description` string; "
+            "dissect.models.loaders.LatentSampler(dim) is one that works for latent-input models."
+        )
+    return model, sampler
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a checkpoint safely: ``.safetensors`` (tensors and metadata) or a torch file (weights only)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No weights at {path}. The embedded weights ship with the package; reinstall it.")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{path} holds a {type(state).__name__}, not a state dict of tensors.")
+    return dict(state), {}
+
+
+def load_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load ``state`` into ``model`` (cast to each parameter's dtype), naming any missing or unexpected keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise KeyError(
+            f"{source} does not match {type(model).__name__}: "
+            f"missing keys {missing[:10]}{' …' if len(missing) > 10 else ''}; "
+            f"unexpected keys {unexpected[:10]}{' …' if len(unexpected) > 10 else ''}."
+        )
+    bad = [k for k in own if own[k].shape != state[k].shape]
+    if bad:
+        raise ValueError(
+            f"{source}: shape mismatch for {', '.join(f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in bad[:5])}."
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})

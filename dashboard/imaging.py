@@ -1,0 +1,75 @@
+"""UI formats in and out of tensors: images for display, canvas drawings to masks, seed ranges.
+
+Nothing here is part of an algorithm: it converts between what the browser shows or sends and what the
+library takes (``(N, 3, H, W)`` images in [-1, 1], ``(H, W)`` float masks in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MAX_SEEDS = 96  # a grid this large already takes seconds to render on a laptop CPU
+
+
+def to_uint8(images: torch.Tensor, scale: int = 1) -> np.ndarray:
+    """``(N, 3, H, W)`` in [-1, 1] -> ``(N, H*scale, W*scale, 3)`` uint8, enlarged without blurring."""
+    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    if scale > 1:
+        x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def canvas_mask(rgba: np.ndarray | None, size: tuple[int, int]) -> torch.Tensor | None:
+    """A canvas's RGBA pixels ``(h, w, 4)`` -> a soft mask ``(H, W)`` at image resolution, or None if blank.
+
+    The canvas shows the image enlarged, so the stroke's coverage (alpha) is area-averaged down to the image:
+    a pixel half covered by the brush weighs 0.5.
+    """
+    if rgba is None or rgba.ndim != 3 or rgba.shape[-1] != 4:
+        return None
+    alpha = torch.from_numpy(np.ascontiguousarray(rgba[..., 3])).float().div(255.0)
+    if alpha.max() <= 0:
+        return None
+    return F.interpolate(alpha[None, None], size=size, mode="area")[0, 0].clamp(0, 1)
+
+
+def parse_seeds(text: str, limit: int = MAX_SEEDS) -> list[int]:
+    """``"0-11, 40, 50-52"`` -> ``[0, 1, …, 11, 40, 50, 51, 52]`` (order kept, duplicates dropped).
+
+    Raises ValueError with the accepted syntax on anything else, or beyond ``limit`` seeds.
+    """
+    seeds: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", part)
+        if not m:
+            raise ValueError(f"{part!r} is not a seed or a range: write seeds like '0-11' or '3, 7, 20-25'.")
+        lo, hi = int(m[1]), int(m[2] if m[2] is not None else m[1])
+        if hi < lo:
+            raise ValueError(f"The range {part!r} runs backwards: write it as '{hi}-{lo}'.")
+        if hi - lo + 1 > limit:
+            raise ValueError(f"{part!r} asks for {hi - lo + 1} images; show at most {limit} at once.")
+        seeds.extend(range(lo, hi + 1))
+    seeds = list(dict.fromkeys(seeds))
+    if not seeds:
+        raise ValueError("Give at least one seed, e.g. '0-11'.")
+    if len(seeds) > limit:
+        raise ValueError(f"That is {len(seeds)} images; show at most {limit} at once.")
+    return seeds
+
+
+def format_seeds(seeds: list[int]) -> str:
+    """The inverse of :func:`parse_seeds` for a sorted run: ``[0..11] -> '0-11'``."""
+    runs: list[str] = []
+    start = prev = None
+    for s in seeds + [None]:
+        if start is not None and (s is None or s != prev + 1):
+            runs.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if s is not None and start is None:
+            start = s
+        prev = s
+    return ", ".join(runs)

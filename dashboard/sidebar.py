@@ -1,0 +1,76 @@
+"""The sidebar: which model, which layer, which seeds, and the solver settings."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import workspace
+from dashboard.defaults import DEFAULT_MODEL, DEFAULT_SEEDS
+from dashboard.imaging import format_seeds, parse_seeds
+from dashboard.workspace import ModelLoadError, Workspace, spatial_layers
+from dissect.hooks import LayerInfo
+
+EMBEDDED, ENTRY_POINT = "Embedded generator", "Your model (entry point)"
+
+
+def _layer_label(info: LayerInfo) -> str:
+    size = "×".join(map(str, info.output_size)) if info.output_size else "–"
+    return f"{info.name} · {info.type} {info.in_channels}→{info.out_channels} · {size}"
+
+
+def _model_spec() -> str:
+    source = st.radio("Model", [EMBEDDED, ENTRY_POINT], key="model_source", horizontal=True)
+    if source == EMBEDDED:
+        return DEFAULT_MODEL
+    spec = st.text_input(
+        "Entry point", key="entry_point", placeholder="package.module:function",
+        help="A function returning (model, sampler); sampler(seeds) gives the model's inputs.",
+    )
+    return spec.strip()
+
+
+def _more_seeds() -> None:
+    try:
+        seeds = parse_seeds(st.session_state.seeds)
+    except ValueError:
+        return
+    nxt = max(seeds) + 1
+    st.session_state.seeds = format_seeds(sorted(seeds + list(range(nxt, nxt + len(seeds)))))
+
+
+def render() -> tuple[Workspace | None, list[int]]:
+    """Draw the sidebar; returns this session's workspace (None when no model could be opened) and the seeds."""
+    with st.sidebar:
+        st.title("dissect")
+        spec = _model_spec()
+        ws = workspace.current()
+        if spec and (ws is None or ws.spec != spec):
+            try:
+                ws = workspace.switch(spec)
+            except ModelLoadError as exc:
+                st.error(str(exc))
+                if ws is not None:
+                    st.info(f"Still working on {ws.spec!r}; its edits are unchanged.")
+        elif not spec:
+            st.info("Type an entry point such as `mypackage.models:build`.")
+        if ws is None:
+            return None, []
+
+        choices = spatial_layers(ws.layers) or ws.layers
+        names = [info.name for info in choices]
+        labels = {info.name: _layer_label(info) for info in choices}
+        if st.session_state.get("layer") not in names:
+            st.session_state.layer = ws.layer
+        ws.layer = st.selectbox("Layer", names, key="layer", format_func=labels.__getitem__,
+                                help="The layer whose weights an edit rewrites (name · type in→out · resolution).")
+
+        if "seeds" not in st.session_state:
+            st.session_state.seeds = DEFAULT_SEEDS
+        st.text_input("Seeds", key="seeds", help="Which images to show: '0-11', or '3, 7, 20-25'.")
+        st.button("More images", on_click=_more_seeds)
+        try:
+            seeds = parse_seeds(st.session_state.seeds)
+        except ValueError as exc:
+            st.error(str(exc))
+            seeds = parse_seeds(DEFAULT_SEEDS)
+    return ws, seeds

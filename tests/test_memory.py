@@ -1,0 +1,326 @@
+"""LayerMemory: adapters and weight layouts, keys and values, C and its ridge, directions, masks, matching, clusters."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dissect.memory import KeyClusters, LayerMemory, MemoryAdapter, register_adapter
+from dissect.models.stylegan import ModulatedConv2d
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny ops; a second thread only contends with the other jobs on this machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _fit(memory: LayerMemory, inputs) -> torch.Tensor:
+    k = memory.flat_keys(memory.keys(inputs)).double()
+    return memory.set_moment((k.T @ k / len(k)).float())
+
+
+def _convnet(last: nn.Module) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), last)
+
+
+class Modulated(nn.Module):
+    """The generator's modulated convolution behind a constant, as in a synthesis block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.const = nn.Parameter(torch.randn(1, 6, 8, 8))
+        self.mod = ModulatedConv2d(6, 5, 4, resolution=16, up=True)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.mod(self.const.expand(len(z), -1, -1, -1), z)
+
+
+LAYOUTS = {
+    "conv3x3_stride2": (lambda: _convnet(nn.Conv2d(6, 4, 3, stride=2, padding=1)), lambda: torch.randn(3, 3, 12, 12)),
+    "conv_transpose": (lambda: _convnet(nn.ConvTranspose2d(6, 4, 4, stride=2, padding=1)), lambda: torch.randn(3, 3, 6, 6)),
+    "conv1d": (lambda: nn.Sequential(nn.Conv1d(3, 6, 1), nn.ReLU(), nn.Conv1d(6, 4, 3, padding=1)),
+               lambda: torch.randn(3, 3, 10)),
+    "linear_tokens": (lambda: nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 4)), lambda: torch.randn(3, 7, 3)),
+    "linear_rows": (lambda: nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 4)), lambda: torch.randn(3, 3)),
+}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_design_and_delta_describe_what_the_weight_does(name):
+    # The closed form rests on: linear(keys, ΔW(Λ, D)) = Σ_j Λ[:, j] · design(keys, D)[:, j].
+    make, inputs = LAYOUTS[name]
+    model, x = make(), inputs()
+    memory = LayerMemory(model, "2")
+    keys = memory.keys(x)
+    r = 2
+    d = torch.randn(r, memory.key_channels)
+    lam = torch.randn(memory.out_channels, r, *memory.kernel_shape)
+    delta = memory.delta(lam, d)
+    assert delta.shape == memory.weight.shape
+    direct = memory.adapter.linear(memory.key_module, keys, delta)
+    u = memory.design(keys, d)
+    cd = memory.adapter.channel_dim
+    via_design = torch.einsum("oj,nj...->no...", lam.reshape(len(lam), -1), u.movedim(cd, 1)).movedim(1, cd)
+    torch.testing.assert_close(via_design, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_transpose_delta_respects_its_in_out_layout():
+    memory = LayerMemory(_convnet(nn.ConvTranspose2d(6, 4, 4, stride=2, padding=1)), "2")
+    assert memory.weight.shape == (6, 4, 4, 4) and memory.key_channels == 6 and memory.out_channels == 4
+    lam, d = torch.randn(4, 2, 4, 4), torch.randn(2, 6)
+    torch.testing.assert_close(memory.delta(lam, d), torch.einsum("oryx,ri->ioyx", lam, d))
+
+
+def test_keys_and_values_are_the_layers_input_and_output():
+    model = _convnet(nn.Conv2d(6, 4, 3, padding=1))
+    x = torch.randn(2, 3, 8, 8)
+    memory = LayerMemory(model, "2")
+    with torch.no_grad():
+        hidden = model[1](model[0](x))
+        torch.testing.assert_close(memory.keys(x), hidden)
+        torch.testing.assert_close(memory.values(x), model[2](hidden))
+
+
+def test_modulated_conv_keys_are_the_modulated_upsampled_input():
+    model = Modulated()
+    memory = LayerMemory(model, "mod")
+    assert memory.key_layer == "mod.conv" and memory.weight_name == "conv.weight"
+    assert memory.parameter_name == "mod.conv.weight" and memory.weight is model.mod.conv.weight
+    z = torch.randn(2, 4)
+    keys = memory.keys(z)
+    assert keys.shape == (2, 6, 16, 16)  # keys sit at the upsampled resolution
+    with torch.no_grad():
+        styles = model.mod.affine(z) * model.mod.weight_gain
+        up = F.interpolate(model.const.expand(2, -1, -1, -1), scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(keys, up * styles[:, :, None, None])
+    assert memory.mask_size(z, (16, 16)) == (16, 16)  # from the model's image output
+
+
+def test_forward_passes_leave_batchnorm_statistics_and_modes_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Conv2d(4, 2, 1)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    memory = LayerMemory(model, "3")
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(memory.keys(x), memory.keys(x))  # dropout is off
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("module, why", [
+    (nn.ReLU(), "no registered memory adapter"),
+    (nn.BatchNorm2d(3), "no registered memory adapter"),
+    (nn.Conv2d(4, 4, 3, groups=2), "grouped"),
+])
+def test_layers_without_a_usable_weight_say_what_is_supported(module, why):
+    model = nn.Sequential(nn.Identity(), module)
+    with pytest.raises(TypeError, match=why) as err:
+        LayerMemory(model, "1")
+    assert "Conv2d" in str(err.value) and "register_adapter" in str(err.value)
+
+
+def test_users_register_their_own_adapter():
+    class Dense(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kernel = nn.Parameter(torch.randn(5, 3))  # (in, out)
+
+        def forward(self, x):
+            return x @ self.kernel
+
+    register_adapter(Dense, MemoryAdapter("kernel", key_axis=0, out_axis=1, channel_dim=-1,
+                                          linear=lambda m, k, w: k @ w))
+    memory = LayerMemory(nn.Sequential(Dense()), "0")
+    assert (memory.key_channels, memory.out_channels, memory.kernel_shape) == (5, 3, ())
+    torch.testing.assert_close(memory.delta(torch.ones(3, 1), torch.ones(1, 5)), torch.ones(5, 3))
+
+
+def test_unknown_layer_name_suggests_close_ones():
+    with pytest.raises(KeyError, match="'2'"):
+        LayerMemory(_convnet(nn.Conv2d(6, 4, 1)), "22")
+
+
+def test_ridge_makes_a_singular_moment_usable():
+    memory = LayerMemory(_convnet(nn.Conv2d(6, 4, 1)), "2")
+    basis = torch.randn(2, 6)
+    c = basis.T @ basis  # rank 2 of 6
+    memory.set_moment(c)
+    evals, _ = memory._eigh()
+    floor = memory.ridge * torch.trace(c.double()) / 6
+    assert floor - 1e-6 <= evals.min() <= floor + 1e-6
+    k = torch.randn(4, 6)
+    assert torch.isfinite(memory.whiten(k)).all() and torch.isfinite(memory.solve_moment(k)).all()
+    # The ridge is tiny relative to C: on C's range the solve is (almost) the pseudo-inverse.
+    on_range = (torch.randn(3, 2) @ basis).double()
+    torch.testing.assert_close(memory.solve_moment(on_range) @ c.double(), on_range, rtol=1e-3, atol=1e-3)
+    d = memory.directions_from_keys(torch.randn(10, 2) @ basis, torch.ones(10), rank=2)
+    c_reg = memory._power(1.0).float()
+    torch.testing.assert_close(d @ c_reg @ d.T, torch.eye(2), atol=1e-4, rtol=0)
+
+
+class NoiseSampler:
+    description = "test: 3x8x8 standard normal images"
+
+    def __call__(self, seeds):
+        return torch.stack([torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def test_fit_moment_collects_the_keys_second_moment_and_caches_it(tmp_path):
+    model = _convnet(nn.Conv2d(6, 4, 3, padding=1))
+    memory = LayerMemory(model, "2")
+    c = memory.fit_moment(NoiseSampler(), 10, cache_dir=tmp_path, batch_size=4, progress=False)
+    keys = memory.flat_keys(memory.keys(NoiseSampler()(range(10)))).double()
+    torch.testing.assert_close(c.double(), keys.T @ keys / len(keys), rtol=1e-5, atol=1e-7)
+    assert len(list(tmp_path.iterdir())) == 1
+    again = LayerMemory(model, "2").fit_moment(NoiseSampler(), 10, cache_dir=tmp_path, progress=False)
+    assert torch.equal(again, c)
+
+
+def test_moment_is_required_and_checked():
+    memory = LayerMemory(_convnet(nn.Conv2d(6, 4, 1)), "2")
+    with pytest.raises(RuntimeError, match="fit_moment"):
+        memory.whiten(torch.randn(6))
+    with pytest.raises(ValueError, match=r"\(6, 6\)"):
+        memory.set_moment(torch.eye(5))
+
+
+@pytest.fixture
+def conv_memory():
+    model = _convnet(nn.Conv2d(6, 4, 3, padding=1))
+    memory = LayerMemory(model, "2")
+    _fit(memory, torch.randn(32, 3, 8, 8))
+    return memory
+
+
+def test_single_key_direction_is_c_inverse_k(conv_memory):
+    k = torch.rand(1, 6)
+    d = conv_memory.directions_from_keys(k, torch.ones(1), rank=1)[0]
+    expected = conv_memory.solve_moment(k)[0]
+    assert torch.nn.functional.cosine_similarity(d, expected, dim=0) > 1 - 1e-5
+    assert d @ k[0] > 0
+
+
+def test_directions_are_c_orthonormal_and_sign_consistent(conv_memory):
+    x = torch.randn(3, 3, 8, 8)
+    masks = torch.zeros(3, 8, 8)
+    masks[:, 2:6, 1:5] = 1.0
+    masks[0, 2, 1] = 0.5
+    d = conv_memory.directions(x, masks, rank=3)
+    assert d.shape == (3, 6)
+    c = conv_memory._power(1.0).float()
+    torch.testing.assert_close(d @ c @ d.T, torch.eye(3), atol=1e-4, rtol=0)
+    keys = conv_memory.flat_keys(conv_memory.keys(x))
+    w = conv_memory.mask_weights(masks, x, conv_memory.keys(x)).reshape(-1)
+    assert ((keys @ d.T) * w[:, None]).sum(0).min() > 0
+
+
+def test_rank_larger_than_the_context_is_refused(conv_memory):
+    x = torch.randn(1, 3, 8, 8)
+    mask = torch.zeros(8, 8)
+    mask[3, 3:5] = 1.0  # two key locations
+    assert conv_memory.directions(x, mask, rank=2).shape == (2, 6)
+    with pytest.raises(ValueError, match="Rank 3.*has 2"):
+        conv_memory.directions(x, mask, rank=3)
+
+
+def test_masks_are_checked_and_resized_as_soft_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(3, 4, 1))  # key grid is half the image
+    memory = LayerMemory(model, "1")
+    x = torch.randn(2, 3, 16, 16)
+    keys = memory.keys(x)
+    mask = torch.zeros(2, 16, 16)
+    mask[:, 0:2, 0:3] = 1.0
+    w = memory.mask_weights(mask, x, keys)
+    assert w.shape == (2, 8, 8)
+    torch.testing.assert_close(w[0, 0, :3], torch.tensor([1.0, 0.5, 0.0]))
+    torch.testing.assert_close(w.sum(dim=(1, 2)) * 4, mask.sum(dim=(1, 2)))
+    good = mask[:1]
+    cases = [
+        (torch.zeros(1, 16, 16), ValueError, "empty"),
+        (torch.ones(1, 16, 16), ValueError, "whole image"),
+        (torch.zeros(1, 8, 8) + 0.5, ValueError, r"\(1, 16, 16\)"),
+        (good * 2, ValueError, r"\[0, 1\]"),
+        (good.bool(), TypeError, "float"),
+        (torch.cat([good, good]), ValueError, "one per input row"),
+    ]
+    for bad, error, match in cases:
+        with pytest.raises(error, match=match):
+            memory.mask_weights(bad, x[:1], keys[:1])
+
+
+def test_match_scores_the_context_component(conv_memory):
+    x = torch.randn(4, 3, 8, 8)
+    keys = conv_memory.keys(x)
+    d = conv_memory.directions_from_keys(keys[2, :, 5, 6][None], torch.ones(1), rank=1)
+    scores = conv_memory.match(d, x)
+    assert scores.shape == (4, 8, 8)
+    torch.testing.assert_close(scores, (keys.movedim(1, -1) @ d.T).norm(dim=-1))
+    order, best = conv_memory.rank_images(d, x)
+    assert torch.equal(best, scores.reshape(4, -1).amax(1)[order]) and (best[:-1] >= best[1:]).all()
+
+
+def test_threshold_is_a_quantile_over_the_pool(conv_memory):
+    sampler = NoiseSampler()
+    d = conv_memory.directions_from_keys(torch.rand(1, 6), torch.ones(1))
+    level = conv_memory.threshold(d, sampler, list(range(10)), quantile=0.9, batch_size=4)
+    scores = conv_memory.match(d, sampler(list(range(10)))).reshape(-1)
+    assert (scores > level).float().mean() == pytest.approx(0.1, abs=0.01)
+
+
+def test_context_units_rank_the_unusually_active_channel_first(conv_memory):
+    x = torch.randn(1, 3, 8, 8)
+    mask = torch.zeros(8, 8)
+    mask[2:4, 2:4] = 1.0
+
+    def plant(module, args):
+        keys = args[0].clone()
+        keys[:, 4, 2:4, 2:4] += 50.0
+        return (keys,)
+
+    handle = conv_memory.key_module.register_forward_pre_hook(plant)
+    try:
+        units = conv_memory.context_units(x, mask, 2)
+    finally:
+        handle.remove()
+    assert units[0] == 4 and units.shape == (2,)
+
+
+def _label_world(seeds):
+    """Images whose 4 channels one-hot encode a label map painted in 2x2 blocks; labels at image resolution."""
+    images, labels = [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(s)
+        small = torch.randint(0, 4, (8, 8), generator=g)
+        lab = small.repeat_interleave(2, 0).repeat_interleave(2, 1)
+        images.append(F.one_hot(lab, 4).permute(2, 0, 1).float() + 0.01 * torch.randn(4, 16, 16, generator=g))
+        labels.append(lab)
+    return torch.stack(images), torch.stack(labels)
+
+
+def test_key_clusters_are_reproducible_and_named_by_best_iou():
+    model = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(4, 3, 1))
+    memory = LayerMemory(model, "1")
+
+    def sampler(seeds):
+        return _label_world(seeds)[0]
+
+    _fit(memory, sampler(range(20)))
+    clusters = memory.cluster_keys(sampler, list(range(20)), k=4, per_image=32, seed=1)
+    again = KeyClusters(memory, 4, seed=1).fit(sampler, list(range(20)), per_image=32)
+    images, labels = _label_world([100, 101])
+    maps = clusters.predict(images)
+    assert maps.shape == (2, 8, 8) and maps.dtype == torch.int64
+    assert torch.equal(maps, again.predict(images))
+    names = clusters.name(maps, labels, classes=["a", "b", "c", "d"])
+    assert sorted(n.label for n in names) == [0, 1, 2, 3]
+    assert all(n.iou == pytest.approx(1.0) and n.name == "abcd"[n.label] for n in names)
+    masks = clusters.masks(images, names[0].cluster)
+    assert masks.shape == (2, 16, 16)
+    assert torch.equal(masks.bool(), labels == names[0].label)

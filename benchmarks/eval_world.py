@@ -1,0 +1,182 @@
+"""Quality of a generator against the procedural world it was trained on, measured with the segmenter.
+
+    python benchmarks/eval_world.py [--model spires] [--n 2000] [--device cpu]
+    python benchmarks/eval_world.py --model world --n 200      # the world stands in for a generator
+    python benchmarks/eval_world.py --calibrate                # how the presence thresholds were chosen
+
+Generator samples use seeds 0..n-1 (batches of 100); world images use seeds from ranges no generator
+seed, segmenter training or segmenter evaluation uses. Both sides are labelled by the segmenter, so
+they are compared through the same lens. Figures:
+  presence  an image "has" a class when the segmenter gives it at least PRESENCE_PIXELS[class] pixels
+            (at 64x64; scaled by area at other sizes); dusk is `is_dusk` on the segmenter's labels;
+  class_freq_worst_rel_err  the worst |f_G - f_W| / f_W over classes whose pixel frequencies differ by
+            more than 2 percentage points (0 when none does);
+  fd        Fréchet distance between segmenter features of `--fd-n` generator samples and as many world
+            images, beside fd_floor, the same distance between two disjoint world sets;
+  seg_*     the segmenter's pixel accuracy and mean IoU on held-out world images (true labels).
+The last line is machine-readable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dissect.models.segmenter import HELD_OUT_SEEDS, WEIGHTS, Segmenter, evaluate, load_segmenter
+from dissect.models.world import CLASSES, World, is_dusk
+
+WORLD_SEEDS_A = 2_000_000  # world images compared with the generator
+WORLD_SEEDS_B = 3_000_000  # a second, disjoint world set: the Fréchet floor
+CALIBRATION_SEEDS = 4_000_000
+BATCH = 100
+# Fewest segmenter pixels (of 64x64) for an image to count as having the class. Chosen with
+# --calibrate so that, on world images, the rule reproduces the world's own scene facts.
+PRESENCE_PIXELS = {"watermark": 40, "spire": 6, "dome": 6, "tree": 8}
+FACT_OF = {"watermark": "has_watermark", "spire": "has_spire", "dome": "has_dome", "tree": "has_tree"}
+
+Render = Callable[[Sequence[int]], Tensor]  # seeds -> images (N, 3, H, W) in [-1, 1]
+
+
+def generator_render(model: str, device: str) -> Render:
+    """Images from the named generator (or the world itself when `model == "world"`)."""
+    if model == "world":
+        world = World(64)
+        return lambda seeds: world.render(world.sample_latents(seeds).to(device))[0]
+    from dissect.models.loaders import load
+
+    G, sampler = load(model, device)
+    return lambda seeds: G(sampler(seeds).to(device))
+
+
+def world_render(device: str) -> Render:
+    world = World(64)
+    return lambda seeds: world.render(world.sample_latents(seeds).to(device))[0]
+
+
+def batches(render: Render, seeds: Sequence[int]) -> Iterator[Tensor]:
+    for start in range(0, len(seeds), BATCH):
+        yield render(seeds[start : start + BATCH])
+
+
+@torch.no_grad()
+def summarise(seg: Segmenter, render: Render, seeds: Sequence[int], n_stats: int) -> dict:
+    """Features of every image; labels of the first `n_stats` (when > 0).
+
+    Returns: features (N, F) float64, pixels (int, per image) and, when n_stats > 0,
+    counts (n_stats, K) segmenter pixels per class and dusk (n_stats,) bool.
+    """
+    counts, dusk, feats = [], [], []
+    for start, images in zip(range(0, len(seeds), BATCH), batches(render, seeds)):
+        feats.append(seg.features(images).double().cpu())
+        if start < n_stats:
+            labels = seg.segment(images)
+            counts.append(class_counts(labels, seg.num_classes))
+            dusk.append(is_dusk(images, labels).cpu())
+    out = {"features": torch.cat(feats), "pixels": images.shape[-2] * images.shape[-1]}
+    if counts:
+        out.update(counts=torch.cat(counts)[:n_stats], dusk=torch.cat(dusk)[:n_stats])
+    return out
+
+
+def class_counts(labels: Tensor, k: int) -> Tensor:
+    """labels (N, H, W) -> pixels per class (N, K) int64, on the CPU."""
+    return torch.nn.functional.one_hot(labels.flatten(1), k).sum(1).cpu()
+
+
+def presence(summary: dict, name: str) -> Tensor:
+    """(N,) bool: the segmenter gives class `name` at least its threshold of pixels, scaled to the size."""
+    scale = summary["pixels"] / 64**2
+    return summary["counts"][:, CLASSES.index(name)] >= PRESENCE_PIXELS[name] * scale
+
+
+def frechet(a: Tensor, b: Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets a (N, F) and b (M, F), float64."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    # tr sqrt(cov_a cov_b) = sum of sqrt eigenvalues of the symmetric cov_a^1/2 cov_b cov_a^1/2
+    vals, vecs = torch.linalg.eigh(cov_a)
+    root_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+def calibrate(seg: Segmenter, device: str, n: int) -> None:
+    """Print, per class and threshold, how often the pixel-count rule agrees with the world's facts."""
+    world = World(64)
+    z = world.sample_latents(range(CALIBRATION_SEEDS, CALIBRATION_SEEDS + n))
+    facts = world.scene_facts(z)
+    images = torch.cat([world.render(z[i : i + BATCH].to(device))[0] for i in range(0, n, BATCH)])
+    counts = torch.cat([class_counts(seg.segment(b), seg.num_classes) for b in images.split(BATCH)])
+    print(f"calibration on {n} world images (seeds from {CALIBRATION_SEEDS}): agreement | rate by rule vs facts")
+    for name, fact in FACT_OF.items():
+        truth = facts[fact]
+        cells = []
+        for t in (1, 2, 4, 6, 8, 12, 16, 24, 32, 40, 48, 64, 96):
+            rule = counts[:, CLASSES.index(name)] >= t
+            cells.append(f"{t}:{(rule == truth).float().mean():.3f}|{rule.float().mean():.3f}")
+        print(f"  {name:9s} facts={truth.float().mean():.3f}  " + "  ".join(cells))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="spires", help="loaders.load name or entry point; 'world' for the world")
+    parser.add_argument("--n", type=int, default=2000, help="samples for the rates (the Fréchet sets are 2.5x)")
+    parser.add_argument("--fd-n", type=int, default=None, help="images per Fréchet set (default 2.5 * n)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--segmenter", type=Path, default=WEIGHTS, help="segmenter weights (safetensors)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--calibrate", action="store_true", help="print threshold agreement and exit")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fd_n = args.fd_n or int(2.5 * args.n)
+    start = time.time()
+    seg = load_segmenter(args.device, args.segmenter)
+    if args.calibrate:
+        calibrate(seg, args.device, args.n)
+        return
+
+    count = max(args.n, fd_n)
+    g = summarise(seg, generator_render(args.model, args.device), range(count), args.n)
+    w = summarise(seg, world_render(args.device), range(WORLD_SEEDS_A, WORLD_SEEDS_A + count), args.n)
+    w_b = summarise(seg, world_render(args.device), range(WORLD_SEEDS_B, WORLD_SEEDS_B + fd_n), 0)
+    fd = frechet(g["features"][:fd_n], w["features"][:fd_n])
+    fd_floor = frechet(w_b["features"], w["features"][:fd_n])
+    scores = evaluate(seg, list(HELD_OUT_SEEDS)[: max(1, args.n // 2)])
+
+    rates = {name: (presence(g, name).float().mean().item(), presence(w, name).float().mean().item())
+             for name in FACT_OF}
+    rates["dusk"] = (g["dusk"].float().mean().item(), w["dusk"].float().mean().item())
+    freq_g = g["counts"].sum(0).double() / g["counts"].sum()
+    freq_w = w["counts"].sum(0).double() / w["counts"].sum()
+    gap = (freq_g - freq_w).abs()
+    rel = torch.where(gap > 0.02, gap / freq_w.clamp(min=1e-9), torch.zeros_like(gap))
+    worst = rel.max().item()
+
+    print(f"model={args.model} samples={args.n} fd_sets={fd_n} device={args.device} ({time.time() - start:.0f}s)")
+    print(f"{'presence':<12}{'generator':>10}{'world':>8}   target")
+    targets = {"watermark": "0.20-0.40", "spire": ">= 0.15", "dome": ">= 0.15", "tree": ">= 0.30", "dusk": "0.20-0.40"}
+    for name, (rg, rw) in rates.items():
+        print(f"{name:<12}{rg:>10.3f}{rw:>8.3f}   {targets[name]}")
+    print(f"\n{'pixel share':<12}{'generator':>10}{'world':>8}{'rel err':>9}")
+    for i, name in enumerate(CLASSES):
+        flag = "  > 2pp" if gap[i] > 0.02 else ""
+        print(f"{name:<12}{freq_g[i]:>10.4f}{freq_w[i]:>8.4f}{gap[i] / max(freq_w[i], 1e-9):>9.3f}{flag}")
+    print(f"\nfrechet distance (segmenter features): generator-world {fd:.3f}, world-world floor {fd_floor:.3f}")
+    print(f"segmenter on {max(1, args.n // 2)} held-out world images: pixel acc {scores['pixel_acc']:.4f}, "
+          f"mIoU {scores['miou']:.4f}")
+    print("  " + "  ".join(f"{c}={scores[f'iou_{c}']:.3f}" for c in CLASSES))
+    print(
+        f"eval_world: watermark={rates['watermark'][0]:.3f} spire={rates['spire'][0]:.3f} dome={rates['dome'][0]:.3f} "
+        f"tree={rates['tree'][0]:.3f} dusk={rates['dusk'][0]:.3f} class_freq_worst_rel_err={worst:.3f} "
+        f"fd={fd:.3f} fd_floor={fd_floor:.3f} seg_pixel_acc={scores['pixel_acc']:.4f} seg_miou={scores['miou']:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dissect.models.segmenter import HELD_OUT_SEEDS, WEIGHTS, Segmenter, evaluate, load_segmenter, save_segmenter
+from dissect.models.train_segmenter import TRAIN_SEED_START, augment
+from dissect.models.world import CLASSES, World
+
+
+def test_shapes_for_both_world_sizes():
+    seg = Segmenter().eval()
+    for size in (64, 128):
+        images = torch.rand(2, 3, size, size) * 2 - 1
+        assert seg(images).shape == (2, len(CLASSES), size, size)
+        labels = seg.segment(images)
+        assert labels.shape == (2, size, size) and labels.dtype == torch.int64
+        assert seg.features(images).shape == (2, seg.feature_dim)
+    assert sum(p.numel() for p in seg.parameters()) <= 1_000_000
+
+
+def test_bad_input_is_refused_with_the_expected_shape():
+    seg = Segmenter().eval()
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        seg(torch.zeros(3, 64, 64))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        seg(torch.zeros(1, 3, 60, 60))
+
+
+def test_a_few_training_steps_lower_the_loss():
+    torch.manual_seed(0)
+    world = World(64)
+    images, labels = world.render(world.sample_latents(range(TRAIN_SEED_START, TRAIN_SEED_START + 8)))
+    seg = Segmenter(widths=(8, 16, 16, 16))
+    opt = torch.optim.Adam(seg.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = F.cross_entropy(seg(images), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_augment_keeps_shapes_range_and_moves_labels_with_the_image():
+    world = World(64)
+    images, labels = world.render(world.sample_latents(range(4)))
+    out, out_labels = augment(images, labels, torch.Generator().manual_seed(0), max_shift=0)
+    assert out.shape == images.shape and out.min() >= -1 and out.max() <= 1
+    assert torch.equal(out_labels, labels)  # without shifts the labels stay put
+    _, shifted = augment(images, labels, torch.Generator().manual_seed(0), max_shift=3)
+    assert shifted.shape == labels.shape
+
+
+def test_save_and_load_round_trip(tmp_path):
+    seg = Segmenter().eval()
+    path = tmp_path / "seg.safetensors"
+    save_segmenter(seg, path, {"note": "test"})
+    loaded = load_segmenter(path=path)
+    assert not loaded.training
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert torch.allclose(loaded(x), seg(x), atol=0.05)  # fp16 weights
+
+
+def test_missing_weights_say_how_to_get_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_segmenter"):
+        load_segmenter(path=tmp_path / "absent.safetensors")
+
+
+def test_training_and_evaluation_seeds_do_not_overlap():
+    assert HELD_OUT_SEEDS.stop <= TRAIN_SEED_START - 1000  # class weights use the 1000 seeds below the start
+
+
+@pytest.mark.slow
+def test_shipped_weights_reach_the_bar_on_held_out_world_images():
+    assert WEIGHTS.is_file(), f"{WEIGHTS} is missing"
+    scores = evaluate(load_segmenter(), list(HELD_OUT_SEEDS)[:200])
+    assert scores["pixel_acc"] >= 0.95, scores
+    assert scores["miou"] >= 0.80, scores

@@ -322,6 +322,11 @@ class World:
         return image, labels
 
 
+# mean(R - B) over sky pixels, in [-1, 1] units: world day skies measure -0.95..-0.73, dusk skies
+# +0.52..+0.80 (4000 scenes); the cut sits midway between the two modes.
+_DUSK_THRESHOLD = -0.1
+
+
 def is_dusk(images: Tensor, labels: Tensor) -> Tensor:
     """Whether each image's sky is in the dusk mode, from the colour of its sky-labelled pixels.
 
@@ -335,6 +340,3 @@ def is_dusk(images: Tensor, labels: Tensor) -> Tensor:
     mean = red_minus_blue.sum((1, 2)) / sky.sum((1, 2)).clamp(min=1)
     return (mean > _DUSK_THRESHOLD) & (sky.sum((1, 2)) > 0)
 
-
-# mean(R - B) over sky pixels (in [-1, 1] units): day skies sit near -0.8, dusk skies above +0.1.
-_DUSK_THRESHOLD = -0.3

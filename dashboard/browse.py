@@ -1,4 +1,4 @@
-"""The image browser: a grid of generated images by seed, original or edited."""
+"""The image browser: a grid of generated images by seed, original or edited, with optional overlays."""
 
 from __future__ import annotations
 
@@ -6,26 +6,77 @@ import numpy as np
 import streamlit as st
 import torch
 
-from dashboard.defaults import DISPLAY_SCALE, GRID_COLUMNS
-from dashboard.imaging import to_uint8
-from dashboard.workspace import Workspace
+from dissect.visualize import cluster_overlay, match_overlay, to_unit
+
+from dashboard import derived, requests
+from dashboard.defaults import DEFAULT_CLUSTERS, DISPLAY_SCALE, GRID_COLUMNS
+from dashboard.imaging import tint, to_uint8
+from dashboard.requests import NeedsInput, Settings
+from dashboard.workspace import Brush, Workspace
+
+PLAIN, MATCHES, CLUSTERS = "Brushed regions", "Key matches", "Key clusters"
+OVERLAYS = (PLAIN, MATCHES, CLUSTERS)
+BRUSH_COLORS = {"context": (1.0, 0.82, 0.0), "copy": (0.0, 0.78, 1.0), "paste": (1.0, 0.0, 0.78)}
 
 
-def show_grid(pictures: np.ndarray, seeds: list[int], captions: list[str] | None = None) -> None:
-    """``pictures (N, h, w, 3)`` uint8 in rows of :data:`GRID_COLUMNS`, captioned by seed."""
-    captions = captions or [f"seed {s}" for s in seeds]
-    for start in range(0, len(seeds), GRID_COLUMNS):
+def show_grid(pictures: np.ndarray, captions: list[str]) -> None:
+    """``pictures (N, h, w, 3)`` uint8 in rows of :data:`GRID_COLUMNS`."""
+    for start in range(0, len(captions), GRID_COLUMNS):
         cols = st.columns(GRID_COLUMNS)
         for col, pic, cap in zip(cols, pictures[start : start + GRID_COLUMNS], captions[start : start + GRID_COLUMNS]):
             col.image(pic, caption=cap, width="stretch")
 
 
-def grid_images(ws: Workspace, seeds: list[int], edited: bool) -> torch.Tensor:
-    return ws.images(seeds, edited=edited)
+def brushed(pictures: torch.Tensor, seeds: list[int], brush: Brush) -> torch.Tensor:
+    """Tint what was brushed on each image: context, copied region, paste target."""
+    out = pictures.clone()
+    marks = [("context", brush.context)]
+    marks += [("copy", dict([brush.copied]))] if brush.copied else []
+    marks += [("paste", dict([brush.paste]))] if brush.paste else []
+    for kind, masks in marks:
+        for i, s in enumerate(seeds):
+            if s in masks:
+                out[i : i + 1] = tint(out[i : i + 1], masks[s][None], BRUSH_COLORS[kind])
+    return out
 
 
-def render(ws: Workspace, seeds: list[int]) -> None:
-    edited = st.toggle("Show edited images", key="show_edited", value=True,
-                       help="Off: the original model's images for the same seeds.")
-    images = grid_images(ws, seeds, edited)
-    show_grid(to_uint8(images, DISPLAY_SCALE), seeds)
+def matched(ws: Workspace, images: torch.Tensor, seeds: list[int], settings: Settings) -> torch.Tensor:
+    """The context's key matches: matching regions kept, the rest dimmed (a quantile over the pool decides)."""
+    ctx = requests.context(ws, settings.rank)
+    scores = ws.memory().match(derived.directions(ws, ctx), ws.inputs(seeds))
+    return match_overlay(images, scores, derived.threshold(ws, ctx))
+
+
+def clustered(ws: Workspace, images: torch.Tensor, seeds: list[int], k: int) -> torch.Tensor:
+    names, ious = derived.cluster_names(ws, k)
+    maps = derived.clusters(ws, k).predict(ws.inputs(seeds))
+    pictures, legend = cluster_overlay(images, maps, names, ious)
+    st.image(to_uint8(legend.image[None])[0], caption="Key clusters: best-matching segmenter class and its IoU")
+    return pictures
+
+
+def grid_pictures(ws: Workspace, seeds: list[int], edited: bool, overlay: str, settings: Settings,
+                  k: int = DEFAULT_CLUSTERS) -> torch.Tensor:
+    """The grid as pictures ``(N, 3, H, W)`` in [0, 1] with the chosen overlay."""
+    images = ws.images(seeds, edited=edited)
+    if overlay == MATCHES:
+        return matched(ws, images, seeds, settings)
+    if overlay == CLUSTERS:
+        return clustered(ws, images, seeds, k)
+    return brushed(to_unit(images), seeds, ws.brush)
+
+
+def render(ws: Workspace, seeds: list[int], settings: Settings) -> bool:
+    """Draw the grid; returns whether it shows the edited model."""
+    left, right = st.columns([1, 2])
+    edited = left.toggle("Show edited images", key="show_edited", value=True, disabled=not ws.edited,
+                         help="Off: the original model's images for the same seeds.")
+    overlay = right.segmented_control("Overlay", OVERLAYS, key="overlay", default=PLAIN, required=True)
+    try:
+        pictures = grid_pictures(ws, seeds, edited, overlay, settings, st.session_state.get("cluster_k", DEFAULT_CLUSTERS))
+    except NeedsInput as exc:
+        st.info(str(exc))
+        pictures = to_unit(ws.images(seeds, edited=edited))
+    state = "edited" if edited and ws.edited else "original"
+    show_grid(to_uint8(pictures, DISPLAY_SCALE), [f"seed {s} · {state}" for s in seeds])
+    return edited and ws.edited

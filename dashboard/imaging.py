@@ -15,9 +15,12 @@ import torch.nn.functional as F
 MAX_SEEDS = 96  # a grid this large already takes seconds to render on a laptop CPU
 
 
-def to_uint8(images: torch.Tensor, scale: int = 1) -> np.ndarray:
-    """``(N, 3, H, W)`` in [-1, 1] -> ``(N, H*scale, W*scale, 3)`` uint8, enlarged without blurring."""
-    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+def to_uint8(pictures: torch.Tensor, scale: int = 1) -> np.ndarray:
+    """Pictures ``(N, 3, H, W)`` in [0, 1] -> ``(N, H*scale, W*scale, 3)`` uint8, enlarged without blurring.
+
+    Model images in [-1, 1] go through ``dissect.visualize.to_unit`` first.
+    """
+    x = pictures.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
     if scale > 1:
         x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     return x.permute(0, 2, 3, 1).cpu().numpy()
@@ -26,15 +29,29 @@ def to_uint8(images: torch.Tensor, scale: int = 1) -> np.ndarray:
 def canvas_mask(rgba: np.ndarray | None, size: tuple[int, int]) -> torch.Tensor | None:
     """A canvas's RGBA pixels ``(h, w, 4)`` -> a soft mask ``(H, W)`` at image resolution, or None if blank.
 
-    The canvas shows the image enlarged, so the stroke's coverage (alpha) is area-averaged down to the image:
-    a pixel half covered by the brush weighs 0.5.
+    Strokes are drawn translucent so the image shows through; any painted canvas pixel counts as covered, and
+    the canvas is enlarged, so coverage is area-averaged down to the image: a pixel half covered weighs 0.5.
     """
     if rgba is None or rgba.ndim != 3 or rgba.shape[-1] != 4:
         return None
-    alpha = torch.from_numpy(np.ascontiguousarray(rgba[..., 3])).float().div(255.0)
-    if alpha.max() <= 0:
+    painted = torch.from_numpy(np.ascontiguousarray(rgba[..., 3]) > 0).float()
+    if painted.max() <= 0:
         return None
-    return F.interpolate(alpha[None, None], size=size, mode="area")[0, 0].clamp(0, 1)
+    return F.interpolate(painted[None, None], size=size, mode="area")[0, 0]
+
+
+def mask_centre(mask: torch.Tensor) -> tuple[int, int]:
+    """The ``(y, x)`` pixel at a mask's centre of mass: where a paste stroke or click puts the paste."""
+    ys, xs = torch.meshgrid(torch.arange(mask.shape[0]), torch.arange(mask.shape[1]), indexing="ij")
+    total = mask.sum()
+    return int((ys * mask).sum() / total), int((xs * mask).sum() / total)
+
+
+def tint(pictures: torch.Tensor, masks: torch.Tensor, color: tuple[float, float, float]) -> torch.Tensor:
+    """Pictures ``(N, 3, H, W)`` in [0, 1] with ``masks (N, H, W)`` painted translucent in ``color``: the brushed regions."""
+    ink = torch.tensor(color, dtype=pictures.dtype)[None, :, None, None]
+    a = 0.5 * masks.to(pictures.dtype)[:, None]
+    return pictures * (1 - a) + ink * a
 
 
 def parse_seeds(text: str, limit: int = MAX_SEEDS) -> list[int]:

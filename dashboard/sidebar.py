@@ -5,8 +5,9 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import workspace
-from dashboard.defaults import DEFAULT_MODEL, DEFAULT_SEEDS
+from dashboard.defaults import DEFAULT_MODEL, DEFAULT_RANK, DEFAULT_SEEDS, DEFAULT_UNITS
 from dashboard.imaging import format_seeds, parse_seeds
+from dashboard.requests import Settings
 from dashboard.workspace import ModelLoadError, Workspace, spatial_layers
 from dissect.hooks import LayerInfo
 
@@ -38,8 +39,25 @@ def _more_seeds() -> None:
     st.session_state.seeds = format_seeds(sorted(seeds + list(range(nxt, nxt + len(seeds)))))
 
 
-def render() -> tuple[Workspace | None, list[int]]:
-    """Draw the sidebar; returns this session's workspace (None when no model could be opened) and the seeds."""
+def _settings(ws: Workspace) -> Settings:
+    channels = ws.memory_channels()
+    st.subheader("Solver")
+    rank = st.number_input("Rank", 1, channels, min(DEFAULT_RANK, channels), key="rank",
+                           help="Dimensions of the context subspace D an edit may change; higher generalises wider.")
+    refine = st.radio("Solve", [True, False], key="refine", format_func=lambda r: REFINE[r],
+                      help="The closed form is exact for the layer's linear part; L-BFGS then fits the real "
+                           "layer (demodulation, bias, activation) while staying inside span(D).")
+    units = st.number_input("Erase: units zeroed", 1, channels, min(DEFAULT_UNITS, channels), key="units",
+                            help="Key channels most aligned with the context that an erase switches off in its "
+                                 "target values.")
+    return Settings(int(rank), bool(refine), int(units))
+
+
+REFINE = {True: "Closed form + L-BFGS", False: "Closed form only"}
+
+
+def render() -> tuple[Workspace | None, list[int], Settings | None]:
+    """Draw the sidebar: this session's workspace (None when no model could be opened), seeds and settings."""
     with st.sidebar:
         st.title("dissect")
         spec = _model_spec()
@@ -54,7 +72,7 @@ def render() -> tuple[Workspace | None, list[int]]:
         elif not spec:
             st.info("Type an entry point such as `mypackage.models:build`.")
         if ws is None:
-            return None, []
+            return None, [], None
 
         choices = spatial_layers(ws.layers) or ws.layers
         names = [info.name for info in choices]
@@ -73,4 +91,5 @@ def render() -> tuple[Workspace | None, list[int]]:
         except ValueError as exc:
             st.error(str(exc))
             seeds = parse_seeds(DEFAULT_SEEDS)
-    return ws, seeds
+        settings = _settings(ws)
+    return ws, seeds, settings

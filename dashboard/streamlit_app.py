@@ -8,14 +8,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import streamlit as st  # noqa: E402
 
-from dashboard import browse, sidebar  # noqa: E402
+from dashboard import browse, brushing, editing, inspect_page, recipes, sidebar  # noqa: E402
 
 st.set_page_config(page_title="dissect · rewrite a generator", layout="wide")
 
-ws, seeds = sidebar.render()
+ws, seeds, settings = sidebar.render()
 if ws is None:
     st.header("dissect")
     st.write("No model is open: see the message in the sidebar, or choose one there.")
     st.stop()
 
-browse.render(ws, seeds)
+PAGES = ("Images", "Inspect", "Edit", "Recipes")
+# Only the open tab runs (on_change="rerun"), so a page's computations never slow the others down.
+tabs = dict(zip(PAGES, st.tabs(PAGES, key="page", on_change="rerun")))
+if tabs["Images"].open:
+    with tabs["Images"]:
+        editing.show_flashes()
+        edited = browse.render(ws, seeds, settings)
+        brushing.render(ws, seeds, edited, settings)
+if tabs["Inspect"].open:
+    with tabs["Inspect"]:
+        inspect_page.render(ws, seeds, settings)
+if tabs["Edit"].open:
+    with tabs["Edit"]:
+        editing.render(ws, settings)
+if tabs["Recipes"].open:
+    with tabs["Recipes"]:
+        recipes.render(ws, settings)

@@ -7,7 +7,9 @@ modified: each session gets a :class:`Workspace` holding its own deep copy, and 
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import streamlit as st
@@ -15,11 +17,14 @@ import torch
 from torch import nn
 
 from dissect.hooks import LayerInfo, layers
+from dissect.memory import LayerMemory
 from dissect.models.loaders import WEIGHTS_DIR, load
+from dissect.rewrite import Rewriter
 
-from dashboard.defaults import DEFAULT_LAYER
+from dashboard.defaults import DEFAULT_LAYER, STATS_SAMPLES
 
 KEY = "workspace"
+STATS_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dissect" / "stats"
 
 
 class ModelLoadError(Exception):
@@ -60,36 +65,88 @@ def default_layer(found: list[LayerInfo]) -> str:
 
 
 @dataclass
+class Brush:
+    """What this session has brushed, as masks ``(H, W)`` in [0, 1] at image resolution, per seed."""
+
+    context: dict[int, torch.Tensor] = field(default_factory=dict)
+    copied: tuple[int, torch.Tensor] | None = None  # (source seed, mask)
+    paste: tuple[int, torch.Tensor] | None = None  # (target seed, where the paste goes)
+    cluster: int | None = None  # a key cluster chosen as the context instead of brushed masks…
+    cluster_k: int = 0  # …out of this many clusters
+    drawings: dict[tuple[str, int], dict] = field(default_factory=dict)  # canvas JSON, to redraw strokes
+    generation: dict[tuple[str, int], int] = field(default_factory=dict)  # bumped to give a cleared canvas a new key
+    revision: int = 0  # bumped on every change; keys what is derived from the brush (directions, previews)
+
+    def context_seeds(self) -> list[int]:
+        return sorted(self.context)
+
+    def changed(self) -> None:
+        self.revision += 1
+
+
+@dataclass
 class Workspace:
-    """A session's own model copy and everything it has brushed or edited."""
+    """A session's own model copy, its edit stack, and everything it has brushed."""
 
     spec: str
     model: nn.Module
     sampler: Any
     layers: list[LayerInfo]
     layer: str
-    version: int = 0  # bumped whenever this copy's weights change; keys `_edited`
+    rewriter: Rewriter = field(init=False)
+    brush: Brush = field(default_factory=Brush)
+    loaded_uploads: set[str] = field(default_factory=set)  # uploaded edit files already applied
+    version: int = 0  # bumped whenever this copy's weights change; keys the caches below
     _edited: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    _memories: dict[str, LayerMemory] = field(default_factory=dict, repr=False)
+    cache: dict[tuple, Any] = field(default_factory=dict, repr=False)  # derived data; emptied when weights change
+
+    def __post_init__(self) -> None:
+        self.rewriter = Rewriter(self.model)
 
     @classmethod
     def open(cls, spec: str) -> "Workspace":
         base, sampler, found = base_model(spec)
         return cls(spec, copy.deepcopy(base), sampler, found, default_layer(found))
 
+    @property
+    def edited(self) -> bool:
+        return bool(self.rewriter.history)
+
     def weights_changed(self) -> None:
+        """Call after every change to this copy's weights (apply, undo, redo, revert, load)."""
         self.version += 1
         self._edited.clear()
+        self._memories.clear()  # C of a later layer depends on earlier weights; the disk cache knows which
+        self.cache.clear()
+
+    def memory_channels(self) -> int:
+        """Key channels of the chosen layer (the largest rank, or number of units, it can take)."""
+        return next(info.in_channels for info in self.layers if info.name == self.layer)
+
+    def inputs(self, seeds: list[int]) -> Any:
+        return self.sampler(list(seeds))
 
     def images(self, seeds: list[int], edited: bool = True) -> torch.Tensor:
         """``(N, 3, H, W)`` in [-1, 1] for ``seeds``: from this session's copy, or the shared original."""
-        if not edited or self.version == 0:
+        if not (edited and self.edited):
             return original_images(self.spec, tuple(seeds))
         todo = [s for s in seeds if (self.version, s) not in self._edited]
         if todo:
             with torch.no_grad():
-                out = self.model(self.sampler(todo))
+                out = self.model(self.inputs(todo))
             self._edited.update({(self.version, s): img for s, img in zip(todo, out)})
         return torch.stack([self._edited[(self.version, s)] for s in seeds])
+
+    def memory(self, layer: str | None = None) -> LayerMemory:
+        """The chosen layer of this session's copy as a memory, with C (collected once, then from disk)."""
+        layer = layer or self.layer
+        if layer not in self._memories:
+            memory = LayerMemory(self.model, layer)
+            with st.spinner(f"Key statistics of {layer} over {STATS_SAMPLES} samples (first use only; cached on disk)…"):
+                memory.fit_moment(self.sampler, STATS_SAMPLES, cache_dir=str(STATS_DIR), progress=False)
+            self._memories[layer] = memory
+        return self._memories[layer]
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -1,0 +1,87 @@
+"""What the pages derive from a workspace through the library, cached per session until the weights change."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import streamlit as st
+import torch
+
+from dissect.memory import KeyClusters
+from dissect.models.segmenter import Segmenter, load_segmenter
+from dissect.models.world import CLASSES
+
+from dashboard.defaults import CLUSTER_SEEDS, MATCH_QUANTILE, POOL_SEEDS, PRESENCE_PIXELS
+from dashboard.workspace import Workspace
+
+
+def cached(ws: Workspace, key: tuple, compute: Callable[[], Any]) -> Any:
+    if key not in ws.cache:
+        ws.cache[key] = compute()
+    return ws.cache[key]
+
+
+@st.cache_resource(show_spinner="Loading the segmenter…")
+def segmenter() -> Segmenter | None:
+    """The shipped segmenter (read-only, shared), or None when its weights are not installed."""
+    try:
+        return load_segmenter()
+    except FileNotFoundError:
+        return None
+
+
+def directions(ws: Workspace, context: Any) -> torch.Tensor:
+    """``D (r, C)`` of a library :class:`~dissect.rewrite.Context` at the chosen layer."""
+    key = ("directions", ws.layer, context.rank, ws.brush.revision, tuple(context.seeds or ()))
+    return cached(ws, key, lambda: ws.memory().directions(context.inputs, context.masks, context.rank))
+
+
+def threshold(ws: Workspace, context: Any) -> float:
+    """The score above which a location matches the context: a quantile over the pool of samples."""
+    key = ("threshold", ws.layer, context.rank, ws.brush.revision, tuple(context.seeds or ()))
+    d = directions(ws, context)
+    pool = list(POOL_SEEDS)[:64]  # enough locations (64 x grid) for a stable 99th percentile
+    return cached(ws, key, lambda: ws.memory().threshold(d, ws.sampler, pool, quantile=MATCH_QUANTILE))
+
+
+def clusters(ws: Workspace, k: int) -> KeyClusters:
+    """k-means of the layer's keys over :data:`CLUSTER_SEEDS`."""
+    seeds = list(CLUSTER_SEEDS)
+    return cached(ws, ("clusters", ws.layer, k), lambda: ws.memory().cluster_keys(ws.sampler, seeds, k))
+
+
+def cluster_names(ws: Workspace, k: int) -> tuple[list[str], list[float] | None]:
+    """Each cluster's best-IoU segmenter class and that IoU; plain numbers without a segmenter."""
+
+    def compute() -> tuple[list[str], list[float] | None]:
+        seg = segmenter()
+        if seg is None:
+            return [f"cluster {c}" for c in range(k)], None
+        seeds = list(CLUSTER_SEEDS)
+        inputs = ws.inputs(seeds)
+        with torch.no_grad():
+            labels = seg.segment(ws.images(seeds))
+        found = clusters(ws, k).name(clusters(ws, k).predict(inputs), labels, CLASSES)
+        return [c.name or f"class {c.label}" for c in found], [c.iou for c in found]
+
+    return cached(ws, ("cluster_names", ws.layer, k), compute)
+
+
+def labels(ws: Workspace, seeds: list[int], edited: bool) -> torch.Tensor | None:
+    """Segmenter labels ``(N, H, W)`` of the original or edited images (None without a segmenter)."""
+    seg = segmenter()
+    if seg is None:
+        return None
+    key = ("labels", ws.version if edited else -1, tuple(seeds))
+
+    def compute() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([seg.segment(ws.images(seeds[i : i + 50], edited=edited)) for i in range(0, len(seeds), 50)])
+
+    return cached(ws, key, compute)
+
+
+def present(label_maps: torch.Tensor, name: str) -> torch.Tensor:
+    """``(N,)`` bool: images where the segmenter finds ``name`` (the evaluation's presence rule)."""
+    pixels = PRESENCE_PIXELS[name] * label_maps[0].numel() / (64 * 64)
+    return (label_maps == CLASSES.index(name)).flatten(1).sum(1) >= pixels

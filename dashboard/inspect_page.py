@@ -1,0 +1,110 @@
+"""Inspecting the layer: where the context's keys match, the key clusters, value patches, and C's spectrum."""
+
+from __future__ import annotations
+
+import streamlit as st
+import torch
+
+from dissect.visualize import (
+    cluster_overlay,
+    cluster_projection_figure,
+    eigen_spectrum_figure,
+    match_overlay,
+    score_histogram_figure,
+    value_patch,
+)
+
+from dashboard import derived, requests
+from dashboard.browse import show_grid
+from dashboard.defaults import DEFAULT_CLUSTERS, DISPLAY_SCALE, GRID_COLUMNS, POOL_SEEDS
+from dashboard.imaging import to_uint8
+from dashboard.requests import NeedsInput, Settings
+from dashboard.workspace import Workspace
+
+BEST = 2 * GRID_COLUMNS  # best matches shown from the pool
+
+
+def pool_matches(ws: Workspace, settings: Settings) -> tuple[list[int], torch.Tensor, torch.Tensor, float]:
+    """The pool's best-matching seeds, their score maps, every pool score, and the match threshold."""
+    ctx = requests.context(ws, settings.rank)
+    d = derived.directions(ws, ctx)
+    pool = list(POOL_SEEDS)
+
+    def compute() -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        memory = ws.memory()
+        order, _ = memory.rank_images(d, ws.inputs(pool))
+        best = [pool[i] for i in order[:BEST].tolist()]
+        return best, memory.match(d, ws.inputs(best)), memory.match(d, ws.inputs(pool))
+
+    key = ("pool", ws.layer, ctx.rank, ws.brush.revision, tuple(ctx.seeds or ()))
+    best, best_scores, scores = derived.cached(ws, key, compute)
+    return best, best_scores, scores, derived.threshold(ws, ctx)
+
+
+def render_matches(ws: Workspace, settings: Settings) -> None:
+    st.subheader("Key matches")
+    try:
+        best, best_scores, scores, threshold = pool_matches(ws, settings)
+    except NeedsInput as exc:
+        st.info(str(exc))
+        return
+    st.caption(f"The {BEST} best-matching images of {len(POOL_SEEDS)} samples (seeds {POOL_SEEDS.start}–"
+               f"{POOL_SEEDS.stop - 1}); matching regions kept, the rest dimmed.")
+    pictures = match_overlay(ws.images(best), best_scores, threshold)
+    show_grid(to_uint8(pictures, DISPLAY_SCALE), [f"seed {s}" for s in best])
+    st.plotly_chart(score_histogram_figure(scores, threshold), key="score_histogram")
+
+
+def choose_cluster(ws: Workspace, k: int, cluster: int) -> None:
+    ws.brush.cluster, ws.brush.cluster_k = cluster, k
+    ws.brush.changed()
+
+
+def render_clusters(ws: Workspace, seeds: list[int]) -> None:
+    st.subheader("Key clusters")
+    k = st.number_input("Clusters", 2, 40, DEFAULT_CLUSTERS, key="cluster_k",
+                        help="k-means on the layer's whitened keys; each cluster is named by the segmenter class "
+                             "it overlaps best (IoU).")
+    with st.spinner("Clustering the layer's keys…"):
+        names, ious = derived.cluster_names(ws, k)
+        clusters = derived.clusters(ws, k)
+    images = ws.images(seeds)
+    pictures, legend = cluster_overlay(images, clusters.predict(ws.inputs(seeds)), names, ious)
+    left, right = st.columns([3, 1])
+    with left:
+        show_grid(to_uint8(pictures, DISPLAY_SCALE), [f"seed {s}" for s in seeds])
+    with right:
+        st.image(to_uint8(legend.image[None], 2)[0], caption="Legend: cluster, segmenter class, IoU")
+        label = lambda c: f"{c}: {names[c]}" + (f" (IoU {ious[c]:.2f})" if ious else "")  # noqa: E731
+        chosen = st.selectbox("Cluster", range(k), key="cluster_pick", format_func=label)
+        st.button("Use as context", on_click=choose_cluster, args=(ws, k, chosen), key="use_cluster",
+                  help="Edits then apply where this cluster's keys are, instead of the brushed regions.")
+        if ws.brush.cluster is not None:
+            st.caption(f"Context: cluster {ws.brush.cluster} of {ws.brush.cluster_k}.")
+    with st.expander("Isolated value patch of the cluster"):
+        region = clusters.masks(ws.inputs(seeds[:GRID_COLUMNS]), chosen)
+        patch = value_patch(ws.model, ws.layer, ws.inputs(seeds[:GRID_COLUMNS]), region)
+        show_grid(to_uint8(patch, DISPLAY_SCALE), [f"seed {s}" for s in seeds[:GRID_COLUMNS]])
+    with st.expander("Cluster projection"):
+        keys = ws.memory().keys(ws.inputs(seeds))
+        ids = clusters.predict(ws.inputs(seeds)).reshape(-1)
+        feats = ws.memory().whiten(ws.memory().flat_keys(keys).float())
+        st.plotly_chart(cluster_projection_figure(feats, ids, names), key="cluster_projection")
+
+
+def render_copied(ws: Workspace) -> None:
+    st.subheader("Copied region, alone")
+    if ws.brush.copied is None:
+        st.info("Nothing is copied: brush a region in *Copy* mode on the Images page.")
+        return
+    seed, mask = ws.brush.copied
+    patch = value_patch(ws.model, ws.layer, ws.inputs([seed]), mask)
+    st.image(to_uint8(patch, DISPLAY_SCALE)[0], caption=f"What {ws.layer} draws in the region copied from seed {seed}")
+
+
+def render(ws: Workspace, seeds: list[int], settings: Settings) -> None:
+    render_matches(ws, settings)
+    render_clusters(ws, seeds)
+    render_copied(ws)
+    st.subheader("Key statistics")
+    st.plotly_chart(eigen_spectrum_figure(ws.memory().moment, title=f"C of {ws.layer}"), key="spectrum")

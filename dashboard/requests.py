@@ -1,0 +1,61 @@
+"""The library's edit requests, built from what this session brushed or chose. Nothing is solved here.
+
+Every problem a user can fix (nothing brushed, nothing copied) raises :class:`NeedsInput` with what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dissect.rewrite import Context, Copy, Erase, Paste
+
+from dashboard import derived
+from dashboard.defaults import CLUSTER_SEEDS
+from dashboard.imaging import mask_centre
+from dashboard.workspace import Workspace
+
+
+class NeedsInput(ValueError):
+    """The request lacks something only the user can give; the message says what."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The sidebar's solver settings."""
+
+    rank: int
+    refine: bool  # after the closed form, L-BFGS through the layer's nonlinear rest
+    units: int  # erase: key channels zeroed in the target values
+
+
+def context(ws: Workspace, rank: int) -> Context:
+    """The brushed context masks, or the chosen key cluster's regions."""
+    if ws.brush.cluster is not None:
+        seeds = list(CLUSTER_SEEDS)[:32]
+        fitted = derived.clusters(ws, ws.brush.cluster_k)
+        return Context.from_cluster(fitted, ws.brush.cluster, ws.inputs(seeds), rank=rank, seeds=seeds)
+    seeds = ws.brush.context_seeds()
+    if not seeds:
+        raise NeedsInput("The context is empty: brush in *Context* mode on one or more images (or choose a key "
+                         "cluster as the context under *Inspect*), then try again.")
+    return Context(ws.inputs(seeds), torch.stack([ws.brush.context[s] for s in seeds]), rank=rank, seeds=seeds)
+
+
+def erase(ws: Workspace, settings: Settings) -> tuple[Erase, Context]:
+    ctx = context(ws, settings.rank)
+    return Erase(ctx.inputs, ctx.masks, units=settings.units, seeds=ctx.seeds), ctx
+
+
+def paste(ws: Workspace, settings: Settings) -> tuple[Paste, Context | None]:
+    """A paste of the copied region; its context is the brushed one if any, else the pasted region itself."""
+    if ws.brush.copied is None:
+        raise NeedsInput("Nothing is copied: brush a region in *Copy* mode first, then place it in *Paste* mode.")
+    if ws.brush.paste is None:
+        raise NeedsInput("Choose where to paste: in *Paste* mode, click or brush on the target image.")
+    (src, mask), (dst, where) = ws.brush.copied, ws.brush.paste
+    copied = Copy(ws.inputs([src]), mask, seeds=[src])
+    request = Paste(ws.inputs([dst]), copied, position=mask_centre(where), seeds=[dst])
+    has_context = ws.brush.cluster is not None or bool(ws.brush.context)
+    return request, context(ws, settings.rank) if has_context else None

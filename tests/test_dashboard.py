@@ -1,0 +1,243 @@
+"""The dashboard's flow logic through streamlit's AppTest (no browser): brushing is injected as the canvas
+component's state, exactly what the browser would send (an RGBA PNG of the strokes and the Fabric JSON)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]  # the dashboard package and the tiny test model
+
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from dashboard import derived, editing, workspace  # noqa: E402
+from dashboard.defaults import DISPLAY_SCALE  # noqa: E402
+from dashboard.imaging import canvas_mask, format_seeds, mask_centre, parse_seeds  # noqa: E402
+
+APP = str(ROOT / "dashboard" / "streamlit_app.py")
+TINY = "tiny_model:generator"
+SEEDS = list(range(12))
+
+
+@pytest.fixture(autouse=True)
+def small_statistics(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Fewer samples for C and the clusters (the tiny model needs no more), and a private stats cache."""
+    monkeypatch.setattr(workspace, "STATS_SAMPLES", 128)
+    monkeypatch.setattr(workspace, "STATS_DIR", tmp_path_factory.getbasetemp() / "stats")
+    monkeypatch.setattr(derived, "CLUSTER_SEEDS", range(300_000, 300_016))
+
+
+def strokes_png(box: tuple[int, int, int, int], size: int = 64 * DISPLAY_SCALE) -> str:
+    """What the canvas sends for a painted rectangle (rows y0:y1, columns x0:x1 of the canvas)."""
+    rgba = np.zeros((size, size, 4), np.uint8)
+    y0, y1, x0, x1 = box
+    rgba[y0:y1, x0:x1] = (255, 210, 0, 140)
+    buf = io.BytesIO()
+    Image.fromarray(rgba).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def open_app(spec: str = TINY) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=300).run()
+    at.radio(key="model_source").set_value("Your model (entry point)").run()
+    at.text_input(key="entry_point").set_value(spec).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def ws_of(at: AppTest) -> workspace.Workspace:
+    return at.session_state[workspace.KEY]
+
+
+def brush(at: AppTest, mode: str, seed: int, box: tuple[int, int, int, int]) -> None:
+    """Paint ``box`` on ``seed`` in ``mode``, as a user's stroke would arrive from the canvas."""
+    at.session_state["page"] = "Images"
+    at.run()
+    at.segmented_control(key="brush_mode").set_value(mode).run()
+    at.selectbox(key="brush_seed").set_value(seed).run()
+    ws = ws_of(at)
+    key = f"canvas-{mode}-{seed}-{ws.brush.generation.get((mode, seed), 0)}"
+    stroke_id = len(ws.brush.drawings) + ws.brush.revision + 1  # any new drawing JSON
+    at.session_state[key] = {"drawing": {"raw": {"objects": [{"type": "path", "id": stroke_id}]},
+                                         "data": strokes_png(box)}}
+    at.run()
+    assert not at.exception, at.exception
+
+
+def apply_edit(at: AppTest, kind: str) -> None:
+    at.session_state["page"] = "Edit"
+    at.run()
+    at.radio(key="edit_kind").set_value(kind).run()
+    at.button(key="apply").click().run()
+    assert not at.exception, at.exception
+
+
+def captions(at: AppTest) -> list[str]:
+    return [c for image in at.get("image") for c in image.captions]
+
+
+def messages(at: AppTest) -> str:
+    return " ".join(e.value for e in [*at.error, *at.warning, *at.info])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# UI glue
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_seed_ranges() -> None:
+    assert parse_seeds("0-11") == SEEDS
+    assert parse_seeds("3, 7, 20-22, 7") == [3, 7, 20, 21, 22]
+    assert format_seeds([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    for bad in ("", "a-b", "5-2", "0-1000"):
+        with pytest.raises(ValueError):
+            parse_seeds(bad)
+
+
+def test_canvas_pixels_become_an_image_resolution_mask() -> None:
+    rgba = np.zeros((192, 192, 4), np.uint8)
+    assert canvas_mask(rgba, (64, 64)) is None  # nothing painted
+    rgba[30:60, 90:120, 3] = 50  # a translucent stroke still counts as painted
+    mask = canvas_mask(rgba, (64, 64))
+    assert mask.shape == (64, 64) and mask.dtype == torch.float32
+    assert mask[10:20, 30:40].eq(1).all() and mask.sum() == 100
+    assert mask_centre(mask) == (14, 34)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flows
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_missing_weights_or_bad_entry_point_is_a_message_and_the_model_stays() -> None:
+    at = AppTest.from_file(APP, default_timeout=300).run()
+    assert not at.exception
+    if not (workspace.WEIGHTS_DIR / "spires-generator.safetensors").exists():
+        assert "weights are not installed" in messages(at)
+    at = open_app()
+    ws = ws_of(at)
+    before = {k: v.clone() for k, v in ws.model.state_dict().items()}
+    for bad in ("tiny_model:broken", "no_such_module:build", "tiny_model"):
+        at.text_input(key="entry_point").set_value(bad).run()
+        assert not at.exception
+        assert "Could not load" in messages(at) and "Still working on 'tiny_model:generator'" in messages(at)
+        assert ws_of(at) is ws
+    assert all(torch.equal(v, before[k]) for k, v in ws.model.state_dict().items())
+    assert len(captions(at)) == len(SEEDS)  # the grid still renders
+    at.text_input(key="entry_point").set_value(TINY).run()
+    assert ws_of(at) is ws  # the same spec keeps the session's workspace
+
+
+def test_layer_chooser_lists_spatial_layers_and_defaults_to_the_constant() -> None:
+    at = open_app()
+    chooser = at.selectbox(key="layer")
+    assert chooser.value == "synthesis.b16.conv1"
+    assert any("ModulatedConv2d 16→16 · 16×16" in o for o in chooser.options)
+    chooser.set_value("synthesis.b32.conv1").run()
+    assert ws_of(at).layer == "synthesis.b32.conv1"
+
+
+def test_brushed_context_erase_then_undo_restores_the_original_images() -> None:
+    at = open_app()
+    for seed in (1, 2, 3):
+        brush(at, "Context", seed, (60, 120, 60, 120))
+    ws = ws_of(at)
+    assert sorted(ws.brush.context) == [1, 2, 3]
+    assert all(m.shape == (64, 64) and m.max() == 1 for m in ws.brush.context.values())
+    at.segmented_control(key="overlay").set_value("Key matches").run()
+    assert not at.exception and not at.error
+
+    original = ws.images(SEEDS, edited=False).clone()
+    apply_edit(at, "Erase")
+    assert len(ws.rewriter.history) == 1, messages(at)
+    assert not torch.equal(ws.images(SEEDS, edited=True), original)
+    at.session_state["page"] = "Images"
+    at.run()
+    assert captions(at)[:len(SEEDS)] == [f"seed {s} · edited" for s in SEEDS]
+
+    at.session_state["page"] = "Edit"
+    at.run()
+    at.button(key="undo").click().run()
+    assert not ws.edited
+    with torch.no_grad():
+        assert torch.equal(ws.model(ws.inputs(SEEDS)), original)  # bitwise the original weights again
+    at.button(key="redo").click().run()
+    assert ws.edited
+    at.button(key="revert").click().run()
+    assert not ws.edited
+
+
+def test_empty_context_and_paste_without_copy_are_messages_and_nothing_changes() -> None:
+    at = open_app()
+    apply_edit(at, "Erase")
+    assert "context is empty" in messages(at)
+    apply_edit(at, "Paste")
+    assert "Nothing is copied" in messages(at)
+    brush(at, "Copy", 2, (30, 90, 30, 90))
+    apply_edit(at, "Paste")
+    assert "Choose where to paste" in messages(at)
+    assert not ws_of(at).edited
+
+
+def test_copy_paste_previews_then_applies() -> None:
+    at = open_app()
+    brush(at, "Copy", 2, (30, 90, 30, 90))
+    brush(at, "Paste", 5, (120, 150, 120, 150))
+    ws = ws_of(at)
+    assert ws.brush.copied[0] == 2 and ws.brush.paste[0] == 5
+    assert any("with the paste (preview)" in c for c in captions(at)), messages(at)
+    assert not ws.edited  # a preview never touches the session's model
+    apply_edit(at, "Paste")
+    assert len(ws.rewriter.history) == 1, messages(at)
+
+
+def test_two_sessions_never_see_each_others_edits() -> None:
+    a, b = open_app(), open_app()
+    wa, wb = ws_of(a), ws_of(b)
+    assert wa.model is not wb.model
+    base, _, _ = workspace.base_model(TINY)
+    assert wa.model is not base and wb.model is not base
+    original = wb.images(SEEDS, edited=False).clone()
+    for seed in (1, 2):
+        brush(a, "Context", seed, (60, 120, 60, 120))
+    apply_edit(a, "Erase")
+    assert wa.edited and not wb.edited and not wb.brush.context
+    b.session_state["page"] = "Images"
+    b.run()
+    assert captions(b)[:len(SEEDS)] == [f"seed {s} · original" for s in SEEDS]
+    with torch.no_grad():
+        assert torch.equal(wb.model(wb.inputs(SEEDS)), original)
+        assert torch.equal(base(wb.inputs(SEEDS)), original)  # the shared base is untouched too
+
+
+def test_edit_file_round_trip_and_bad_uploads() -> None:
+    a = open_app()
+    brush(a, "Context", 1, (60, 120, 60, 120))
+    apply_edit(a, "Erase")
+    data = editing.edit_file(ws_of(a))
+    edited = ws_of(a).images(SEEDS, edited=True)
+
+    b = open_app()
+    wb = ws_of(b)
+    assert editing.load_edit_file(wb, data) == 1
+    assert torch.equal(wb.images(SEEDS, edited=True), edited)
+    assert editing.exported_weights(wb)[:8]  # a safetensors header
+
+    c = open_app()
+    wc = ws_of(c)
+    with pytest.raises(ValueError, match="not a dissect edit file"):
+        editing.load_edit_file(wc, b"this is not safetensors")
+    other = workspace.Workspace.open(TINY)
+    with torch.no_grad():
+        other.memory().weight.add_(0.01)  # the same architecture with other weights: another model
+    with pytest.raises(ValueError, match="sha256"):
+        editing.load_edit_file(other, data)
+    assert not other.edited and not wc.edited

@@ -30,6 +30,7 @@ __all__ = [
     "to_unit",
     "to_pil",
     "image_grid",
+    "side_by_side",
     "value_patch",
     "match_overlay",
     "cluster_overlay",
@@ -99,14 +100,22 @@ def _pil_to_tensor(image: Image.Image) -> Tensor:
 
 
 def image_grid(
-    images: Tensor, nrow: int = 8, labels: Sequence[str] | None = None, padding: int = 2, pad_value: float = 1.0
+    images: Tensor,
+    nrow: int = 8,
+    labels: Sequence[str] | None = None,
+    padding: int = 2,
+    pad_value: float = 1.0,
+    scale: int = 1,
 ) -> Tensor:
     """Pictures ``(N, 3, H, W)`` in [0, 1] tiled ``nrow`` per row -> one picture ``(3, H', W')``.
 
     ``labels``: one caption per image, drawn in a strip under it (shortened with '…' to the image's width).
+    ``scale``: each image enlarged by this integer factor first, without blurring (small images stay legible).
     """
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"image_grid takes pictures (N, 3, H, W), got {tuple(images.shape)}.")
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     if labels is not None:
         if len(labels) != images.shape[0]:
             raise ValueError(f"Give one label per image: {len(labels)} labels for {images.shape[0]} images.")
@@ -116,6 +125,20 @@ def image_grid(
         captions = torch.stack([_pil_to_tensor(s) for s in strips]).to(images)
         images = torch.cat([images.expand(-1, 3, -1, -1), captions], dim=2)
     return torchvision.utils.make_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
+
+
+def side_by_side(pictures: Sequence[Tensor], padding: int = 4, pad_value: float = 1.0) -> Tensor:
+    """Pictures ``(3, H_i, W_i)`` left to right, top-aligned, ``padding`` apart on ``pad_value``: ``(3, H, W)``."""
+    if not pictures or any(p.dim() != 3 or p.shape[0] != 3 for p in pictures):
+        raise ValueError(f"side_by_side takes pictures (3, H, W), got {[tuple(p.shape) for p in pictures]}.")
+    height = max(p.shape[1] for p in pictures)
+    width = sum(p.shape[2] for p in pictures) + padding * (len(pictures) - 1)
+    out = torch.full((3, height, width), pad_value, dtype=pictures[0].dtype, device=pictures[0].device)
+    left = 0
+    for p in pictures:
+        out[:, : p.shape[1], left : left + p.shape[2]] = p.to(out)
+        left += p.shape[2] + padding
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

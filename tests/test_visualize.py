@@ -14,6 +14,7 @@ from dissect.visualize import (
     match_overlay,
     palette,
     score_histogram_figure,
+    side_by_side,
     to_pil,
     to_unit,
     value_patch,
@@ -67,6 +68,16 @@ def test_image_grid_shapes_and_captions():
     assert (captioned < 0.5).any()
     with pytest.raises(ValueError, match="one label per image"):
         image_grid(pics, labels=["a"])
+    big = image_grid(pics[:1], scale=3, padding=0)
+    torch.testing.assert_close(big, pics[0].repeat_interleave(3, 1).repeat_interleave(3, 2))
+
+
+def test_side_by_side_places_pictures_top_aligned():
+    a, b = torch.zeros(3, 10, 4), torch.full((3, 6, 5), 0.5)
+    out = side_by_side([a, b], padding=2)
+    assert out.shape == (3, 10, 11)
+    assert (out[:, :, :4] == 0).all() and (out[:, :, 4:6] == 1).all()
+    assert (out[:, :6, 6:] == 0.5).all() and (out[:, 6:, 6:] == 1).all()
 
 
 # -- value patches ----------------------------------------------------------------------------------------------

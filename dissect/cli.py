@@ -1,0 +1,436 @@
+"""The ``dissect`` console script: a model's editable layers, key statistics, key clusters, applying and exporting
+edits, and measuring an edit with the segmenter.
+
+Every command loads its model with :func:`dissect.models.loaders.load`: ``--model spires`` (the embedded generator)
+or an entry point ``package.module:function`` returning ``(model, sampler)``. Statistics and requests use seeds
+``0 .. n-1``; ``eval`` measures on fresh seeds from ``--seed-start``. Errors a user can fix (an unknown model or
+layer, a missing or foreign file, a bad request) print one line on stderr and exit with status 2; ``--traceback``
+shows the whole trace instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from dissect import rewrite
+from dissect.hooks import layers
+from dissect.memory import LayerMemory
+from dissect.models.loaders import load
+from dissect.models.segmenter import WEIGHTS as SEGMENTER_WEIGHTS
+from dissect.models.segmenter import Segmenter, load_segmenter
+from dissect.models.world import CLASSES
+from dissect.visualize import cluster_overlay, image_grid, side_by_side, to_pil
+
+__all__ = ["main", "build_parser", "CliError"]
+
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dissect" / "stats"
+FRESH_SEEDS = 1_000_000  # eval's default first seed: far from the seeds 0 .. n-1 statistics and requests use
+
+
+class CliError(Exception):
+    """A problem with the command line or its files that the user can fix; reported as one line."""
+
+
+# What the library raises for things a user can fix: unknown names, missing or foreign files, bad requests.
+_USER_ERRORS = (
+    CliError, KeyError, ValueError, TypeError, AttributeError, ImportError, OSError, NotImplementedError,
+    SafetensorError,
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models, samplers, images
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _OnDevice:
+    """A sampler whose batches land on the model's device (samplers draw on the CPU)."""
+
+    def __init__(self, sampler: Any, device: torch.device) -> None:
+        self.sampler, self.device = sampler, device
+        self.description = sampler.description
+
+    def __call__(self, seeds: Sequence[int]) -> Any:
+        batch = self.sampler(list(seeds))
+        if isinstance(batch, tuple):
+            return tuple(x.to(self.device) if isinstance(x, Tensor) else x for x in batch)
+        return batch.to(self.device)
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _load_model(args: argparse.Namespace) -> tuple[nn.Module, _OnDevice]:
+    device = _device(args)
+    model, sampler = load(args.model, device)
+    return model, _OnDevice(sampler, device)
+
+
+def _render(model: nn.Module, inputs: Any) -> Tensor:
+    """``model(inputs)`` as images ``(N, 3, H, W)`` in [-1, 1]."""
+    with torch.no_grad():
+        images = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+    if not (isinstance(images, Tensor) and images.dim() == 4 and images.shape[1] == 3):
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise CliError(f"This command needs a model that returns images (N, 3, H, W); it returned {shape}.")
+    return images
+
+
+def _batches(seeds: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(seeds), size):
+        yield list(seeds[start : start + size])
+
+
+def _segmenter(args: argparse.Namespace) -> tuple[Segmenter, tuple[str, ...]]:
+    seg = load_segmenter(_device(args), args.segmenter)
+    return seg, CLASSES[: seg.num_classes]
+
+
+def _fit_moment(memory: LayerMemory, sampler: _OnDevice, args: argparse.Namespace) -> Tensor:
+    return memory.fit_moment(sampler, args.stats_n, str(args.cache_dir), args.batch_size)
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Requests (JSON) and edit files
+# ----------------------------------------------------------------------------------------------------------
+
+REQUEST_HELP = """\
+A request is a JSON object, or a list of them applied in order:
+
+  {"layer": "synthesis.b16.conv1",
+   "copy":    {"seed": 3, "box": [y0, x0, y1, x1]},     values copied from a region of seed 3
+   "paste":   {"seed": 7, "center": [y, x]},            pasted into seed 7 (no center: where they were)
+   "context": {"rank": 4, "regions": [{"seed": 1, "box": [...]}, {"seed": 2, "mask": "m.png"}]}}
+
+  {"layer": "...", "erase": {"regions": [{"seed": 5, "box": [...]}], "units": 30}, "context": {...}}
+
+Regions are a "box" in image pixels (end exclusive) or a "mask": a grayscale PNG at image resolution
+(white = inside), relative to the JSON file. "context" is optional (default: the target's own region, rank 1).
+C is collected (and cached) over seeds 0 .. --stats-n - 1 first."""
+
+
+def _field(entry: Any, key: str, what: str) -> Any:
+    if not isinstance(entry, dict) or key not in entry:
+        raise CliError(f"{what} needs a {key!r} field (see `dissect rewrite --help`), got {json.dumps(entry)}.")
+    return entry[key]
+
+
+def _mask(region: dict, size: tuple[int, int], base_dir: Path, what: str) -> Tensor:
+    """A region's mask ``(H, W)`` in [0, 1] at image resolution ``size``."""
+    height, width = size
+    if "box" in region:
+        box = region["box"]
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) for v in box)):
+            raise CliError(f"{what}: a box is [y0, x0, y1, x1] in integer pixels, got {box!r}.")
+        y0, x0, y1, x1 = box
+        if not (0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width):
+            raise CliError(f"{what}: box {box} is empty or leaves the {height}x{width} image (end exclusive).")
+        mask = torch.zeros(height, width)
+        mask[y0:y1, x0:x1] = 1
+        return mask
+    path = base_dir / _field(region, "mask", f"{what} (a 'box' or a 'mask')")
+    if not path.is_file():
+        raise CliError(f"{what}: no mask image at {path}.")
+    image = Image.open(path).convert("L")
+    if image.size != (width, height):
+        raise CliError(f"{what}: mask {path} is {image.size[0]}x{image.size[1]}; draw it at the image's {width}x{height}.")
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)
+
+
+def _regions(entry: dict, size: tuple[int, int], base_dir: Path, what: str) -> tuple[list[int], Tensor]:
+    """Seeds and masks ``(n, H, W)`` of ``entry["regions"]``."""
+    regions = _field(entry, "regions", what)
+    if not isinstance(regions, list) or not regions:
+        raise CliError(f"{what}: 'regions' is a non-empty list of {{'seed', 'box' | 'mask'}}.")
+    seeds = [int(_field(r, "seed", f"{what} region")) for r in regions]
+    masks = torch.stack([_mask(r, size, base_dir, f"{what} region {i}") for i, r in enumerate(regions)])
+    return seeds, masks
+
+
+def _request(
+    spec: dict, sampler: _OnDevice, size: tuple[int, int], base_dir: Path
+) -> tuple[rewrite.Paste | rewrite.Erase, rewrite.Context | None]:
+    """The target and context requests one JSON request describes."""
+    if ("erase" in spec) == ("copy" in spec or "paste" in spec):
+        raise CliError("A request has either 'copy' and 'paste', or 'erase' (see `dissect rewrite --help`).")
+    if "erase" in spec:
+        seeds, masks = _regions(spec["erase"], size, base_dir, "erase")
+        units = int(spec["erase"].get("units", 30))
+        target: rewrite.Paste | rewrite.Erase = rewrite.Erase(sampler(seeds), masks, units=units, seeds=seeds)
+    else:
+        source, dest = _field(spec, "copy", "A copy-and-paste request"), _field(spec, "paste", "A copy request")
+        seed = int(_field(source, "seed", "copy"))
+        copied = rewrite.Copy(sampler([seed]), _mask(source, size, base_dir, "copy"), seeds=[seed])
+        center = dest.get("center") if isinstance(dest, dict) else None
+        if center is not None and not (isinstance(center, list) and len(center) == 2):
+            raise CliError(f"paste: 'center' is [y, x] in image pixels, got {center!r}.")
+        seed = int(_field(dest, "seed", "paste"))
+        target = rewrite.Paste(sampler([seed]), copied, tuple(center) if center else None, seeds=[seed])
+    context = None
+    if "context" in spec:
+        seeds, masks = _regions(spec["context"], size, base_dir, "context")
+        context = rewrite.Context(sampler(seeds), masks, rank=int(spec["context"].get("rank", 1)), seeds=seeds)
+    return target, context
+
+
+def _apply_edits(model: nn.Module, sampler: _OnDevice, args: argparse.Namespace) -> rewrite.Rewriter:
+    """Apply ``args.edit`` to ``model``: an edit file saved by dissect, or a request JSON solved here."""
+    path = Path(args.edit)
+    if not path.is_file():
+        raise CliError(f"No edit file at {path}: give an edit file saved by dissect (.safetensors) or a request (.json).")
+    if path.suffix != ".json":
+        try:
+            return rewrite.load(str(path), model)
+        except SafetensorError as err:
+            raise CliError(f"{path} is not a safetensors edit file ({err}); give one saved by dissect, or a .json request.")
+    try:
+        specs = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CliError(f"{path} is not valid JSON: {err}.") from err
+    specs = specs if isinstance(specs, list) else [specs]
+    size = tuple(_render(model, sampler([0])).shape[-2:])
+    # Every request is read and checked before the slow part (collecting C, solving).
+    plans = [(LayerMemory(model, str(_field(spec, "layer", f"Request {i}"))), *_request(spec, sampler, size, path.parent))
+             for i, spec in enumerate(specs)]
+    rewriter = rewrite.Rewriter(model)
+    for memory, target, context in plans:
+        _fit_moment(memory, sampler, args)
+        rewriter.rewrite(memory, target, context, refine=not args.no_refine)
+    return rewriter
+
+
+def _describe(rewriter: rewrite.Rewriter) -> None:
+    for edit in rewriter.history:
+        print(f"{edit.layer}: rank {edit.rank}, {edit.solver}; constraint loss {edit.loss_before:.4g} -> "
+              f"{edit.loss_after:.4g} (closed form {edit.loss_closed_form:.4g})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cmd_layers(args: argparse.Namespace) -> None:
+    model, sampler = _load_model(args)
+    rows = [
+        (info.name, info.type, info.in_channels, info.out_channels, "x".join(map(str, info.kernel_size)) or "-",
+         "not reached" if info.output_size is None else "x".join(map(str, info.output_size)) or "-")
+        for info in layers(model, sampler([0]))
+    ]
+    _print_table(("layer", "type", "in", "out", "kernel", "output"), rows)
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    model, sampler = _load_model(args)
+    memory = LayerMemory(model, args.layer)
+    moment = memory.fit_moment(sampler, args.n, str(args.cache_dir), args.batch_size)
+    c = moment.shape[0]
+    print(f"{args.layer}: C = E[k k^T] is {c}x{c} over the keys of seeds 0-{args.n - 1}, trace {float(moment.trace()):.4g}; "
+          f"cached in {args.cache_dir}")
+
+
+def cmd_clusters(args: argparse.Namespace) -> None:
+    model, sampler = _load_model(args)
+    memory = LayerMemory(model, args.layer)
+    if args.whiten:
+        _fit_moment(memory, sampler, args)
+    seeds = list(range(args.n))
+    clusters = memory.cluster_keys(sampler, seeds, args.k, whiten=args.whiten, per_image=args.per_image,
+                                   batch_size=args.batch_size)
+    seg, classes = _segmenter(args)
+    maps, labels, shown = [], [], []
+    for batch in tqdm(list(_batches(seeds, args.batch_size)), desc="name clusters", unit="batch"):
+        inputs = sampler(batch)
+        images = _render(model, inputs)
+        maps.append(clusters.predict(inputs).cpu())
+        labels.append(seg.segment(images).cpu())
+        shown.append(images[: max(0, args.show - sum(len(s) for s in shown))].cpu())
+    maps_all = torch.cat(maps)
+    named = clusters.name(maps_all, torch.cat(labels), classes)
+    share = torch.bincount(maps_all.flatten(), minlength=args.k).double() / maps_all.numel()
+    rows = [(c.cluster, c.name, f"{c.iou:.2f}", f"{float(share[c.cluster]):.1%}")
+            for c in sorted(named, key=lambda c: -float(share[c.cluster]))]
+    _print_table(("cluster", "class", "IoU", "locations"), rows)
+
+    images = torch.cat(shown)
+    overlays, legend = cluster_overlay(images, maps_all[: len(images)], [c.name for c in named], [c.iou for c in named])
+    grid = image_grid(overlays, nrow=min(6, len(images)), labels=[f"seed {s}" for s in seeds[: len(images)]],
+                      scale=args.scale)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(side_by_side([grid, legend.image])).save(args.out)
+    print(f"wrote {args.out}")
+
+
+def cmd_rewrite(args: argparse.Namespace) -> None:
+    if args.export is None and args.save_edit is None:
+        raise CliError("Nothing to write: give --export OUT.safetensors (edited weights) and/or --save-edit FILE.")
+    model, sampler = _load_model(args)
+    rewriter = _apply_edits(model, sampler, args)
+    _describe(rewriter)
+    if args.save_edit is not None:
+        rewriter.save(str(args.save_edit))
+        print(f"wrote edits to {args.save_edit}")
+    if args.export is not None:
+        rewriter.export(str(args.export))
+        print(f"wrote edited weights to {args.export}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    model, sampler = _load_model(args)
+    base = copy.deepcopy(model)
+    rewriter = _apply_edits(model, sampler, args)
+    _describe(rewriter)
+    seg, classes = _segmenter(args)
+    wanted = list(classes) if args.classes is None else [c.strip() for c in args.classes.split(",")]
+    unknown = [c for c in wanted if c not in classes]
+    if unknown:
+        raise CliError(f"Unknown class(es) {', '.join(unknown)}; the segmenter knows {', '.join(classes)}.")
+    k = len(classes)
+    present = torch.zeros(2, k, dtype=torch.int64)  # images showing each class, before and after
+    pixels = torch.zeros(2, k, dtype=torch.int64)
+    change = 0.0
+    seeds = list(range(args.seed_start, args.seed_start + args.n))
+    for batch in tqdm(list(_batches(seeds, args.batch_size)), desc="eval", unit="batch"):
+        inputs = sampler(batch)
+        before, after = _render(base, inputs), _render(model, inputs)
+        change += float((after - before).abs().mean(dim=(1, 2, 3)).sum())
+        for i, images in enumerate((before, after)):
+            labels = seg.segment(images).flatten(1).cpu()
+            counts = torch.stack([torch.bincount(row, minlength=k) for row in labels])  # (N, k)
+            present[i] += (counts >= args.min_pixels).sum(0)
+            pixels[i] += counts.sum(0)
+    n_pixels = pixels[0].sum()
+    print(f"{args.n} images (seeds {seeds[0]}-{seeds[-1]}); an image shows a class where the segmenter labels at "
+          f"least {args.min_pixels} pixels with it")
+    rows = [(name, f"{float(present[0, c]) / args.n:.1%}", f"{float(present[1, c]) / args.n:.1%}",
+             f"{float(pixels[0, c] / n_pixels):.2%}", f"{float(pixels[1, c] / n_pixels):.2%}")
+            for c, name in enumerate(classes) if name in wanted]
+    _print_table(("class", "images before", "images after", "pixels before", "pixels after"), rows)
+    print(f"mean |pixel change| {change / args.n:.4f} (images in [-1, 1])")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parser
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dissect`` argument parser; each subcommand stores its function in ``run``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default="spires",
+                        help="an embedded model (spires) or an entry point package.module:function returning "
+                             "(model, sampler) (default: %(default)s)")
+    common.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    common.add_argument("--batch-size", type=_positive, default=32, help="samples per forward (default: %(default)s)")
+    common.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    moment = argparse.ArgumentParser(add_help=False)
+    moment.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="statistics cache (default: %(default)s)")
+    moment.add_argument("--stats-n", type=_positive, default=2000,
+                        help="samples (seeds 0 .. N-1) for the key second moment C (default: %(default)s)")
+    segment = argparse.ArgumentParser(add_help=False)
+    segment.add_argument("--segmenter", type=Path, default=SEGMENTER_WEIGHTS,
+                         help="segmenter weights (default: the shipped ones, %(default)s)")
+    edit = argparse.ArgumentParser(add_help=False)
+    edit.add_argument("--edit", required=True, type=Path,
+                      help="an edit file saved by dissect (.safetensors) or a request (.json, see `dissect rewrite --help`)")
+    edit.add_argument("--no-refine", action="store_true",
+                      help="for a .json request: keep the closed form, skip the nonlinear refinement")
+
+    parser = argparse.ArgumentParser(prog="dissect", description="Open a generator's layers and rewrite what one has learned.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("layers", parents=[common], help="list the editable layers",
+                       description="The layers whose weight can be edited: name, type, channels in and out, kernel, "
+                                   "output size.")
+    p.set_defaults(run=cmd_layers)
+
+    p = sub.add_parser("stats", parents=[common], help="collect and cache a layer's key second moment C",
+                       description="Collect C = E[k k^T] of a layer's keys over seeds 0 .. n-1 and cache it; later "
+                                   "commands with the same model, layer, sampler and n load it.")
+    p.add_argument("--layer", required=True, help="a layer name (see `dissect layers`)")
+    p.add_argument("--n", type=_positive, default=2000, help="samples (default: %(default)s)")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="statistics cache (default: %(default)s)")
+    p.set_defaults(run=cmd_stats)
+
+    p = sub.add_parser("clusters", parents=[common, moment, segment], help="cluster a layer's keys and name them",
+                       description="k-means on a layer's (whitened) keys; each cluster is named by the segmenter "
+                                   "class it overlaps best, with that IoU. Writes an overlay grid with its legend.")
+    p.add_argument("--layer", required=True, help="a layer name (see `dissect layers`)")
+    p.add_argument("--k", type=_positive, required=True, help="number of clusters")
+    p.add_argument("--n", type=_positive, default=200, help="images (seeds 0 .. n-1) to fit and name (default: %(default)s)")
+    p.add_argument("--per-image", type=_positive, default=64, help="key locations per image to fit on (default: %(default)s)")
+    p.add_argument("--no-whiten", dest="whiten", action="store_false",
+                   help="cluster normalised keys without whitening by C (skips collecting C)")
+    p.add_argument("--show", type=_positive, default=12, help="images in the overlay grid (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("clusters.png"), help="overlay grid PNG (default: %(default)s)")
+    p.add_argument("--scale", type=_positive, default=2, help="enlarge each image in the PNG (default: %(default)s)")
+    p.set_defaults(run=cmd_clusters)
+
+    p = sub.add_parser("rewrite", parents=[common, moment, edit], help="apply an edit file or a request, export weights",
+                       description="Apply a saved edit file (refused for a model it was not made for) or solve a\n"
+                                   "request JSON, then export the edited weights and/or save the edits.",
+                       epilog=REQUEST_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--export", type=Path, default=None, help="write the edited model's weights (safetensors)")
+    p.add_argument("--save-edit", type=Path, default=None, help="write the edits (safetensors edit file)")
+    p.set_defaults(run=cmd_rewrite)
+
+    p = sub.add_parser("eval", parents=[common, moment, edit, segment], help="segment-class prevalence before and after an edit",
+                       description="Render fresh seeds with and without the edit; report, per segmenter class (e.g. "
+                                   "watermark), the share of images showing it and of pixels labelled with it, and "
+                                   "the mean pixel change.")
+    p.add_argument("--n", type=_positive, default=200, help="images (default: %(default)s)")
+    p.add_argument("--seed-start", type=int, default=FRESH_SEEDS, help="first seed (default: %(default)s)")
+    p.add_argument("--min-pixels", type=_positive, default=16,
+                   help="pixels of a class that make an image show it (default: %(default)s)")
+    p.add_argument("--classes", default=None, help="comma-separated classes to report (default: all)")
+    p.set_defaults(run=cmd_eval)
+    return parser
+
+
+def _message(err: BaseException) -> str:
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(str(text).split()) or type(err).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``dissect`` command line; returns the exit status (0, or 2 for a problem the user can fix)."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except _USER_ERRORS as err:
+        if args.traceback:
+            raise
+        print(f"dissect {args.command}: error: {_message(err)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

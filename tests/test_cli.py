@@ -1,0 +1,207 @@
+"""The `dissect` command line, run in-process on a small random generator behind an entry point of this module."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from dissect.cli import main
+from dissect.hooks import layers
+from dissect.models.loaders import LatentSampler
+from dissect.models.segmenter import Segmenter, save_segmenter
+from dissect.models.stylegan import Generator
+
+LAYER = "synthesis.b16.conv1"
+
+
+def _generator(seed: int) -> tuple[Generator, LatentSampler]:
+    torch.manual_seed(seed)
+    G = Generator(z_dim=32, w_dim=32, resolution=64, channels={4: 32, 8: 32, 16: 16, 32: 8, 64: 8}).eval()
+    return G, LatentSampler(32, "tiny")
+
+
+def tiny_model() -> tuple[Generator, LatentSampler]:
+    return _generator(0)
+
+
+def other_model() -> tuple[Generator, LatentSampler]:
+    """The same architecture with other weights: edits made for tiny_model must be refused."""
+    return _generator(1)
+
+
+TINY = f"{__name__}:tiny_model"
+OTHER = f"{__name__}:other_model"
+SUBCOMMANDS = ["layers", "stats", "clusters", "rewrite", "eval"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def segmenter_path(workdir):
+    torch.manual_seed(0)
+    path = workdir / "segmenter.safetensors"
+    save_segmenter(Segmenter().eval(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def request_path(workdir):
+    path = workdir / "request.json"
+    path.write_text(json.dumps({
+        "layer": LAYER,
+        "copy": {"seed": 3, "box": [8, 8, 24, 24]},
+        "paste": {"seed": 7, "center": [40, 40]},
+        "context": {"rank": 2, "regions": [{"seed": 1, "box": [0, 0, 20, 20]}, {"seed": 2, "box": [30, 30, 50, 60]}]},
+    }))
+    return path
+
+
+@pytest.fixture(scope="module")
+def solved(workdir, request_path):
+    """A request solved, saved as an edit file, and exported: (edit file, exported weights, stdout)."""
+    edit, weights = workdir / "edit.safetensors", workdir / "edited.safetensors"
+    args = ["rewrite", "--model", TINY, "--edit", str(request_path), "--stats-n", "32",
+            "--cache-dir", str(workdir / "cache"), "--save-edit", str(edit), "--export", str(weights)]
+    assert main(args) == 0
+    return edit, weights
+
+
+def _run(capsys, args):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("command", [[]] + [[c] for c in SUBCOMMANDS])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: dissect {command[0]}" if command else "usage: dissect")
+    if command == ["rewrite"]:
+        assert '"copy"' in out and '"erase"' in out  # the request format is documented
+
+
+def test_layers_lists_every_editable_layer(capsys):
+    code, out, _ = _run(capsys, ["layers", "--model", TINY])
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["layer", "type", "in", "out", "kernel", "output"]
+    G, sampler = tiny_model()
+    assert len(lines) == 1 + len(layers(G, sampler([0])))
+    row = next(line.split() for line in lines if line.startswith(LAYER + " "))
+    assert row == [LAYER, "ModulatedConv2d", "16", "16", "3x3", "16x16"]
+
+
+def test_stats_creates_and_reuses_a_cache(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    args = ["stats", "--model", TINY, "--layer", LAYER, "--n", "16", "--cache-dir", str(cache)]
+    code, out, _ = _run(capsys, args)
+    assert code == 0 and "16x16" in out and str(cache) in out
+    files = list(cache.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".safetensors"
+    stamp = files[0].stat().st_mtime_ns
+    code, again, _ = _run(capsys, args)
+    assert code == 0 and again == out
+    assert list(cache.iterdir()) == files and files[0].stat().st_mtime_ns == stamp
+
+
+def test_rewrite_exports_edited_weights_and_edit_files_reproduce_them(solved, workdir, capsys):
+    edit, weights = solved
+    base = tiny_model()[0].state_dict()
+    edited = load_file(str(weights))
+    assert set(edited) == set(base)
+    changed = {k for k in base if not torch.equal(base[k], edited[k])}
+    assert changed == {f"{LAYER}.conv.weight"}
+
+    again = workdir / "again.safetensors"
+    code, out, _ = _run(capsys, ["rewrite", "--model", TINY, "--edit", str(edit), "--export", str(again)])
+    assert code == 0 and f"{LAYER}: rank 2" in out
+    reproduced = load_file(str(again))
+    assert all(torch.equal(reproduced[k], edited[k]) for k in edited)
+
+
+def test_rewrite_solves_an_erase_request_with_a_png_mask(tmp_path, capsys):
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[40:56, 8:40] = 255
+    Image.fromarray(mask).save(tmp_path / "mark.png")
+    request = tmp_path / "erase.json"
+    request.write_text(json.dumps([{"layer": LAYER, "erase": {"units": 4, "regions": [
+        {"seed": 5, "mask": "mark.png"}, {"seed": 6, "box": [40, 8, 56, 40]}]}}]))
+    edit = tmp_path / "erase.safetensors"
+    code, out, _ = _run(capsys, ["rewrite", "--model", TINY, "--edit", str(request), "--no-refine", "--stats-n", "16",
+                                 "--cache-dir", str(tmp_path / "cache"), "--save-edit", str(edit)])
+    assert code == 0 and f"{LAYER}: rank 1, closed_form;" in out and edit.is_file()
+
+
+def test_rewrite_refuses_an_edit_made_for_another_model(solved, workdir, capsys):
+    code, _, err = _run(capsys, ["rewrite", "--model", OTHER, "--edit", str(solved[0]),
+                                 "--export", str(workdir / "x.safetensors")])
+    assert code == 2 and "sha256" in err and err.count("\n") == 1
+    assert not (workdir / "x.safetensors").exists()
+
+
+def test_eval_reports_classes_before_and_after(solved, segmenter_path, capsys):
+    code, out, _ = _run(capsys, ["eval", "--model", TINY, "--edit", str(solved[0]), "--n", "4", "--batch-size", "4",
+                                 "--segmenter", str(segmenter_path), "--classes", "watermark,tree"])
+    assert code == 0
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["watermark"], ["tree"])}
+    assert set(rows) == {"watermark", "tree"} and all(len(r) == 4 for r in rows.values())
+    change = float(out.rsplit("mean |pixel change|", 1)[1].split()[0])
+    assert change > 0  # the edit changes the renders
+
+
+def test_clusters_names_clusters_and_writes_png(tmp_path, segmenter_path, capsys):
+    out_png = tmp_path / "grid" / "clusters.png"
+    code, out, _ = _run(capsys, ["clusters", "--model", TINY, "--layer", LAYER, "--k", "3", "--n", "6",
+                                 "--per-image", "32", "--stats-n", "16", "--cache-dir", str(tmp_path / "cache"),
+                                 "--segmenter", str(segmenter_path), "--show", "4", "--out", str(out_png)])
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["cluster", "class", "IoU", "locations"]
+    assert sorted(int(line.split()[0]) for line in lines[1:4]) == [0, 1, 2]
+    with Image.open(out_png) as image:
+        assert image.mode == "RGB" and image.height >= 128
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["layers", "--model", "nope"], "Unknown model 'nope'"),
+        (["layers", "--model", "no_such_module_xyz:fn"], "Could not import"),
+        (["stats", "--model", TINY, "--layer", "synthesis.b16.convX"], "no layer named 'synthesis.b16.convX'"),
+        (["stats", "--model", TINY, "--layer", "synthesis"], "cannot be viewed as a memory"),
+        (["rewrite", "--model", TINY, "--edit", "{tmp}/missing.safetensors", "--export", "{tmp}/o"], "No edit file"),
+        (["rewrite", "--model", TINY, "--edit", "{tmp}/garbage.safetensors", "--export", "{tmp}/o"],
+         "not a safetensors edit file"),
+        (["rewrite", "--model", TINY, "--edit", "{tmp}/bad.json", "--export", "{tmp}/o"], "needs a 'paste' field"),
+        (["rewrite", "--model", TINY, "--edit", "{tmp}/garbage.safetensors"], "Nothing to write"),
+    ],
+)
+def test_user_errors_are_one_line_with_status_2(args, message, tmp_path, capsys):
+    (tmp_path / "garbage.safetensors").write_text("not safetensors")
+    (tmp_path / "bad.json").write_text(json.dumps({"layer": LAYER, "copy": {"seed": 1, "box": [0, 0, 8, 8]}}))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    # Never the user's cache, should a command get as far as collecting statistics.
+    code, out, err = _run(capsys, args if args[0] == "layers" else [*args, "--cache-dir", str(tmp_path)])
+    assert code == 2
+    assert err.startswith(f"dissect {args[0]}: error: ") and err.count("\n") == 1 and message in err
+    assert "Traceback" not in err
+
+
+def test_bad_arguments_and_traceback_flag(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["stats", "--model", TINY])  # --layer missing
+    assert exit_.value.code == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--edit", "x", "--n", "0"])
+    assert exit_.value.code == 2
+    with pytest.raises(KeyError, match="Unknown model"):
+        main(["layers", "--model", "nope", "--traceback"])

@@ -177,6 +177,10 @@ def value_patch(
         if not isinstance(output, Tensor) or output.dim() != 4:
             raise TypeError(f"value_patch needs layer {name!r} to output (N, C, h, w); it gave "
                             f"{tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__}.")
+        if values is not None and (values.dim() != 4 or values.shape[1:] != output.shape[1:]
+                                   or values.shape[0] not in (1, output.shape[0])):
+            raise ValueError(f"values {tuple(values.shape)} must be (1 or {output.shape[0]}, "
+                             f"{', '.join(map(str, output.shape[1:]))}) to stand in for layer {name!r}'s output.")
         shown = output if values is None else values.to(output).expand_as(output)
         weights = resize_masks(region.to(output), output.shape[2:])
         if weights.shape[0] not in (1, output.shape[0]):

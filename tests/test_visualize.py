@@ -142,6 +142,8 @@ def test_value_patch_rejects_bad_region(G, z):
         value_patch(G, LAYER, z, torch.ones(64))
     with pytest.raises(ValueError, match="3 masks for a batch of 2"):
         value_patch(G, LAYER, z, torch.ones(3, 64, 64))
+    with pytest.raises(ValueError, match="to stand in for layer"):
+        value_patch(G, LAYER, z, torch.ones(64, 64), values=torch.zeros(1, 16, 8, 8))
 
 
 # -- overlays ---------------------------------------------------------------------------------------------------

@@ -501,7 +501,8 @@ class LayerMemory:
         """The ``n`` key channels most aligned with a context: ``(n,)`` indices, best first.
 
         A unit's score is its mean squared activation in the context (mask-weighted) over its mean square on the
-        data, ``C[i, i]``: how unusually strongly the context drives it (the authors' watermark-unit rule).
+        data, ``C[i, i]`` (regularised, so a unit the data never drives cannot win by a 0 / 0): how unusually
+        strongly the context drives it (the authors' watermark-unit rule).
         """
         if not 1 <= n <= self.key_channels:
             raise ValueError(f"Choose between 1 and {self.key_channels} units for layer {self.layer!r}, got {n}.")
@@ -509,7 +510,7 @@ class LayerMemory:
         w = self.mask_weights(masks, inputs, keys).reshape(-1)
         k = self.flat_keys(keys)
         score = (k.square() * w[:, None]).sum(0) / w.sum()
-        score = score / self.moment.diagonal().to(score).clamp_min(torch.finfo(score.dtype).tiny)
+        score = score / self._power(1.0).diagonal().to(score)
         return score.argsort(descending=True)[:n]
 
     # -- matching ---------------------------------------------------------------------------------------------

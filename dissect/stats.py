@@ -278,23 +278,31 @@ class Stat:
 # -- moments -------------------------------------------------------------------------------------------------------
 
 
-def _shifted_sums(x: Tensor, shift: Tensor, second: bool) -> tuple[Tensor, Tensor | None]:
+def _shifted_sums(x: Tensor, shift: Tensor, second: bool, batched: bool | None = None) -> tuple[Tensor, Tensor | None]:
     """``Σ(x - shift)`` (C,) and, if ``second``, ``Σ(x - shift)(x - shift)ᵀ`` (C, C), both float64.
 
     x: (N, C); shift: (C,) float64 holding float32 values, so it converts to float32 exactly.
+    Each product covers one chunk of rows. ``batched`` (default: on CUDA) takes up to 64 chunks in one
+    ``bmm``, so a GPU runs a few large kernels per batch rather than several small ones per chunk.
     """
     c = x.shape[1]
     exact = x.dtype == torch.float64 or c < _FLOAT32_MIN_CHANNELS or not _float32_matmul_is_exact()
     dtype = torch.float64 if exact else torch.float32
     chunk_rows = max(_CHUNK_ROWS, _FLOAT64_CHUNK_VALUES // c) if exact else _CHUNK_ROWS
+    batched = x.is_cuda if batched is None else batched
     s = shift.to(dtype)
     sum1 = torch.zeros(c, dtype=torch.float64, device=x.device)
     sum2 = torch.zeros(c, c, dtype=torch.float64, device=x.device) if second else None
-    for chunk in x.split(chunk_rows):
-        y = chunk.to(dtype) - s
-        sum1 += y.sum(0)
-        if sum2 is not None:
-            sum2 += y.T @ y
+    for piece in x.split(chunk_rows * (64 if batched else 1)):
+        y = piece.to(dtype) - s
+        full = len(y) // chunk_rows * chunk_rows
+        chunks = [y[:full].view(-1, chunk_rows, c)] if full else []
+        if full < len(y):
+            chunks.append(y[full:].unsqueeze(0))
+        for chunk in chunks:  # chunk: (chunks, rows, C)
+            sum1 += chunk.sum(1).sum(0, dtype=torch.float64)
+            if sum2 is not None:
+                sum2 += torch.bmm(chunk.transpose(1, 2), chunk).sum(0, dtype=torch.float64)
     return sum1, sum2
 
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dissect.stats import Covariance, Mean, Quantile, SecondMoment, Stat, StatsFileError, TopK, load_stats, rows, save_stats
+from dissect.stats import _shifted_sums  # the GPU path's batched products, exercised on the CPU
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -73,6 +74,15 @@ def test_moments_of_skewed_relu_like_keys_match_numpy_float64():
         cov = feed(Covariance(), x, sizes=(65536, 640))
         assert rel(cov.covariance(), np.cov(xn, rowvar=False)) <= 1e-6
         assert rel(cov.moment(), xn.T @ xn / len(xn)) <= 1e-6
+
+
+def test_batched_products_of_the_gpu_path_agree_with_the_chunk_loop():
+    x = torch.relu(torch.randn(3 * 4096 + 17, 32) + 0.2)
+    shift = x[:100].double().mean(0).float().double()
+    loop, batched = _shifted_sums(x, shift, True, batched=False), _shifted_sums(x, shift, True, batched=True)
+    assert torch.allclose(loop[0], batched[0], rtol=1e-12, atol=1e-9) and torch.allclose(loop[1], batched[1], rtol=1e-12)
+    y = x.double().numpy() - shift.numpy()
+    assert rel(batched[1], y.T @ y) <= 1e-6
 
 
 def test_few_channels_are_multiplied_in_float64():

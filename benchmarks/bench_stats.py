@@ -13,9 +13,9 @@ stages) at ``synthesis.b16.conv1`` (keys: 128 channels at 16x16), over the same 
 
 All three timed loops draw their latents from the same sampler. After a warm-up, each round times
 every loop once, back to back, so that other processes slow them alike; a ratio is the median over
-``--repeats`` rounds of that round's ratio. Where CUDA is available the same figures follow for a StyleGAN2-size layer (``synthesis.b64.conv1``
-of a 128x128 generator with 512 channels up to 64x64: keys of 512 channels at 64x64). The last line is
-the summary for the first configuration.
+``--repeats`` rounds of that round's ratio. Where CUDA is available the same figures follow for a
+StyleGAN2-size layer (``synthesis.b64.conv1`` of a 128x128 generator with 512 channels up to 64x64: keys
+of 512 channels at 64x64). The last line is the summary for the first configuration.
 
 One CPU thread by default, as in bench_world: a second thread waits on whatever else shares the machine.
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -38,7 +38,9 @@ CONFIGS = {
     "generator-64": dict(layer="synthesis.b16.conv1", generator={}),
     "stylegan2-size": dict(
         layer="synthesis.b64.conv1",
-        generator=dict(z_dim=512, w_dim=512, resolution=128, channels={4: 512, 8: 512, 16: 512, 32: 512, 64: 512, 128: 256}),
+        generator=dict(
+            z_dim=512, w_dim=512, resolution=128, channels={4: 512, 8: 512, 16: 512, 32: 512, 64: 512, 128: 256}
+        ),
     ),
 }
 
@@ -66,7 +68,7 @@ def rounds(loops: dict[str, Callable[[], object]], repeats: int, device: torch.d
 
 def ratio(num: list[float], den: list[float]) -> float:
     """Median over rounds of ``num / den``."""
-    return statistics.median(a / b for a, b in zip(num, den))
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
 
 
 def bench(name: str, samples: int, batch: int, repeats: int, device: torch.device) -> dict[str, float]:
@@ -118,8 +120,10 @@ def bench(name: str, samples: int, batch: int, repeats: int, device: torch.devic
     print(
         f"{name} on {device}: {layer} keys {n_rows // samples} rows x {channels} channels per sample; "
         f"{samples} samples in batches of {batch}, medians of {repeats} rounds\n"
-        f"  full forward {med['full']:.3f} s, forward to layer {med['to_layer']:.3f} s, collect {med['collect']:.3f} s\n"
-        f"  SecondMoment.add {n_rows / med['add']:.3g} rows/s, naive float64 x.T @ x {n_rows / med['naive']:.3g} rows/s"
+        f"  full forward {med['full']:.3f} s, forward to layer {med['to_layer']:.3f} s, "
+        f"collect {med['collect']:.3f} s\n"
+        f"  SecondMoment.add {n_rows / med['add']:.3g} rows/s, "
+        f"naive float64 x.T @ x {n_rows / med['naive']:.3g} rows/s"
     )
     return {
         "collect_vs_full_forward": ratio(t["collect"], t["full"]),

@@ -28,8 +28,9 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Sequence, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import safetensors
 import safetensors.torch
@@ -111,7 +112,7 @@ class Stat:
     ``_load_state(state)``; ``add``, ``merge`` and ``load_state_dict`` keep ``count`` / ``skipped`` up to date.
     """
 
-    kinds: ClassVar[dict[str, type["Stat"]]] = {}
+    kinds: ClassVar[dict[str, type[Stat]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -191,7 +192,7 @@ class Stat:
 
     # -- merging -----------------------------------------------------------------------------------------------
 
-    def merge(self, other: "Stat") -> None:
+    def merge(self, other: Stat) -> None:
         """Fold ``other`` into this statistic, as if its rows had been added after this one's."""
         if type(other) is not type(self) or not self._compatible(other):
             raise TypeError(f"cannot merge {other!r} into {self!r}: kinds and arguments must match.")
@@ -203,10 +204,10 @@ class Stat:
         self._count += other._count
         self._skipped += other._skipped
 
-    def _compatible(self, other: "Stat") -> bool:
+    def _compatible(self, other: Stat) -> bool:
         return other.config() == self.config()
 
-    def _merge(self, other: "Stat") -> None:
+    def _merge(self, other: Stat) -> None:
         raise NotImplementedError
 
     # -- state -------------------------------------------------------------------------------------------------
@@ -260,7 +261,8 @@ class Stat:
         statistic of all their rows (those of rank 0 first, then rank 1, ...).
 
         This default gathers every process's state and merges them in rank order; the moment statistics
-        override it with a sum of their sufficient statistics (NCCL on GPUs, gloo on CPUs).
+        override it with a sum of their sufficient statistics (NCCL on GPUs, gloo on CPUs). With NCCL, call
+        ``torch.cuda.set_device(local_rank)`` first, as ``torch.distributed`` requires.
         """
         dist = _require_distributed()
         device = self._device() or _reduce_device(dist, group, None)
@@ -331,7 +333,9 @@ class Mean(Stat):
             shift = head.double().mean(0).float().double() if len(head) else x.new_zeros(x.shape[1])
             self._shift = torch.nan_to_num(shift.double(), nan=0.0, posinf=0.0, neginf=0.0)
             self._sum = torch.zeros_like(self._shift)
-            self._sum2 = torch.zeros(len(shift), len(shift), dtype=torch.float64, device=x.device) if self._second else None
+            self._sum2 = (
+                torch.zeros(len(shift), len(shift), dtype=torch.float64, device=x.device) if self._second else None
+            )
         sum1, sum2 = _shifted_sums(x, self._shift, self._second)
         total = sum1.sum() if sum2 is None else sum1.sum() + sum2.sum()
         if not torch.isfinite(total):  # NaN / inf rows, or float32 overflow: drop the rows, redo in float64
@@ -352,7 +356,7 @@ class Mean(Stat):
             sum2 = self._sum2 + torch.outer(d, self._sum) + torch.outer(self._sum, d) + self._count * torch.outer(d, d)
         return sum1, sum2
 
-    def _merge(self, other: "Stat") -> None:
+    def _merge(self, other: Stat) -> None:
         assert isinstance(other, Mean)
         device = self._device() or other._device()
         if self._count == 0:
@@ -378,7 +382,9 @@ class Mean(Stat):
         self._sum2 = state["sum2"].to(torch.float64).clone() if self._second else None
         self._channels = len(self._shift)
         if self._sum.shape != self._shift.shape or (self._second and self._sum2.shape != (len(self._shift),) * 2):
-            raise ValueError(f"inconsistent {type(self).__name__} state: shapes {[tuple(t.shape) for t in state.values()]}")
+            raise ValueError(
+                f"inconsistent {type(self).__name__} state: shapes {[tuple(t.shape) for t in state.values()]}"
+            )
 
     def _require(self, rows_needed: int = 1) -> None:
         if self._count < rows_needed:
@@ -414,7 +420,9 @@ class Mean(Stat):
             if self._count == 0:
                 self._shift = torch.zeros(channels, dtype=torch.float64, device=device)
                 self._sum = torch.zeros_like(self._shift)
-                self._sum2 = torch.zeros(channels, channels, dtype=torch.float64, device=device) if self._second else None
+                self._sum2 = (
+                    torch.zeros(channels, channels, dtype=torch.float64, device=device) if self._second else None
+                )
             shift, mine = self._shift.to(device), self._sum.to(device)
             grand = self._count * shift + mine  # Σx on this process
             dist.all_reduce(grand, group=group)
@@ -506,7 +514,7 @@ class TopK(Stat):
         top, pick = torch.topk(values, min(self.k, len(values)), dim=0)
         self._values, self._ids = top, ids.gather(0, pick)
 
-    def _merge(self, other: "Stat") -> None:
+    def _merge(self, other: Stat) -> None:
         assert isinstance(other, TopK)
         self._combine(other._values, other._ids + self._count + self._skipped)
 
@@ -520,7 +528,9 @@ class TopK(Stat):
         self._values = state["values"].to(torch.float64).clone()
         self._ids = state["ids"].to(torch.int64).clone()
         if self._values.shape != self._ids.shape or len(self._values) > self.k:
-            raise ValueError(f"inconsistent TopK(k={self.k}) state: values {tuple(self._values.shape)}, ids {tuple(self._ids.shape)}")
+            raise ValueError(
+                f"inconsistent TopK(k={self.k}) state: values {tuple(self._values.shape)}, ids {tuple(self._ids.shape)}"
+            )
         self._channels = self._values.shape[1]
 
     def topk(self) -> tuple[Tensor, Tensor]:
@@ -600,10 +610,10 @@ class Quantile(Stat):
                 self._error += 2**h
             h += 1
 
-    def _compatible(self, other: "Stat") -> bool:
+    def _compatible(self, other: Stat) -> bool:
         return isinstance(other, Quantile) and other.resolution == self.resolution  # coins may differ
 
-    def _merge(self, other: "Stat") -> None:
+    def _merge(self, other: Stat) -> None:
         assert isinstance(other, Quantile)
         self._error += other._error
         self._push(other._levels)
@@ -626,7 +636,9 @@ class Quantile(Stat):
         sizes = [int(s) for s in state["level_sizes"]]
         items = state["items"]
         if sum(sizes) != len(items) or sum(s << h for h, s in enumerate(sizes)) != self._count:
-            raise ValueError(f"inconsistent Quantile state: level sizes {sizes} for {len(items)} items, {self._count} rows")
+            raise ValueError(
+                f"inconsistent Quantile state: level sizes {sizes} for {len(items)} items, {self._count} rows"
+            )
         self._levels = [level.clone() for level in items.split(sizes)]
         self._error = int(state["error"])
         self._channels = items.shape[1]
@@ -649,7 +661,10 @@ class Quantile(Stat):
         if ((q < 0) | (q > 1) | q.isnan()).any():
             raise ValueError(f"quantiles need q in [0, 1], got {q.tolist()}.")
         weights = torch.cat(
-            [torch.full((len(level),), 2.0**h, dtype=torch.float64, device=device) for h, level in enumerate(self._levels)]
+            [
+                torch.full((len(level),), 2.0**h, dtype=torch.float64, device=device)
+                for h, level in enumerate(self._levels)
+            ]
         )
         values, order = items.sort(dim=0)
         ranks = weights[order].cumsum(0).T.contiguous()  # (C, M): estimated rank of each sorted value
@@ -683,7 +698,11 @@ def save_stats(path: str | os.PathLike, stats: Stat | Sequence[Stat]) -> None:
     reader never sees a partial file.
     """
     stats = [stats] if isinstance(stats, Stat) else list(stats)
-    tensors = {f"{i}.{key}": value.detach().cpu().contiguous() for i, stat in enumerate(stats) for key, value in stat.state_dict().items()}
+    tensors = {
+        f"{i}.{key}": value.detach().cpu().contiguous()
+        for i, stat in enumerate(stats)
+        for key, value in stat.state_dict().items()
+    }
     metadata = {
         "format": _FORMAT,
         "stats": json.dumps([{"kind": type(s).__name__, "config": s.config()} for s in stats]),
@@ -726,7 +745,13 @@ def load_stats(path: str | os.PathLike, device: torch.device | str | None = None
         for i, entry in enumerate(json.loads(metadata["stats"])):
             stat = Stat.kinds[entry["kind"]](**entry["config"])
             prefix = f"{i}."
-            stat.load_state_dict({k[len(prefix) :]: v if device is None else v.to(device) for k, v in tensors.items() if k.startswith(prefix)})
+            stat.load_state_dict(
+                {
+                    k[len(prefix) :]: v if device is None else v.to(device)
+                    for k, v in tensors.items()
+                    if k.startswith(prefix)
+                }
+            )
             stats.append(stat)
     except (KeyError, TypeError, ValueError) as e:
         raise StatsFileError(f"{path} holds an unusable statistics state ({e!r}); delete it and recompute.") from e
@@ -784,8 +809,10 @@ def fingerprint(model: nn.Module, layer: str, inputs: Any, side: str = "input") 
         return output
 
     names = [name for name in modules if name]
-    with torch.no_grad(), TraceDict(model, names, retain_output=False, edit_output=record), Trace(
-        model, layer, retain_output=False, stop=True
+    with (
+        torch.no_grad(),
+        TraceDict(model, names, retain_output=False, edit_output=record),
+        Trace(model, layer, retain_output=False, stop=True),
     ):
         _call(model, inputs)
     inside = {layer} | {n for n in modules if n.startswith(layer + ".")} if layer else set(modules)
@@ -859,7 +886,7 @@ def collect(
     key_name = key_module_name(model, layer)
     channels_last = isinstance(get_module(model, key_name), nn.Linear)
     device = _model_device(model) if device is None else torch.device(device)
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
@@ -868,28 +895,38 @@ def collect(
                 path = _cache_path(cache_dir, model, layer, key_name, sampler, n, side, stat_list, device)
                 if _load_cached(path, stat_list, device):
                     return stats
-            bar = tqdm(total=n, unit="sample", desc=f"collect {layer}", disable=not progress)
-            for start in range(0, n, batch_size):
-                seeds = list(range(start, min(n, start + batch_size)))
-                with Trace(model, key_name, retain_input=side == "input", retain_output=side == "output", stop=True) as trace:
-                    _call(model, _to_device(sampler(seeds), device))
-                keys = trace.input if side == "input" else trace.output
-                if not isinstance(keys, Tensor):
-                    raise TypeError(f"the {side} of {key_name!r} is a {type(keys).__name__}, not a tensor of keys.")
-                x = rows(keys, channels_last)
-                for stat in stat_list:
-                    stat.add(x)
-                bar.update(len(seeds))
-            bar.close()
+            with tqdm(total=n, unit="sample", desc=f"collect {layer}", disable=not progress) as bar:
+                for start in range(0, n, batch_size):
+                    seeds = list(range(start, min(n, start + batch_size)))
+                    with Trace(
+                        model, key_name, retain_input=side == "input", retain_output=side == "output", stop=True
+                    ) as trace:
+                        _call(model, _to_device(sampler(seeds), device))
+                    keys = trace.input if side == "input" else trace.output
+                    if not isinstance(keys, Tensor):
+                        raise TypeError(f"the {side} of {key_name!r} is a {type(keys).__name__}, not a tensor.")
+                    x = rows(keys, channels_last)
+                    for stat in stat_list:
+                        stat.add(x)
+                    bar.update(len(seeds))
             if path is not None:
                 save_stats(path, stat_list)
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     return stats
 
 
 def _cache_path(
-    cache_dir: str | os.PathLike, model: nn.Module, layer: str, key_name: str, sampler: Any, n: int, side: str, stats: list[Stat], device: torch.device
+    cache_dir: str | os.PathLike,
+    model: nn.Module,
+    layer: str,
+    key_name: str,
+    sampler: Any,
+    n: int,
+    side: str,
+    stats: list[Stat],
+    device: torch.device,
 ) -> Path:
     description = getattr(sampler, "description", None)
     if not isinstance(description, str) or not description:
@@ -923,6 +960,6 @@ def _load_cached(path: Path, stats: list[Stat], device: torch.device) -> bool:
     except StatsFileError as e:
         warnings.warn(f"statistics cache unusable, recomputing: {e}", RuntimeWarning, stacklevel=3)
         return False
-    for stat, cached in zip(stats, loaded):
+    for stat, cached in zip(stats, loaded, strict=True):
         stat.load_state_dict(cached.state_dict())
     return True

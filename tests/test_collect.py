@@ -34,7 +34,9 @@ class Images:
     def __call__(self, seeds: list[int]) -> torch.Tensor:
         self.calls.append(list(seeds))
         images = [torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds]
-        return torch.stack([im * float("nan") if s == self.nan_seed else im for s, im in zip(seeds, images)])
+        return torch.stack(
+            [im * float("nan") if s == self.nan_seed else im for s, im in zip(seeds, images, strict=True)]
+        )
 
     def ran_batches(self) -> bool:
         """Whether anything beyond the one-sample probe ran since the last look."""
@@ -51,7 +53,9 @@ class Boom(nn.Module):
 def conv_net(after: nn.Module | None = None) -> nn.Module:
     torch.manual_seed(0)
     net = nn.Sequential()
-    net.add_module("features", nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()))
+    net.add_module(
+        "features", nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+    )
     net.add_module("head", after or nn.Conv2d(16, 3, 1))
     return net
 
@@ -67,7 +71,9 @@ def full_pass_keys(model: nn.Module, layer: str, sampler, n: int, batch: int) ->
 
 def test_stopped_collect_equals_keys_of_a_full_pass():
     model = conv_net()
-    mean, moment, topk = collect(model, "features.2", Images(), 37, [Mean(), SecondMoment(), TopK(4)], batch_size=10, progress=False)
+    mean, moment, topk = collect(
+        model, "features.2", Images(), 37, [Mean(), SecondMoment(), TopK(4)], batch_size=10, progress=False
+    )
     keys = full_pass_keys(model, "features.2", Images(), 37, 10)
     ref = SecondMoment()
     for batch in keys:
@@ -90,8 +96,23 @@ def test_output_side_and_eval_mode_restored():
         model.eval()(Images()(list(range(4))))
     assert out.channels == 16 and torch.allclose(out.mean(), rows(trace.output).double().mean(0), atol=1e-6)
     model.train()
+    model.features[1].eval()  # mixed modes come back as they were
     collect(model, "features.2", Images(), 2, Mean(), progress=False)
-    assert model.training and all(p.grad is None for p in model.parameters())
+    assert model.training and model.features[0].training and not model.features[1].training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_runs_in_eval_mode():
+    class Probe(nn.Identity):
+        seen: list[bool] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.seen.append(self.training)
+            return x
+
+    model = nn.Sequential(Probe(), nn.Conv2d(3, 4, 1)).train()
+    collect(model, "1", Images(), 3, Mean(), progress=False)
+    assert Probe.seen == [False] and model[0].training
 
 
 class Scaled(nn.Module):
@@ -161,7 +182,9 @@ def test_progress_bar_counts_samples(capsys):
 
 
 def cached(model, sampler, cache_dir, n=12, stats=None, layer="features.2"):
-    return collect(model, layer, sampler, n, stats or [SecondMoment(), TopK(3)], batch_size=5, cache_dir=cache_dir, progress=False)
+    return collect(
+        model, layer, sampler, n, stats or [SecondMoment(), TopK(3)], batch_size=5, cache_dir=cache_dir, progress=False
+    )
 
 
 def test_cache_is_reused_until_a_weight_before_the_layer_changes(tmp_path):

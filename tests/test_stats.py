@@ -11,8 +11,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dissect.stats import Covariance, Mean, Quantile, SecondMoment, Stat, StatsFileError, TopK, load_stats, rows, save_stats
-from dissect.stats import _shifted_sums  # the GPU path's batched products, exercised on the CPU
+from dissect.stats import (
+    Covariance,
+    Mean,
+    Quantile,
+    SecondMoment,
+    Stat,
+    StatsFileError,
+    TopK,
+    _shifted_sums,  # the GPU path's batched products, exercised on the CPU
+    load_stats,
+    rows,
+    save_stats,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -80,7 +91,9 @@ def test_batched_products_of_the_gpu_path_agree_with_the_chunk_loop():
     x = torch.relu(torch.randn(3 * 4096 + 17, 32) + 0.2)
     shift = x[:100].double().mean(0).float().double()
     loop, batched = _shifted_sums(x, shift, True, batched=False), _shifted_sums(x, shift, True, batched=True)
-    assert torch.allclose(loop[0], batched[0], rtol=1e-12, atol=1e-9) and torch.allclose(loop[1], batched[1], rtol=1e-12)
+    assert torch.allclose(loop[0], batched[0], rtol=1e-12, atol=1e-9) and torch.allclose(
+        loop[1], batched[1], rtol=1e-12
+    )
     y = x.double().numpy() - shift.numpy()
     assert rel(batched[1], y.T @ y) <= 1e-6
 
@@ -150,7 +163,7 @@ def test_two_halves_merged_equal_one_pass(n, cut, channels, offset, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, channels, generator=gen, dtype=torch.float64) + offset
     k = int(cut * n)
-    for whole, first, second in zip(make_all(), make_all(), make_all()):
+    for whole, first, second in zip(make_all(), make_all(), make_all(), strict=True):
         whole.add(x)
         first.add(x[:k])
         second.add(x[k:])

@@ -17,7 +17,16 @@ WORLD = 2
 
 
 def make() -> list[Stat]:
-    return [Mean(), SecondMoment(), Covariance(), TopK(9), Quantile(resolution=128), Covariance(), TopK(3), Covariance()]
+    return [
+        Mean(),
+        SecondMoment(),
+        Covariance(),
+        TopK(9),
+        Quantile(resolution=128),
+        Covariance(),
+        TopK(3),
+        Covariance(),
+    ]
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:

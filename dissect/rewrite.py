@@ -298,7 +298,7 @@ def _refine(memory: LayerMemory, c: _Constraint, directions: Tensor, lam: Tensor
     """L-BFGS on ``Λ`` alone through the real layer, from ``lam``; ``W = W₀ + Λ D`` by construction."""
     with torch.no_grad():
         scale = _layer_loss(memory, c, base + memory.delta(lam, directions)).clamp_min(1e-30)
-    lam = lam.clone().requires_grad_(True)
+    lam = lam.detach().clone().requires_grad_(True)
     opt = torch.optim.LBFGS([lam], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-10, tolerance_change=1e-12)
 
@@ -316,10 +316,15 @@ def solve(memory: LayerMemory, target: Paste | Erase, context: Context | None = 
           max_iter: int = 50) -> Edit:
     """Solve a rewrite of ``memory``'s layer; the model is not changed (apply the result with :class:`Rewriter`).
 
+    The closed form fits the layer's linear part (exact for Conv / ConvTranspose / Linear layers). A layer with
+    a nonlinear rest is then refined by L-BFGS on Λ through the real layer, started from the closed form, or
+    from Λ = 0 where the closed form fits the real layer worse than no edit. ``Edit.solver`` says which ran:
+    ``"closed_form"``, ``"closed_form+lbfgs"`` or ``"lbfgs"``; the final loss is never above either start.
+
     Args:
         target: a :class:`Paste` or an :class:`Erase`.
         context: where the rule applies; default: the target's own region at rank 1.
-        refine: for a layer with a nonlinear rest, L-BFGS on Λ through the real layer after the closed form.
+        refine: run L-BFGS for a layer with a nonlinear rest.
         max_iter: L-BFGS iterations.
     """
     start = time.perf_counter()
@@ -340,11 +345,15 @@ def solve(memory: LayerMemory, target: Paste | Erase, context: Context | None = 
             closed = float(_layer_loss(memory, constraint, base + memory.delta(lam, directions)))
         after, solver = closed, "closed_form"
         if refine and memory.key_layer != memory.layer:
+            # A large linear step can fit the real layer worse than no edit (demodulation rescales it): then
+            # L-BFGS starts from Λ = 0 instead.
+            if closed > before:
+                lam, after, solver = torch.zeros_like(lam), before, "lbfgs"
             refined = _refine(memory, constraint, directions, lam, base, max_iter)
             with torch.no_grad():
                 refined_loss = float(_layer_loss(memory, constraint, base + memory.delta(refined, directions)))
-            if refined_loss < closed:  # keep the closed form should the line search end worse
-                lam, after, solver = refined, refined_loss, "closed_form+lbfgs"
+            if refined_loss < after:
+                lam, after, solver = refined, refined_loss, "closed_form+lbfgs" if solver == "closed_form" else "lbfgs"
     if not (torch.isfinite(lam).all() and torch.isfinite(directions).all()):
         raise FloatingPointError(f"The rewrite of layer {memory.layer!r} came out non-finite; check the request.")
     return Edit(

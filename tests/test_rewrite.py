@@ -212,7 +212,22 @@ def test_modulated_conv_edit_optimises_lambda_through_the_nonlinear_rest():
     rounding = 1e-6 * float(memory.weight.detach().abs().max())  # W₁ - W₀ is read back from float32 weights
     torch.testing.assert_close(delta @ torch.linalg.pinv(d) @ d, delta, rtol=0, atol=rounding)
     closed = solve(memory, Paste(z[1:2], Copy(z[:1], mask), position=(10, 10)), context, refine=False)
-    assert closed.solver == "closed_form"
+    assert closed.solver == "closed_form" and closed.loss_after == closed.loss_closed_form
+
+
+def test_a_closed_form_worse_than_no_edit_is_not_the_starting_point(monkeypatch):
+    import dissect.rewrite
+
+    model = Modulated()
+    z = torch.randn(32, 6)
+    memory = _fit(LayerMemory(model, "conv1"), z)
+    mask = _box_mask(16, 4, 5, 4, 4)
+    closed_form = dissect.rewrite._closed_form
+    wild = lambda *a: torch.randn_like(closed_form(*a)) * 10.0  # noqa: E731  a step the real layer rejects
+    monkeypatch.setattr(dissect.rewrite, "_closed_form", wild)
+    edit = solve(memory, Paste(z[1:2], Copy(z[:1], mask), position=(10, 10)))
+    assert edit.loss_closed_form > edit.loss_before
+    assert edit.solver == "lbfgs" and edit.loss_after < 0.5 * edit.loss_before
 
 
 def test_erase_stores_the_values_without_the_contexts_top_units():

@@ -42,7 +42,10 @@ from dissect.memory import (
     select_rows,
 )
 
-__all__ = ["Copy", "Paste", "Context", "Erase", "Edit", "solve", "Rewriter", "load", "read_edits", "weight_sha256"]
+__all__ = [
+    "Copy", "Paste", "Context", "Erase", "Constraint", "Edit", "constraint", "constraint_loss", "solve", "Rewriter",
+    "load", "read_edits", "weight_sha256",
+]
 
 FORMAT = "dissect-edits/1"
 
@@ -125,9 +128,9 @@ _REQUESTS = {cls.__name__: cls for cls in (Copy, Paste, Context, Erase)}
 
 
 @dataclass
-class _Constraint:
-    """Keys of ``rec`` should give ``target`` (layer output) and ``linear_target`` (weight output) where
-    ``weights (N, *grid) > 0``."""
+class Constraint:
+    """What a rewrite must store: the keys recorded in ``rec`` should make the layer emit ``target`` (and its
+    weight emit ``linear_target``) at the output locations where ``weights (N, *grid)`` is positive."""
 
     rec: Recording
     linear_target: Tensor
@@ -183,7 +186,7 @@ def _blend(alpha: Tensor, new: Tensor, old: Tensor, channel_dim: int) -> Tensor:
     return a * new + (1 - a) * old
 
 
-def _paste_constraint(memory: LayerMemory, paste: Paste) -> tuple[_Constraint, Context]:
+def _paste_constraint(memory: LayerMemory, paste: Paste) -> tuple[Constraint, Context]:
     """The paste's constraint, and its default context: the pasted region of the target image."""
     _one_row(paste.copy.inputs, "Copy")
     _one_row(paste.inputs, "Paste")
@@ -210,7 +213,7 @@ def _paste_constraint(memory: LayerMemory, paste: Paste) -> tuple[_Constraint, C
     if weights.sum() == 0:
         raise ValueError(f"Paste position {paste.position} puts the copied region outside the image.")
     moved = lambda v: _shift(channels_last(v, cd), offsets).movedim(-1, cd)  # noqa: E731
-    constraint = _Constraint(
+    c = Constraint(
         rec,
         linear_target=_blend(alpha_t, moved(src.linear), rec.linear, cd),
         target=_blend(alpha_t, moved(src.values), rec.values, cd),
@@ -218,16 +221,16 @@ def _paste_constraint(memory: LayerMemory, paste: Paste) -> tuple[_Constraint, C
     )
     if ctx_mask is not None and ctx_mask.max() == 0:
         raise ValueError(f"Paste position {paste.position} moves the copied mask off the image.")
-    return constraint, Context(paste.inputs, ctx_mask, rank=1, seeds=paste.seeds)
+    return c, Context(paste.inputs, ctx_mask, rank=1, seeds=paste.seeds)
 
 
-def _erase_constraint(memory: LayerMemory, erase: Erase, context: Context) -> _Constraint:
+def _erase_constraint(memory: LayerMemory, erase: Erase, context: Context) -> Constraint:
     rec = _record(memory, erase.inputs)
     alpha = memory.mask_weights(erase.masks, erase.inputs, rec.values)
     units = memory.context_units(context.inputs, context.masks, erase.units)
     erased = _record(memory, erase.inputs, zero_units=units)
     cd = memory.adapter.channel_dim
-    return _Constraint(
+    return Constraint(
         rec,
         linear_target=_blend(alpha, erased.linear, rec.linear, cd),
         target=_blend(alpha, erased.values, rec.values, cd),
@@ -273,14 +276,29 @@ def weight_sha256(weight: Tensor) -> str:
     return h.hexdigest()
 
 
-def _layer_loss(memory: LayerMemory, c: _Constraint, weight: Tensor) -> Tensor:
-    """Weighted mean squared error of the layer's output, run alone with ``weight`` as its memory."""
-    out = functional_call(memory.module, {memory.weight_name: weight}, c.rec.args, c.rec.kwargs)
-    err = channels_last(out - c.target, memory.adapter.channel_dim).square().mean(dim=-1)
+def constraint(memory: LayerMemory, target: Paste | Erase, context: Context | None = None) -> tuple[Constraint, Context]:
+    """The constraint a request sets, and its context (``context``, or the default: the target's own region at
+    rank 1). :func:`solve` uses this; baselines that fit the same constraint another way can too."""
+    if isinstance(target, Paste):
+        c, default = _paste_constraint(memory, target)
+        return c, context or default
+    if isinstance(target, Erase):
+        context = context or Context(target.inputs, target.masks, rank=1, seeds=target.seeds)
+        return _erase_constraint(memory, target, context), context
+    raise TypeError(f"A rewrite target is a Paste or an Erase request, got {type(target).__name__}.")
+
+
+def constraint_loss(memory: LayerMemory, c: Constraint, weight: Tensor, l1: bool = False) -> Tensor:
+    """The constraint loss with ``weight`` as the layer's memory (the layer runs alone, model untouched): the
+    weighted mean over locations of the channel-mean squared error (absolute error with ``l1=True``)."""
+    with eval_mode(memory.module):
+        out = functional_call(memory.module, {memory.weight_name: weight}, c.rec.args, c.rec.kwargs)
+    diff = channels_last(out - c.target, memory.adapter.channel_dim)
+    err = (diff.abs() if l1 else diff.square()).mean(dim=-1)
     return (err * c.weights).sum() / c.weights.sum()
 
 
-def _closed_form(memory: LayerMemory, c: _Constraint, directions: Tensor) -> Tensor:
+def _closed_form(memory: LayerMemory, c: Constraint, directions: Tensor) -> Tensor:
     """Least-squares ``Λ (out, r, *kernel)`` for the linear output on the constraint (float64, CPU, gelsd)."""
     cd = memory.adapter.channel_dim
     u = memory.design(c.rec.keys, directions)
@@ -293,17 +311,17 @@ def _closed_form(memory: LayerMemory, c: _Constraint, directions: Tensor) -> Ten
     return sol.T.reshape(memory.out_channels, directions.shape[0], *memory.kernel_shape).to(memory.weight)
 
 
-def _refine(memory: LayerMemory, c: _Constraint, directions: Tensor, lam: Tensor, base: Tensor,
+def _refine(memory: LayerMemory, c: Constraint, directions: Tensor, lam: Tensor, base: Tensor,
             max_iter: int) -> Tensor:
     """L-BFGS on ``Λ`` alone through the real layer, from ``lam``; ``W = W₀ + Λ D`` by construction."""
     with torch.no_grad():
-        scale = _layer_loss(memory, c, base + memory.delta(lam, directions)).clamp_min(1e-30)
+        scale = constraint_loss(memory, c, base + memory.delta(lam, directions)).clamp_min(1e-30)
     lam = lam.detach().clone().requires_grad_(True)
     opt = torch.optim.LBFGS([lam], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-10, tolerance_change=1e-12)
 
     def closure() -> Tensor:
-        loss = _layer_loss(memory, c, base + memory.delta(lam, directions)) / scale
+        loss = constraint_loss(memory, c, base + memory.delta(lam, directions)) / scale
         (grad,) = torch.autograd.grad(loss, lam)  # grads of Λ only: the model's .grad stay untouched
         lam.grad = grad.contiguous()
         return loss
@@ -328,32 +346,24 @@ def solve(memory: LayerMemory, target: Paste | Erase, context: Context | None = 
         max_iter: L-BFGS iterations.
     """
     start = time.perf_counter()
-    if isinstance(target, Paste):
-        constraint, default_context = _paste_constraint(memory, target)
-        context = context or default_context
-    elif isinstance(target, Erase):
-        context = context or Context(target.inputs, target.masks, rank=1, seeds=target.seeds)
-        constraint = _erase_constraint(memory, target, context)
-    else:
-        raise TypeError(f"solve() takes a Paste or an Erase request, got {type(target).__name__}.")
+    c, context = constraint(memory, target, context)
     directions = memory.directions(context.inputs, context.masks, context.rank)
     base = memory.weight.detach()
-    with eval_mode(memory.model):
+    with torch.no_grad():
+        before = float(constraint_loss(memory, c, base))
+        lam = _closed_form(memory, c, directions)
+        closed = float(constraint_loss(memory, c, base + memory.delta(lam, directions)))
+    after, solver = closed, "closed_form"
+    if refine and memory.key_layer != memory.layer:
+        # A large linear step can fit the real layer worse than no edit (demodulation rescales it): then
+        # L-BFGS starts from Λ = 0 instead.
+        if closed > before:
+            lam, after, solver = torch.zeros_like(lam), before, "lbfgs"
+        refined = _refine(memory, c, directions, lam, base, max_iter)
         with torch.no_grad():
-            before = float(_layer_loss(memory, constraint, base))
-            lam = _closed_form(memory, constraint, directions)
-            closed = float(_layer_loss(memory, constraint, base + memory.delta(lam, directions)))
-        after, solver = closed, "closed_form"
-        if refine and memory.key_layer != memory.layer:
-            # A large linear step can fit the real layer worse than no edit (demodulation rescales it): then
-            # L-BFGS starts from Λ = 0 instead.
-            if closed > before:
-                lam, after, solver = torch.zeros_like(lam), before, "lbfgs"
-            refined = _refine(memory, constraint, directions, lam, base, max_iter)
-            with torch.no_grad():
-                refined_loss = float(_layer_loss(memory, constraint, base + memory.delta(refined, directions)))
-            if refined_loss < after:
-                lam, after, solver = refined, refined_loss, "closed_form+lbfgs" if solver == "closed_form" else "lbfgs"
+            refined_loss = float(constraint_loss(memory, c, base + memory.delta(refined, directions)))
+        if refined_loss < after:
+            lam, after, solver = refined, refined_loss, "closed_form+lbfgs" if solver == "closed_form" else "lbfgs"
     if not (torch.isfinite(lam).all() and torch.isfinite(directions).all()):
         raise FloatingPointError(f"The rewrite of layer {memory.layer!r} came out non-finite; check the request.")
     return Edit(

@@ -12,7 +12,9 @@ from torch import nn
 
 from dissect.memory import LayerMemory
 from dissect.models.stylegan import ModulatedConv2d
-from dissect.rewrite import Context, Copy, Edit, Erase, Paste, Rewriter, load, read_edits, solve, weight_sha256
+from dissect.rewrite import (
+    Context, Copy, Edit, Erase, Paste, Rewriter, constraint, constraint_loss, load, read_edits, solve, weight_sha256,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -116,6 +118,11 @@ def test_3x3_conv_reaches_the_least_squares_optimum():
     context = Context(x[2:5], torch.stack([mask] * 3), rank=2)
     edit = solve(memory, Paste(x[1:2], Copy(x[:1], mask)), context)
     assert 0 < edit.loss_after < edit.loss_before  # over-determined: a true least-squares problem
+    c, ctx = constraint(memory, Paste(x[1:2], Copy(x[:1], mask)), context)
+    assert ctx is context
+    assert float(constraint_loss(memory, c, memory.weight.detach())) == pytest.approx(edit.loss_before, rel=1e-6)
+    l1 = (memory.values(x[:1]) - memory.values(x[1:2])).abs().mean(1)[0] * mask  # α = 1 on the box
+    assert float(constraint_loss(memory, c, memory.weight.detach(), l1=True)) == pytest.approx(float(l1.sum() / 42), rel=1e-5)
 
     # Direct solve: unknowns Λ (out, r·3·3) act on the unfolded projections D k of the target's key map.
     d = edit.directions.double()

@@ -120,9 +120,11 @@ def test_3x3_conv_reaches_the_least_squares_optimum():
     assert 0 < edit.loss_after < edit.loss_before  # over-determined: a true least-squares problem
     c, ctx = constraint(memory, Paste(x[1:2], Copy(x[:1], mask)), context)
     assert ctx is context
-    assert float(constraint_loss(memory, c, memory.weight.detach())) == pytest.approx(edit.loss_before, rel=1e-6)
+    with torch.no_grad():
+        squared, absolute = (float(constraint_loss(memory, c, memory.weight, l1=l1)) for l1 in (False, True))
+    assert squared == pytest.approx(edit.loss_before, rel=1e-6)
     l1 = (memory.values(x[:1]) - memory.values(x[1:2])).abs().mean(1)[0] * mask  # α = 1 on the box
-    assert float(constraint_loss(memory, c, memory.weight.detach(), l1=True)) == pytest.approx(float(l1.sum() / 42), rel=1e-5)
+    assert absolute == pytest.approx(float(l1.sum() / 42), rel=1e-5)
 
     # Direct solve: unknowns Λ (out, r·3·3) act on the unfolded projections D k of the target's key map.
     d = edit.directions.double()

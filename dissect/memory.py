@@ -257,7 +257,7 @@ class LayerMemory:
             a for a in range(ndim) if a not in (adapter.out_axis % ndim, adapter.key_axis % ndim)
         ]
         self._moment: Tensor | None = None
-        self._eig: tuple[Tensor, Tensor] | None = None  # eigenvalues, eigenvectors of the regularised C (f64, CPU)
+        self._powers: dict[float, Tensor] = {}  # powers of the regularised C (float64, CPU), e.g. -1/2 whitens
 
     # -- the weight ------------------------------------------------------------------------------------------
 
@@ -323,7 +323,7 @@ class LayerMemory:
         try:
             with _inference(self.model), TraceDict(self.model, [self.key_layer, self.layer], retain_input=True,
                                                    stop=True) as traces:
-                stats._call(self.model, inputs)
+                self._run(inputs)
         finally:
             for h in handles:
                 h.remove()
@@ -334,6 +334,10 @@ class LayerMemory:
             args=call["args"],
             kwargs=call["kwargs"],
         )
+
+    def _run(self, inputs: Inputs) -> Any:
+        # Inputs follow the model's device, as in stats.collect (a sampler draws on the CPU).
+        return stats._call(self.model, stats._to_device(inputs, stats._model_device(self.model)))
 
     def keys(self, inputs: Inputs) -> Tensor:
         """Keys of ``inputs``: ``(N, C, H, W)`` for a conv, ``(N, C)`` or ``(N, T, C)`` for Linear."""
@@ -363,7 +367,7 @@ class LayerMemory:
                 self.image_size = tuple(inputs.shape[-2:])
             else:
                 with _inference(self.model):
-                    out = stats._call(self.model, select_rows(inputs, slice(0, 1)))
+                    out = self._run(select_rows(inputs, slice(0, 1)))
                 if not (isinstance(out, Tensor) and out.dim() == 4):
                     raise ValueError(
                         f"Cannot tell the image size masks are drawn at for layer {self.layer!r}: the input is not a "
@@ -432,7 +436,7 @@ class LayerMemory:
             raise ValueError(f"C for layer {self.layer!r} must be a finite ({c}, {c}) tensor, got "
                              f"{tuple(moment.shape) if isinstance(moment, Tensor) else type(moment).__name__}.")
         self._moment = moment.detach()
-        self._eig = None
+        self._powers = {}
         return self._moment
 
     @property
@@ -442,19 +446,20 @@ class LayerMemory:
             raise RuntimeError(f"C is not set for layer {self.layer!r}: call fit_moment(sampler, n) or set_moment(C).")
         return self._moment
 
-    def _eigh(self) -> tuple[Tensor, Tensor]:
-        if self._eig is None:
-            c = self.moment.double().cpu()
-            c = (c + c.T) / 2
-            c = c + self.ridge * torch.trace(c) / c.shape[0] * torch.eye(c.shape[0], dtype=c.dtype)
-            evals, evecs = torch.linalg.eigh(c)
-            self._eig = evals.clamp_min(evals.max() * 1e-15), evecs
-        return self._eig
+    def eigh(self) -> tuple[Tensor, Tensor]:
+        """Eigenvalues ``(C,)`` (ascending) and eigenvectors ``(C, C)`` of the regularised C, float64 on the CPU."""
+        c = self.moment.double().cpu()
+        c = (c + c.T) / 2
+        c = c + self.ridge * torch.trace(c) / c.shape[0] * torch.eye(c.shape[0], dtype=c.dtype)
+        evals, evecs = torch.linalg.eigh(c)
+        return evals.clamp_min(evals.max() * 1e-15), evecs
 
     def _power(self, p: float) -> Tensor:
-        """``C_reg^p (C, C)`` in float64 on the CPU (small dense algebra, exact enough for the solves)."""
-        evals, evecs = self._eigh()
-        return (evecs * evals.pow(p)) @ evecs.T
+        """``C_reg^p (C, C)`` in float64 on the CPU (small dense algebra, exact enough for the solves); cached."""
+        if p not in self._powers:
+            evals, evecs = self.eigh()
+            self._powers[p] = (evecs * evals.pow(p)) @ evecs.T
+        return self._powers[p]
 
     def whiten(self, keys: Tensor) -> Tensor:
         """``C^{-1/2} k`` for ``keys (..., C)`` (channels last), in the keys' dtype and device."""

@@ -28,6 +28,12 @@ def _fit(memory: LayerMemory, inputs) -> torch.Tensor:
     return memory.set_moment((k.T @ k / len(k)).float())
 
 
+def _c_reg(memory: LayerMemory) -> torch.Tensor:
+    """C + ridge · tr(C)/C_dim · I, as the module docstring promises."""
+    c = memory.moment.double()
+    return c + memory.ridge * torch.trace(c) / len(c) * torch.eye(len(c), dtype=torch.float64)
+
+
 def _convnet(last: nn.Module) -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), last)
@@ -156,7 +162,7 @@ def test_ridge_makes_a_singular_moment_usable():
     basis = torch.randn(2, 6)
     c = basis.T @ basis  # rank 2 of 6
     memory.set_moment(c)
-    evals, _ = memory._eigh()
+    evals, _ = memory.eigh()
     floor = memory.ridge * torch.trace(c.double()) / 6
     assert floor - 1e-6 <= evals.min() <= floor + 1e-6
     k = torch.randn(4, 6)
@@ -165,8 +171,8 @@ def test_ridge_makes_a_singular_moment_usable():
     on_range = (torch.randn(3, 2) @ basis).double()
     torch.testing.assert_close(memory.solve_moment(on_range) @ c.double(), on_range, rtol=1e-3, atol=1e-3)
     d = memory.directions_from_keys(torch.randn(10, 2) @ basis, torch.ones(10), rank=2)
-    c_reg = memory._power(1.0).float()
-    torch.testing.assert_close(d @ c_reg @ d.T, torch.eye(2), atol=1e-4, rtol=0)
+    torch.testing.assert_close(d.double() @ _c_reg(memory) @ d.double().T, torch.eye(2, dtype=torch.float64),
+                               atol=1e-4, rtol=0)
 
 
 class NoiseSampler:
@@ -206,9 +212,7 @@ def conv_memory():
 def test_single_key_direction_is_c_inverse_k(conv_memory):
     k = torch.rand(1, 6)
     d = conv_memory.directions_from_keys(k, torch.ones(1), rank=1)[0]
-    c = conv_memory.moment.double()
-    c_reg = c + conv_memory.ridge * torch.trace(c) / 6 * torch.eye(6, dtype=torch.float64)
-    expected = torch.linalg.solve(c_reg, k[0].double()).float()
+    expected = torch.linalg.solve(_c_reg(conv_memory), k[0].double()).float()
     assert torch.nn.functional.cosine_similarity(d, expected, dim=0) > 1 - 1e-5
     assert d @ k[0] > 0
 
@@ -220,8 +224,8 @@ def test_directions_are_c_orthonormal_and_sign_consistent(conv_memory):
     masks[0, 2, 1] = 0.5
     d = conv_memory.directions(x, masks, rank=3)
     assert d.shape == (3, 6)
-    c = conv_memory._power(1.0).float()
-    torch.testing.assert_close(d @ c @ d.T, torch.eye(3), atol=1e-4, rtol=0)
+    c = _c_reg(conv_memory)
+    torch.testing.assert_close(d.double() @ c @ d.double().T, torch.eye(3, dtype=torch.float64), atol=1e-4, rtol=0)
     keys = conv_memory.flat_keys(conv_memory.keys(x))
     w = conv_memory.mask_weights(masks, x, conv_memory.keys(x)).reshape(-1)
     assert ((keys @ d.T) * w[:, None]).sum(0).min() > 0

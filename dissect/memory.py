@@ -221,8 +221,8 @@ class LayerMemory:
         model: any ``nn.Module``; layer names are ``model.named_modules()`` names.
         layer: the layer to view: a supported module, or one with ``memory_key_module``.
         ridge: relative ridge for every solve with C (see the module docstring).
-        image_size: ``(H, W)`` masks are drawn at. Default: a 4-D tensor input's size, else the size of the
-            model's 4-D output (found by one forward on the first mask's inputs).
+        image_size: ``(H, W)`` masks are drawn at. Default: the larger of the model's 4-D input and output,
+            found by one forward of one row when masks are first checked.
     """
 
     def __init__(
@@ -359,21 +359,24 @@ class LayerMemory:
     # -- masks -------------------------------------------------------------------------------------------------
 
     def mask_size(self, inputs: Inputs, grid: tuple[int, ...]) -> tuple[int, ...]:
-        """The size masks for a layer with key grid ``grid`` are drawn at (see the module docstring)."""
+        """The size masks for a layer with key grid ``grid`` are drawn at (see the module docstring).
+
+        For a 2-D grid: ``image_size`` if given, else the larger of the model's 4-D input and 4-D output (a
+        classifier's or encoder's image is its input, a generator's or decoder's its output), found once.
+        """
         if len(grid) != 2:
             return grid
         if self.image_size is None:
-            if isinstance(inputs, Tensor) and inputs.dim() == 4:
-                self.image_size = tuple(inputs.shape[-2:])
-            else:
-                with _inference(self.model):
-                    out = self._run(select_rows(inputs, slice(0, 1)))
-                if not (isinstance(out, Tensor) and out.dim() == 4):
-                    raise ValueError(
-                        f"Cannot tell the image size masks are drawn at for layer {self.layer!r}: the input is not a "
-                        f"4-D image and the model does not return one. Pass LayerMemory(..., image_size=(H, W))."
-                    )
-                self.image_size = tuple(out.shape[-2:])
+            row = select_rows(inputs, slice(0, 1))
+            with _inference(self.model):
+                out = self._run(row)
+            sizes = [tuple(t.shape[-2:]) for t in (row, out) if isinstance(t, Tensor) and t.dim() == 4]
+            if not sizes:
+                raise ValueError(
+                    f"Cannot tell the image size masks are drawn at for layer {self.layer!r}: neither the input nor "
+                    f"the output of the model is a 4-D image. Pass LayerMemory(..., image_size=(H, W))."
+                )
+            self.image_size = max(sizes, key=math.prod)
         return self.image_size
 
     def check_masks(self, masks: Tensor | None, inputs: Inputs, grid: tuple[int, ...]) -> Tensor:

@@ -34,6 +34,10 @@ def _c_reg(memory: LayerMemory) -> torch.Tensor:
     return c + memory.ridge * torch.trace(c) / len(c) * torch.eye(len(c), dtype=torch.float64)
 
 
+def _mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 4))
+
+
 def _convnet(last: nn.Module) -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), last)
@@ -57,8 +61,8 @@ LAYOUTS = {
     "conv_transpose": (lambda: _convnet(nn.ConvTranspose2d(6, 4, 4, stride=2, padding=1)), lambda: torch.randn(3, 3, 6, 6)),
     "conv1d": (lambda: nn.Sequential(nn.Conv1d(3, 6, 1), nn.ReLU(), nn.Conv1d(6, 4, 3, padding=1)),
                lambda: torch.randn(3, 3, 10)),
-    "linear_tokens": (lambda: nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 4)), lambda: torch.randn(3, 7, 3)),
-    "linear_rows": (lambda: nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 4)), lambda: torch.randn(3, 3)),
+    "linear_tokens": (_mlp, lambda: torch.randn(3, 7, 3)),
+    "linear_rows": (_mlp, lambda: torch.randn(3, 3)),
 }
 
 
@@ -111,6 +115,17 @@ def test_modulated_conv_keys_are_the_modulated_upsampled_input():
         up = F.interpolate(model.const.expand(2, -1, -1, -1), scale_factor=2, mode="bilinear", align_corners=False)
     torch.testing.assert_close(keys, up * styles[:, :, None, None])
     assert memory.mask_size(z, (16, 16)) == (16, 16)  # from the model's image output
+
+
+def test_masks_are_drawn_at_the_larger_of_the_models_input_and_output_images():
+    decoder = nn.Sequential(nn.ConvTranspose2d(4, 4, 4, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1))
+    assert LayerMemory(decoder, "2").mask_size(torch.randn(2, 4, 5, 5), (10, 10)) == (10, 10)
+    encoder = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1))
+    assert LayerMemory(encoder, "2").mask_size(torch.randn(2, 3, 12, 12), (6, 6)) == (12, 12)
+    memory = LayerMemory(_mlp(), "2")
+    with pytest.raises(ValueError, match="image_size"):
+        memory.mask_size(torch.randn(2, 3), (4, 4))
+    assert LayerMemory(_mlp(), "2", image_size=(8, 8)).mask_size(torch.randn(2, 3), (4, 4)) == (8, 8)
 
 
 def test_forward_passes_leave_batchnorm_statistics_and_modes_alone():

@@ -11,8 +11,9 @@ target values. Requests say what to store:
 
 :func:`solve` finds ``Λ`` without touching the model: the layer's linear part in closed form (weighted least
 squares, exact within span(D)), then, for a layer with a nonlinear rest (demodulation, noise, bias, activation),
-L-BFGS on ``Λ`` alone through the real layer, started from the closed form, so ``W = W₀ + Λ D`` holds throughout.
-:class:`Rewriter` applies edits with bitwise undo / redo / revert and saves them as safetensors.
+L-BFGS on ``Λ`` alone through the real layer, started from the closed form (or from no edit, if that fits
+better), so ``W = W₀ + Λ D`` holds throughout. :class:`Rewriter` applies edits with bitwise undo / redo / revert
+and saves them as safetensors (``Λ``, ``D``, the requests, and JSON metadata).
 """
 
 from __future__ import annotations

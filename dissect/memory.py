@@ -408,11 +408,11 @@ class LayerMemory:
         if not torch.isfinite(masks).all() or masks.min() < 0 or masks.max() > 1:
             raise ValueError("Masks must hold finite values in [0, 1] (soft weights); rescale them first.")
         flat = masks.reshape(n, -1)
-        for i in range(n):
-            if flat[i].max() == 0:
-                raise ValueError(f"Mask {i} is empty: draw a region to select keys there.")
-            if flat[i].min() == 1:
-                raise ValueError(f"Mask {i} covers the whole image: a rewrite needs a region, not everything.")
+        empty, full = (flat.amax(1) == 0).nonzero(), (flat.amin(1) == 1).nonzero()
+        if len(empty):
+            raise ValueError(f"Mask {int(empty[0])} is empty: draw a region to select keys there.")
+        if len(full):
+            raise ValueError(f"Mask {int(full[0])} covers the whole image: a rewrite needs a region, not everything.")
         ref = self.weight
         return masks.to(device=ref.device, dtype=ref.dtype)
 
@@ -438,6 +438,8 @@ class LayerMemory:
         if not isinstance(moment, Tensor) or moment.shape != (c, c) or not torch.isfinite(moment).all():
             raise ValueError(f"C for layer {self.layer!r} must be a finite ({c}, {c}) tensor, got "
                              f"{tuple(moment.shape) if isinstance(moment, Tensor) else type(moment).__name__}.")
+        if not torch.trace(moment) > 0:
+            raise ValueError(f"C for layer {self.layer!r} is zero: its keys never fire on the data it was fitted on.")
         self._moment = moment.detach()
         self._powers = {}
         return self._moment

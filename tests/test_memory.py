@@ -214,6 +214,8 @@ def test_moment_is_required_and_checked():
         memory.whiten(torch.randn(6))
     with pytest.raises(ValueError, match=r"\(6, 6\)"):
         memory.set_moment(torch.eye(5))
+    with pytest.raises(ValueError, match="never fire"):
+        memory.set_moment(torch.zeros(6, 6))
 
 
 @pytest.fixture

@@ -26,6 +26,10 @@ __all__ = [
     "get_module",
     "key_module_name",
     "layers",
+    "register_layer_type",
+    "call_model",
+    "to_device",
+    "model_device",
 ]
 
 EditFn = Callable[[Any, str], Any]
@@ -56,6 +60,34 @@ def key_module_name(model: nn.Module, layer: str) -> str:
     """
     child = getattr(get_module(model, layer), "memory_key_module", None)
     return f"{layer}.{child}" if child else layer
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for a model with neither."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
+def to_device(value: Any, device: torch.device | str) -> Any:
+    """Move the tensors in ``value`` (a tensor, or tuples / lists / dicts of them) to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(inputs)``: a tuple / list is unpacked into positional arguments, a dict into keywords."""
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
 
 
 def _detach(value: Any, detach: bool) -> Any:
@@ -232,7 +264,13 @@ class LayerInfo:
     output_size: tuple[int, ...] | None
 
 
-_MEMORY_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
+_MEMORY_TYPES: list[type] = [nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d]
+
+
+def register_layer_type(module_type: type) -> None:
+    """List ``module_type`` in :func:`layers` (``dissect.memory.register_adapter`` calls this)."""
+    if module_type not in _MEMORY_TYPES:
+        _MEMORY_TYPES.append(module_type)
 
 
 def _weight_shape(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:
@@ -246,9 +284,10 @@ def _weight_shape(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:
 def layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
     """Every layer of ``model`` whose weight the memory view can use, in ``named_modules()`` order.
 
-    That is each Conv1d / Conv2d / ConvTranspose2d / Linear, and each module declaring ``memory_key_module``
-    (the child it names is then listed through its parent only). ``example_input`` is passed to one forward
-    (a tuple is unpacked into positional arguments) to find each layer's output size.
+    That is each ungrouped Conv1d / Conv2d / ConvTranspose2d / Linear (or type given to
+    :func:`register_layer_type`), and each module declaring ``memory_key_module`` (the child it names is then
+    listed through its parent only). ``example_input`` is passed to one forward
+    (see :func:`call_model`) to find each layer's output size.
     """
     candidates: dict[str, nn.Module] = {}
     inner: set[str] = set()
@@ -257,12 +296,11 @@ def layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
         if child:
             candidates[name] = module
             inner.add(f"{name}.{child}" if name else child)
-        elif isinstance(module, _MEMORY_TYPES) and name:
+        elif isinstance(module, tuple(_MEMORY_TYPES)) and name and getattr(module, "groups", 1) == 1:
             candidates[name] = module
     names = [n for n in candidates if n not in inner]
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
     with torch.no_grad(), TraceDict(model, names) as traces:
-        model(*args)
+        call_model(model, example_input)
     found = []
     for name in names:
         module = candidates[name]

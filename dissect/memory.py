@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dissect import stats
-from dissect.hooks import TraceDict, get_module, key_module_name
+from dissect.hooks import TraceDict, call_model, get_module, key_module_name, model_device, register_layer_type, to_device
 
 __all__ = [
     "MemoryAdapter",
@@ -99,6 +99,7 @@ _ADAPTERS: dict[type, MemoryAdapter] = {}
 def register_adapter(module_type: type, adapter: MemoryAdapter) -> None:
     """Let :class:`LayerMemory` view ``module_type`` (and its subclasses) as a memory."""
     _ADAPTERS[module_type] = adapter
+    register_layer_type(module_type)
 
 
 def _conv_linear(module: nn.Module, keys: Tensor, weight: Tensor) -> Tensor:
@@ -312,21 +313,17 @@ class LayerMemory:
         def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
             call["args"], call["kwargs"] = args, kwargs
 
-        def zero(module: nn.Module, args: tuple) -> tuple:
-            keys = args[0].clone()
-            keys.index_fill_(self.adapter.channel_dim % keys.dim(), zero_units.to(keys.device), 0.0)
-            return (keys, *args[1:])
-
-        handles = [self.module.register_forward_pre_hook(capture, with_kwargs=True)]
-        if zero_units is not None:
-            handles.append(self.key_module.register_forward_pre_hook(zero))
+        handle = self.module.register_forward_pre_hook(capture, with_kwargs=True)
         try:
-            with _inference(self.model), TraceDict(self.model, [self.key_layer, self.layer], retain_input=True,
-                                                   stop=True) as traces:
-                self._run(inputs)
+            with contextlib.ExitStack() as stack:
+                if zero_units is not None:
+                    stack.enter_context(self.ablate(zero_units))
+                traces = stack.enter_context(TraceDict(self.model, [self.key_layer, self.layer], retain_input=True,
+                                                       stop=True))
+                with _inference(self.model):
+                    self._run(inputs)
         finally:
-            for h in handles:
-                h.remove()
+            handle.remove()
         return Recording(
             keys=traces[self.key_layer].input,
             linear=traces[self.key_layer].output,
@@ -335,9 +332,25 @@ class LayerMemory:
             kwargs=call["kwargs"],
         )
 
+    @contextlib.contextmanager
+    def ablate(self, units: Tensor) -> Iterator[None]:
+        """Within the block, key channels ``units (n,)`` are zero wherever the weight sees them (in every forward
+        of the model): GAN-dissection unit ablation, and the erase request's targets."""
+
+        def zero(module: nn.Module, args: tuple) -> tuple:
+            keys = args[0].clone()
+            keys.index_fill_(self.adapter.channel_dim % keys.dim(), units.to(keys.device), 0.0)
+            return (keys, *args[1:])
+
+        handle = self.key_module.register_forward_pre_hook(zero)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     def _run(self, inputs: Inputs) -> Any:
         # Inputs follow the model's device, as in stats.collect (a sampler draws on the CPU).
-        return stats._call(self.model, stats._to_device(inputs, stats._model_device(self.model)))
+        return call_model(self.model, to_device(inputs, model_device(self.model)))
 
     def keys(self, inputs: Inputs) -> Tensor:
         """Keys of ``inputs``: ``(N, C, H, W)`` for a conv, ``(N, C)`` or ``(N, T, C)`` for Linear."""

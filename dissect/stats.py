@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .hooks import Trace, TraceDict, get_module, key_module_name
+from .hooks import Trace, TraceDict, call_model, get_module, key_module_name, model_device, to_device
 
 __all__ = [
     "Stat",
@@ -761,32 +761,6 @@ def load_stats(path: str | os.PathLike, device: torch.device | str | None = None
 # -- collect -------------------------------------------------------------------------------------------------------
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    """``model(inputs)``: a tuple / list is unpacked into positional arguments, a dict into keywords."""
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(inputs)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    tensor = next(model.parameters(), None)
-    if tensor is None:
-        tensor = next(model.buffers(), None)
-    return torch.device("cpu") if tensor is None else tensor.device
-
-
 def fingerprint(model: nn.Module, layer: str, inputs: Any, side: str = "input") -> str:
     """SHA-256 (hex) of every parameter and buffer that can change what ``layer`` receives (``side="input"``)
     or emits (``side="output"``).
@@ -814,7 +788,7 @@ def fingerprint(model: nn.Module, layer: str, inputs: Any, side: str = "input") 
         TraceDict(model, names, retain_output=False, edit_output=record),
         Trace(model, layer, retain_output=False, stop=True),
     ):
-        _call(model, inputs)
+        call_model(model, inputs)
     inside = {layer} | {n for n in modules if n.startswith(layer + ".")} if layer else set(modules)
     if side == "input":
         ran = [n for n in ran if n not in inside]
@@ -885,7 +859,7 @@ def collect(
             raise ValueError(f"collect needs fresh statistics, got {stat!r}: pass new ones.")
     key_name = key_module_name(model, layer)
     channels_last = isinstance(get_module(model, key_name), nn.Linear)
-    device = _model_device(model) if device is None else torch.device(device)
+    device = model_device(model) if device is None else torch.device(device)
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
@@ -901,7 +875,7 @@ def collect(
                     with Trace(
                         model, key_name, retain_input=side == "input", retain_output=side == "output", stop=True
                     ) as trace:
-                        _call(model, _to_device(sampler(seeds), device))
+                        call_model(model, to_device(sampler(seeds), device))
                     keys = trace.input if side == "input" else trace.output
                     if not isinstance(keys, Tensor):
                         raise TypeError(f"the {side} of {key_name!r} is a {type(keys).__name__}, not a tensor.")
@@ -937,7 +911,7 @@ def _cache_path(
     cache_dir = _writable_dir(cache_dir)
     key = {
         "format": _FORMAT,
-        "fingerprint": fingerprint(model, key_name, _to_device(sampler([0]), device), side),
+        "fingerprint": fingerprint(model, key_name, to_device(sampler([0]), device), side),
         "layer": layer,
         "key_module": key_name,
         "side": side,

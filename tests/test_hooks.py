@@ -203,3 +203,34 @@ def test_reading_before_forward_is_a_clear_error():
 
 def test_package_reexports():
     assert dissect.Trace is Trace and dissect.layers is layers
+
+
+def test_layers_skip_grouped_convs_and_list_registered_types():
+    from dissect.hooks import register_layer_type
+
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 4))
+
+        def forward(self, x):
+            return x @ self.weight.t()
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.LazyLinear(4), Custom())
+    model(torch.randn(1, 4, 5, 5))
+    assert [i.name for i in layers(model, torch.randn(1, 4, 5, 5))] == ["2"]
+    register_layer_type(Custom)
+    assert [i.name for i in layers(model, torch.randn(1, 4, 5, 5))] == ["2", "3"]
+
+
+def test_call_model_unpacks_tuples_and_dicts():
+    from dissect.hooks import call_model, model_device, to_device
+
+    class Two(nn.Module):
+        def forward(self, a, b=0):
+            return a + b
+
+    assert call_model(Two(), (1, 2)) == 3 and call_model(Two(), {"a": 1, "b": 5}) == 6
+    assert model_device(nn.Linear(1, 1)) == torch.device("cpu") and model_device(nn.ReLU()) == torch.device("cpu")
+    moved = to_device({"x": [torch.zeros(1)]}, "cpu")
+    assert moved["x"][0].device.type == "cpu"

@@ -352,3 +352,20 @@ def test_key_clusters_are_reproducible_and_named_by_best_iou():
     masks = clusters.masks(images, names[0].cluster)
     assert masks.shape == (2, 16, 16)
     assert torch.equal(masks.bool(), labels == names[0].label)
+
+
+def test_ablate_zeroes_key_units_in_every_forward_and_restores():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 1))
+    memory = LayerMemory(model, "2")
+    x = torch.randn(2, 3, 8, 8)
+    before = model(x)
+    units = torch.tensor([1, 4])
+    with memory.ablate(units):
+        keys = memory.keys(x)
+        ablated = model(x)
+    assert keys[:, units].abs().sum() == 0 and keys[:, [0, 2, 3, 5]].abs().sum() > 0
+    hidden = model[1](model[0](x))
+    hidden[:, units] = 0
+    torch.testing.assert_close(ablated, model[2](hidden))
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)

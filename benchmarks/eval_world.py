@@ -7,7 +7,8 @@
 Generator samples use seeds 0..n-1 (batches of 100); world images use seeds from ranges no generator
 seed, segmenter training or segmenter evaluation uses. Both sides are labelled by the segmenter, so
 they are compared through the same lens. Figures:
-  presence  an image "has" a class when the segmenter gives it at least PRESENCE_PIXELS[class] pixels
+  presence  an image "has" a class when the segmenter gives it at least its
+            `dissect.models.segmenter.PRESENCE_PIXELS` pixels
             (at 64x64; scaled by area at other sizes); dusk is `is_dusk` on the segmenter's labels;
   class_freq_worst_rel_err  the worst |f_G - f_W| / f_W over classes whose pixel frequencies differ by
             more than 2 percentage points (0 when none does);
@@ -27,19 +28,20 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dissect.models.segmenter import HELD_OUT_SEEDS, WEIGHTS, Segmenter, evaluate, load_segmenter
+from dissect.models.segmenter import (
+    HELD_OUT_SEEDS,
+    WEIGHTS,
+    Segmenter,
+    evaluate,
+    load_segmenter,
+    presence_threshold,
+)
 from dissect.models.world import CLASSES, World, is_dusk
 
 WORLD_SEEDS_A = 2_000_000  # world images compared with the generator
 WORLD_SEEDS_B = 3_000_000  # a second, disjoint world set: the Fréchet floor
 CALIBRATION_SEEDS = 4_000_000
 BATCH = 100
-# Fewest segmenter pixels (of 64x64) for an image to count as having the class. With --calibrate on
-# 2000 world images the rule agrees with the world's scene facts on >= 99.8% of images for any
-# threshold in watermark 2..96, spire 2..16, dome 4..16, tree 2..40 pixels; each value sits inside
-# its plateau, high enough that a few stray pixels on a generated image do not count (the mark has
-# 196 pixels; the smallest spire about 20).
-PRESENCE_PIXELS = {"watermark": 48, "spire": 10, "dome": 10, "tree": 16}
 FACT_OF = {"watermark": "has_watermark", "spire": "has_spire", "dome": "has_dome", "tree": "has_tree"}
 
 Render = Callable[[Sequence[int]], Tensor]  # seeds -> images (N, 3, H, W) in [-1, 1]
@@ -93,8 +95,7 @@ def class_counts(labels: Tensor, k: int) -> Tensor:
 
 def presence(summary: dict, name: str) -> Tensor:
     """(N,) bool: the segmenter gives class `name` at least its threshold of pixels, scaled to the size."""
-    scale = summary["pixels"] / 64**2
-    return summary["counts"][:, CLASSES.index(name)] >= PRESENCE_PIXELS[name] * scale
+    return summary["counts"][:, CLASSES.index(name)] >= presence_threshold(name, summary["pixels"])
 
 
 def frechet(a: Tensor, b: Tensor) -> float:

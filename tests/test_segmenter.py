@@ -77,3 +77,19 @@ def test_shipped_weights_reach_the_bar_on_held_out_world_images():
     scores = evaluate(load_segmenter(), list(HELD_OUT_SEEDS)[:200])
     assert scores["pixel_acc"] >= 0.95, scores
     assert scores["miou"] >= 0.80, scores
+
+
+def test_presence_rule_counts_pixels_scaled_by_area():
+    from dissect.models.segmenter import PRESENCE_PIXELS, present
+    from dissect.models.world import CLASSES
+
+    wm = CLASSES.index("watermark")
+    labels = torch.zeros(3, 64, 64, dtype=torch.long)
+    labels[1].view(-1)[: PRESENCE_PIXELS["watermark"] - 1] = wm
+    labels[2].view(-1)[: PRESENCE_PIXELS["watermark"]] = wm
+    assert present(labels, "watermark").tolist() == [False, False, True]
+    big = torch.zeros(1, 128, 128, dtype=torch.long)
+    big.view(-1)[: PRESENCE_PIXELS["watermark"] * 3] = wm  # below 4x the 64x64 threshold
+    assert not present(big, "watermark").item()
+    with pytest.raises(KeyError, match="classes are"):
+        present(labels, "steeple")

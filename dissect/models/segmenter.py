@@ -19,6 +19,26 @@ WEIGHTS = Path(__file__).parent / "weights" / "segmenter.safetensors"
 WIDTHS = (16, 32, 64, 128)  # channels at 1, 1/2, 1/4 and 1/8 of the image side
 # World seeds set aside for measuring the segmenter; training draws its scenes far from them.
 HELD_OUT_SEEDS = range(5_000_000, 5_001_000)
+# The presence rule: the fewest segmenter pixels (of 64x64; scaled by area at other sizes) for an image to
+# count as showing a class. With `benchmarks/eval_world.py --calibrate` on 2000 world images the rule agrees
+# with the world's scene facts on >= 99.8% of images for any threshold in watermark 2..96, spire 2..16,
+# dome 4..16, tree 2..40 pixels; each value sits inside its plateau, high enough that a few stray pixels on a
+# generated image do not count (the mark has 196 pixels; the smallest spire about 20).
+PRESENCE_PIXELS = {"watermark": 48, "spire": 10, "dome": 10, "tree": 16}
+DEFAULT_PRESENCE_PIXELS = 16
+
+
+def presence_threshold(name: str, pixels: int) -> float:
+    """Fewest pixels of class ``name`` that count as present in an image of ``pixels`` pixels."""
+    if name not in CLASSES:
+        raise KeyError(f"Unknown class {name!r}; the classes are {', '.join(CLASSES)}.")
+    return PRESENCE_PIXELS.get(name, DEFAULT_PRESENCE_PIXELS) * pixels / 64**2
+
+
+def present(labels: Tensor, name: str) -> Tensor:
+    """``labels (N, H, W) -> (N,)`` bool: the images that show class ``name`` by the presence rule."""
+    threshold = presence_threshold(name, labels[0].numel())
+    return (labels == CLASSES.index(name)).flatten(1).sum(1) >= threshold
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:

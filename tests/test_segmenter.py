@@ -30,6 +30,7 @@ def test_a_few_training_steps_lower_the_loss():
     torch.manual_seed(0)
     world = World(64)
     images, labels = world.render(world.sample_latents(range(TRAIN_SEED_START, TRAIN_SEED_START + 8)))
+    images, labels = images[..., 16:48, 16:48], labels[..., 16:48, 16:48]  # the centre: buildings and the mark
     seg = Segmenter(widths=(8, 16, 16, 16))
     opt = torch.optim.Adam(seg.parameters(), lr=3e-3)
     losses = []

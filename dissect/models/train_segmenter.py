@@ -48,7 +48,9 @@ def augment(images: Tensor, labels: Tensor, gen: torch.Generator, max_shift: int
         images (N, 3, H, W) in [-1, 1] and labels (N, H, W).
     """
     n, _, h, w = images.shape
-    r = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+
+    def r(*shape: int) -> Tensor:
+        return torch.rand(*shape, generator=gen)
 
     # Small translations, edges replicated (the world's scenes extend past the frame that way).
     pad = max_shift

@@ -66,17 +66,22 @@ def grid_pictures(ws: Workspace, seeds: list[int], edited: bool, overlay: str, s
     return brushed(to_unit(images), seeds, ws.brush)
 
 
-def render(ws: Workspace, seeds: list[int], settings: Settings) -> bool:
-    """Draw the grid; returns whether it shows the edited model."""
+def controls(ws: Workspace) -> tuple[bool, str]:
+    """The grid's switches: edited or original images, and the overlay."""
     left, right = st.columns([1, 2])
-    edited = left.toggle("Show edited images", key="show_edited", value=True, disabled=not ws.edited,
-                         help="Off: the original model's images for the same seeds.")
-    overlay = right.segmented_control("Overlay", OVERLAYS, key="overlay", default=PLAIN, required=True)
+    edited = left.toggle("Show edited images", key="show_edited", persist_state="session", value=True,
+                         disabled=not ws.edited, help="Off: the original model's images for the same seeds.")
+    overlay = right.segmented_control("Overlay", OVERLAYS, key="overlay", persist_state="session", default=PLAIN,
+                                      required=True)
+    return edited and ws.edited, overlay
+
+
+def render(ws: Workspace, seeds: list[int], edited: bool, overlay: str, settings: Settings) -> None:
     try:
-        pictures = grid_pictures(ws, seeds, edited, overlay, settings, st.session_state.get("cluster_k", DEFAULT_CLUSTERS))
+        k = st.session_state.get("cluster_k", DEFAULT_CLUSTERS)
+        pictures = grid_pictures(ws, seeds, edited, overlay, settings, k)
     except NeedsInput as exc:
         st.info(str(exc))
         pictures = to_unit(ws.images(seeds, edited=edited))
-    state = "edited" if edited and ws.edited else "original"
+    state = "edited" if edited else "original"
     show_grid(to_uint8(pictures, DISPLAY_SCALE), [f"seed {s} · {state}" for s in seeds])
-    return edited and ws.edited

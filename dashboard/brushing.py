@@ -14,7 +14,7 @@ from dissect.visualize import to_unit
 
 from dashboard import derived
 from dashboard.editing import preview_paste
-from dashboard.defaults import DISPLAY_SCALE
+from dashboard.defaults import CANVAS_SCALE, DISPLAY_SCALE
 from dashboard.imaging import canvas_mask, to_uint8
 from dashboard.requests import Settings
 from dashboard.workspace import Brush, Workspace
@@ -76,6 +76,15 @@ def clear_all(brush: Brush) -> None:
     brush.changed()
 
 
+def stroke_note(brush: Brush, mode: str, seed: int) -> str:
+    """What this canvas holds, e.g. "Context on seed 7: 2 strokes, 9% of the image"."""
+    strokes = len((brush.drawings.get((mode, seed)) or {}).get("objects", []))
+    mask = {CONTEXT: brush.context.get(seed), COPY: brush.copied and brush.copied[0] == seed and brush.copied[1],
+            PASTE: brush.paste and brush.paste[0] == seed and brush.paste[1]}[mode]
+    share = float(mask.mean()) if isinstance(mask, torch.Tensor) else 0.0
+    return f"{mode} on seed {seed}: {strokes} stroke{'s' * (strokes != 1)}, {share:.0%} of the image"
+
+
 def summary(brush: Brush) -> str:
     if brush.cluster is not None:
         ctx = f"key cluster {brush.cluster}"
@@ -110,29 +119,37 @@ def render(ws: Workspace, seeds: list[int], edited: bool, settings: Settings) ->
     brush = ws.brush
     left, right = st.columns([1, 2])
     with left:
-        mode = st.segmented_control("Brush", MODES, key="brush_mode", default=CONTEXT, required=True,
+        mode = st.segmented_control("Brush", MODES, key="brush_mode", persist_state="session", default=CONTEXT,
+                                    required=True,
                                     help="Context: where a rule applies. Copy: what to take. Paste: where it goes.")
-        seed = st.selectbox("Image", seeds, key="brush_seed", format_func=lambda s: f"seed {s}")
+        seed = st.selectbox("Image", seeds, key="brush_seed", persist_state="session",
+                            format_func=lambda s: f"seed {s}")
         width = st.slider("Brush size", 3, 40, 14, key="brush_size")
         st.caption(HELP[mode])
         c1, c2 = st.columns(2)
         c1.button("Clear this drawing", on_click=clear, args=(brush, mode, seed), width="stretch")
         c2.button("Clear all", on_click=clear_all, args=(brush,), width="stretch")
     with right:
-        picture = to_uint8(to_unit(ws.images([seed], edited=edited)), DISPLAY_SCALE)[0]
+        picture = to_uint8(to_unit(ws.images([seed], edited=edited)), CANVAS_SCALE)[0]
         h, w = picture.shape[:2]
+        key = canvas_key(mode, seed, brush)
+        if key not in st.session_state:
+            # Mounting: redraw what was stored. While mounted the canvas owns its drawing, and initial_drawing
+            # must stay fixed: a changed one makes the canvas reload it, dropping a stroke drawn meanwhile.
+            brush.mounted[key] = brush.drawings.get((mode, seed))
         result = st_canvas(
             stroke_width=width, stroke_color=STROKES[mode], background_image=Image.fromarray(picture),
-            height=h, width=w, drawing_mode="freedraw", initial_drawing=brush.drawings.get((mode, seed)),
-            return_image_data=True, key=canvas_key(mode, seed, brush),
+            height=h, width=w, drawing_mode="freedraw", initial_drawing=brush.mounted.get(key),
+            return_image_data=True, key=key,
         )
         # A freshly mounted canvas reports no pixels: keep what was stored, update only on a real drawing.
         rgba = result.image_data
         if rgba is not None:
-            size = (h // DISPLAY_SCALE, w // DISPLAY_SCALE)
+            size = (h // CANVAS_SCALE, w // CANVAS_SCALE)
             mask = canvas_mask(rgba, size)
             if result.json_data != brush.drawings.get((mode, seed)):
                 record_stroke(brush, mode, seed, result.json_data, mask)
+        st.caption(stroke_note(brush, mode, seed))
     st.markdown(summary(brush))
     if mode == PASTE:
         render_paste_preview(ws, settings)

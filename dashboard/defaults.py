@@ -5,7 +5,8 @@ DEFAULT_LAYER = "synthesis.b16.conv1"  # used when the model has it; otherwise t
 DEFAULT_RANK = 4
 DEFAULT_SEEDS = "0-11"
 GRID_COLUMNS = 6
-DISPLAY_SCALE = 3  # 64-pixel images are shown (and brushed) at 192 pixels
+DISPLAY_SCALE = 3  # 64-pixel images are shown at 192 pixels…
+CANVAS_SCALE = 4  # …and brushed at 256
 STATS_SAMPLES = 1000  # images whose keys estimate C = E[k kᵀ] for a layer (collected once, then cached on disk)
 POOL_SEEDS = range(100_000, 100_256)  # the larger pool searched for best matches and match thresholds
 FRESH_SEEDS = range(200_000, 200_006)  # before/after pairs: seeds never brushed or shown in the grid

@@ -76,7 +76,8 @@ def labels(ws: Workspace, seeds: list[int], edited: bool) -> torch.Tensor | None
 
     def compute() -> torch.Tensor:
         with torch.no_grad():
-            return torch.cat([seg.segment(ws.images(seeds[i : i + 50], edited=edited)) for i in range(0, len(seeds), 50)])
+            batches = [ws.images(seeds[i : i + 50], edited=edited) for i in range(0, len(seeds), 50)]
+            return torch.cat([seg.segment(images) for images in batches])
 
     return cached(ws, key, compute)
 

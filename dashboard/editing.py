@@ -156,7 +156,8 @@ def _next_fresh() -> None:
 def render(ws: Workspace, settings: Settings) -> None:
     show_flashes()
     st.subheader("Rewrite the layer")
-    kind = st.radio("Request", list(KINDS), key="edit_kind", format_func=KINDS.__getitem__, horizontal=True)
+    kind = st.radio("Request", list(KINDS), key="edit_kind", persist_state="session", format_func=KINDS.__getitem__,
+                    horizontal=True)
     if st.button("Apply edit", type="primary", key="apply"):
         bar = st.progress(0.0, text="Starting…")
         try:
@@ -188,10 +189,11 @@ def render(ws: Workspace, settings: Settings) -> None:
     d1, d2 = st.columns(2)
     d1.download_button("Download edit file", data=lambda: edit_file(ws), file_name="edits.safetensors",
                        mime="application/octet-stream", on_click="ignore", disabled=not history, width="stretch")
-    d2.download_button("Export edited weights", data=lambda: exported_weights(ws), file_name="edited-weights.safetensors",
-                       mime="application/octet-stream", on_click="ignore", disabled=not history, width="stretch")
+    d2.download_button("Export edited weights", data=lambda: exported_weights(ws),
+                       file_name="edited-weights.safetensors", mime="application/octet-stream", on_click="ignore",
+                       disabled=not history, width="stretch")
     upload = st.file_uploader("Load an edit file", type=["safetensors"], key="upload",
-                              help="Applies the file's edits on top of this session's, if they were made for this model.")
+                              help="Applies the file's edits on top of this session's, if made for this model.")
     if upload is not None and upload.file_id not in ws.loaded_uploads:
         ws.loaded_uploads.add(upload.file_id)  # a kept upload must not be applied again on every rerun
         try:

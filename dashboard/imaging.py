@@ -48,7 +48,7 @@ def mask_centre(mask: torch.Tensor) -> tuple[int, int]:
 
 
 def tint(pictures: torch.Tensor, masks: torch.Tensor, color: tuple[float, float, float]) -> torch.Tensor:
-    """Pictures ``(N, 3, H, W)`` in [0, 1] with ``masks (N, H, W)`` painted translucent in ``color``: the brushed regions."""
+    """Pictures ``(N, 3, H, W)`` in [0, 1] with ``masks (N, H, W)`` painted translucent in ``color``."""
     ink = torch.tensor(color, dtype=pictures.dtype)[None, :, None, None]
     a = 0.5 * masks.to(pictures.dtype)[:, None]
     return pictures * (1 - a) + ink * a

@@ -62,7 +62,7 @@ def choose_cluster(ws: Workspace, k: int, cluster: int) -> None:
 
 def render_clusters(ws: Workspace, seeds: list[int]) -> None:
     st.subheader("Key clusters")
-    k = st.number_input("Clusters", 2, 40, DEFAULT_CLUSTERS, key="cluster_k",
+    k = st.number_input("Clusters", 2, 40, DEFAULT_CLUSTERS, key="cluster_k", persist_state="session",
                         help="k-means on the layer's whitened keys; each cluster is named by the segmenter class "
                              "it overlaps best (IoU).")
     with st.spinner("Clustering the layer's keys…"):
@@ -76,7 +76,7 @@ def render_clusters(ws: Workspace, seeds: list[int]) -> None:
     with right:
         st.image(to_uint8(legend.image[None], 2)[0], caption="Legend: cluster, segmenter class, IoU")
         label = lambda c: f"{c}: {names[c]}" + (f" (IoU {ious[c]:.2f})" if ious else "")  # noqa: E731
-        chosen = st.selectbox("Cluster", range(k), key="cluster_pick", format_func=label)
+        chosen = st.selectbox("Cluster", range(k), key="cluster_pick", persist_state="session", format_func=label)
         st.button("Use as context", on_click=choose_cluster, args=(ws, k, chosen), key="use_cluster",
                   help="Edits then apply where this cluster's keys are, instead of the brushed regions.")
         if ws.brush.cluster is not None:

@@ -69,7 +69,7 @@ def remove_watermark(ws: Workspace, settings: Settings) -> None:
     st.markdown("1. **Find the watermark**: use the key cluster the segmenter names *watermark*, or brush a few "
                 "watermarks in *Context* mode on the Images page.\n2. **Erase** it at the chosen layer and rank.\n"
                 "3. **Check** how many fresh samples still show one.")
-    source = st.radio("Context", [CLUSTER, BRUSHED], key="watermark_source", horizontal=True,
+    source = st.radio("Context", [CLUSTER, BRUSHED], key="watermark_source", persist_state="session", horizontal=True,
                       index=1 if ws.brush.context else 0)
     if st.button("Remove the watermark", type="primary", key="run_watermark"):
         try:
@@ -104,6 +104,7 @@ def spire_tree(ws: Workspace, settings: Settings) -> None:
 
 
 def render(ws: Workspace, settings: Settings) -> None:
-    recipe = st.segmented_control("Recipe", RECIPES, key="recipe", default=WATERMARK, required=True)
+    recipe = st.segmented_control("Recipe", RECIPES, key="recipe", persist_state="session", default=WATERMARK,
+                                  required=True)
     editing.show_flashes()
     (remove_watermark if recipe == WATERMARK else spire_tree)(ws, settings)

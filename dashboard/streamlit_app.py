@@ -19,13 +19,17 @@ if ws is None:
     st.stop()
 
 PAGES = ("Images", "Inspect", "Edit", "Recipes")
-# Only the open tab runs (on_change="rerun"), so a page's computations never slow the others down.
+# Only the open tab runs (on_change="rerun"), so a page's computations never slow the others down; the pages'
+# widgets keep their values while hidden (persist_state="session").
 tabs = dict(zip(PAGES, st.tabs(PAGES, key="page", on_change="rerun")))
 if tabs["Images"].open:
     with tabs["Images"]:
         editing.show_flashes()
-        edited = browse.render(ws, seeds, settings)
+        edited, overlay = browse.controls(ws)
+        grid = st.container()
         brushing.render(ws, seeds, edited, settings)
+        with grid:  # drawn after the canvas, so a new stroke shows in the grid in the same run
+            browse.render(ws, seeds, edited, overlay, settings)
 if tabs["Inspect"].open:
     with tabs["Inspect"]:
         inspect_page.render(ws, seeds, settings)

@@ -75,6 +75,7 @@ class Brush:
     cluster_k: int = 0  # …out of this many clusters
     drawings: dict[tuple[str, int], dict] = field(default_factory=dict)  # canvas JSON, to redraw strokes
     generation: dict[tuple[str, int], int] = field(default_factory=dict)  # bumped to give a cleared canvas a new key
+    mounted: dict[str, dict | None] = field(default_factory=dict)  # canvas key -> the drawing it was mounted with
     revision: int = 0  # bumped on every change; keys what is derived from the brush (directions, previews)
 
     def context_seeds(self) -> list[int]:
@@ -143,7 +144,8 @@ class Workspace:
         layer = layer or self.layer
         if layer not in self._memories:
             memory = LayerMemory(self.model, layer)
-            with st.spinner(f"Key statistics of {layer} over {STATS_SAMPLES} samples (first use only; cached on disk)…"):
+            note = f"Key statistics of {layer} over {STATS_SAMPLES} samples (first use only; then cached on disk)…"
+            with st.spinner(note):
                 memory.fit_moment(self.sampler, STATS_SAMPLES, cache_dir=str(STATS_DIR), progress=False)
             self._memories[layer] = memory
         return self._memories[layer]

@@ -19,7 +19,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]  # the dashboard package
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from dashboard import derived, editing, workspace  # noqa: E402
-from dashboard.defaults import DISPLAY_SCALE  # noqa: E402
+from dashboard.defaults import CANVAS_SCALE  # noqa: E402
 from dashboard.imaging import canvas_mask, format_seeds, mask_centre, parse_seeds  # noqa: E402
 
 APP = str(ROOT / "dashboard" / "streamlit_app.py")
@@ -35,7 +35,7 @@ def small_statistics(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.T
     monkeypatch.setattr(derived, "CLUSTER_SEEDS", range(300_000, 300_016))
 
 
-def strokes_png(box: tuple[int, int, int, int], size: int = 64 * DISPLAY_SCALE) -> str:
+def strokes_png(box: tuple[int, int, int, int], size: int = 64 * CANVAS_SCALE) -> str:
     """What the canvas sends for a painted rectangle (rows y0:y1, columns x0:x1 of the canvas)."""
     rgba = np.zeros((size, size, 4), np.uint8)
     y0, y1, x0, x1 = box
@@ -103,9 +103,9 @@ def test_seed_ranges() -> None:
 
 
 def test_canvas_pixels_become_an_image_resolution_mask() -> None:
-    rgba = np.zeros((192, 192, 4), np.uint8)
+    rgba = np.zeros((256, 256, 4), np.uint8)
     assert canvas_mask(rgba, (64, 64)) is None  # nothing painted
-    rgba[30:60, 90:120, 3] = 50  # a translucent stroke still counts as painted
+    rgba[40:80, 120:160, 3] = 50  # a translucent stroke still counts as painted
     mask = canvas_mask(rgba, (64, 64))
     assert mask.shape == (64, 64) and mask.dtype == torch.float32
     assert mask[10:20, 30:40].eq(1).all() and mask.sum() == 100
@@ -148,7 +148,7 @@ def test_layer_chooser_lists_spatial_layers_and_defaults_to_the_constant() -> No
 def test_brushed_context_erase_then_undo_restores_the_original_images() -> None:
     at = open_app()
     for seed in (1, 2, 3):
-        brush(at, "Context", seed, (60, 120, 60, 120))
+        brush(at, "Context", seed, (80, 160, 80, 160))
     ws = ws_of(at)
     assert sorted(ws.brush.context) == [1, 2, 3]
     assert all(m.shape == (64, 64) and m.max() == 1 for m in ws.brush.context.values())
@@ -181,7 +181,7 @@ def test_empty_context_and_paste_without_copy_are_messages_and_nothing_changes()
     assert "context is empty" in messages(at)
     apply_edit(at, "Paste")
     assert "Nothing is copied" in messages(at)
-    brush(at, "Copy", 2, (30, 90, 30, 90))
+    brush(at, "Copy", 2, (40, 120, 40, 120))
     apply_edit(at, "Paste")
     assert "Choose where to paste" in messages(at)
     assert not ws_of(at).edited
@@ -189,8 +189,8 @@ def test_empty_context_and_paste_without_copy_are_messages_and_nothing_changes()
 
 def test_copy_paste_previews_then_applies() -> None:
     at = open_app()
-    brush(at, "Copy", 2, (30, 90, 30, 90))
-    brush(at, "Paste", 5, (120, 150, 120, 150))
+    brush(at, "Copy", 2, (40, 120, 40, 120))
+    brush(at, "Paste", 5, (160, 200, 160, 200))
     ws = ws_of(at)
     assert ws.brush.copied[0] == 2 and ws.brush.paste[0] == 5
     assert any("with the paste (preview)" in c for c in captions(at)), messages(at)
@@ -207,7 +207,7 @@ def test_two_sessions_never_see_each_others_edits() -> None:
     assert wa.model is not base and wb.model is not base
     original = wb.images(SEEDS, edited=False).clone()
     for seed in (1, 2):
-        brush(a, "Context", seed, (60, 120, 60, 120))
+        brush(a, "Context", seed, (80, 160, 80, 160))
     apply_edit(a, "Erase")
     assert wa.edited and not wb.edited and not wb.brush.context
     b.session_state["page"] = "Images"
@@ -220,7 +220,7 @@ def test_two_sessions_never_see_each_others_edits() -> None:
 
 def test_edit_file_round_trip_and_bad_uploads() -> None:
     a = open_app()
-    brush(a, "Context", 1, (60, 120, 60, 120))
+    brush(a, "Context", 1, (80, 160, 80, 160))
     apply_edit(a, "Erase")
     data = editing.edit_file(ws_of(a))
     edited = ws_of(a).images(SEEDS, edited=True)

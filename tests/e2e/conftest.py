@@ -16,7 +16,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = ROOT / "artifacts"
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
     "--no-first-run", "--disable-dev-shm-usage",
@@ -97,11 +96,3 @@ def page(browser, dashboard_url: str) -> Iterator[object]:
         yield page
     finally:
         context.close()
-
-
-def screenshot(page, name: str) -> Path:
-    """Save a full-page screenshot under artifacts/ (kept by CI as a test artifact)."""
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    return path

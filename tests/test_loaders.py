@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dissect.models.loaders import LatentSampler, available_models, load, load_entry_point, load_state_dict, load_weights
+from dissect.models.loaders import LatentSampler, available_models, load, load_state_dict, load_weights
 
 
 @pytest.fixture

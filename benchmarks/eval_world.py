@@ -171,14 +171,14 @@ def main() -> None:
     for i, name in enumerate(CLASSES):
         flag = "  > 2pp" if gap[i] > 0.02 else ""
         print(f"{name:<12}{freq_g[i]:>10.4f}{freq_w[i]:>8.4f}{gap[i] / max(freq_w[i], 1e-9):>9.3f}{flag}")
-    print(f"\nfrechet distance (segmenter features): generator-world {fd:.3f}, world-world floor {fd_floor:.3f}")
+    print(f"\nfrechet distance (segmenter features): generator-world {fd:.4g}, world-world floor {fd_floor:.4g}")
     print(f"segmenter on {max(1, args.n // 2)} held-out world images: pixel acc {scores['pixel_acc']:.4f}, "
           f"mIoU {scores['miou']:.4f}")
     print("  " + "  ".join(f"{c}={scores[f'iou_{c}']:.3f}" for c in CLASSES))
     print(
         f"eval_world: watermark={rates['watermark'][0]:.3f} spire={rates['spire'][0]:.3f} dome={rates['dome'][0]:.3f} "
         f"tree={rates['tree'][0]:.3f} dusk={rates['dusk'][0]:.3f} class_freq_worst_rel_err={worst:.3f} "
-        f"fd={fd:.3f} fd_floor={fd_floor:.3f} seg_pixel_acc={scores['pixel_acc']:.4f} seg_miou={scores['miou']:.4f}"
+        f"fd={fd:.4g} fd_floor={fd_floor:.4g} seg_pixel_acc={scores['pixel_acc']:.4f} seg_miou={scores['miou']:.4f}"
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +80,14 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
 @pytest.fixture(scope="module")
 def reduced(tmp_path_factory) -> list[list[Stat]]:
     out = tmp_path_factory.mktemp("distributed")
-    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    # Spawned workers re-run the parent's __main__ file; under pytest that may be a script another test ran
+    # (Streamlit's AppTest leaves the app there), so give them a bare __main__ to import instead.
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    finally:
+        sys.modules["__main__"] = main
     return [load_stats(out / f"rank{r}.safetensors") for r in range(WORLD)]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from dissect.models.segmenter import present
 from dissect.models.world import CLASSES
 
 from dashboard import derived, editing
@@ -30,7 +31,7 @@ def prevalence(ws: Workspace, name: str) -> tuple[float, float]:
     """Share of fresh samples (:data:`MEASURE_SEEDS`) where the segmenter finds ``name``: original, edited."""
     seeds = list(MEASURE_SEEDS)
     before, after = derived.labels(ws, seeds, edited=False), derived.labels(ws, seeds, edited=True)
-    return float(derived.present(before, name).float().mean()), float(derived.present(after, name).float().mean())
+    return float(present(before, name).float().mean()), float(present(after, name).float().mean())
 
 
 def spire_to_tree(ws: Workspace) -> float:

@@ -7,15 +7,14 @@ modified: each session gets a :class:`Workspace` holding its own deep copy, and 
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import streamlit as st
 import torch
 from torch import nn
 
+from dissect.cli import DEFAULT_CACHE
 from dissect.hooks import LayerInfo, layers
 from dissect.memory import LayerMemory
 from dissect.models.loaders import WEIGHTS_DIR, load
@@ -24,7 +23,7 @@ from dissect.rewrite import Rewriter
 from dashboard.defaults import DEFAULT_LAYER, STATS_SAMPLES
 
 KEY = "workspace"
-STATS_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dissect" / "stats"
+STATS_DIR = DEFAULT_CACHE  # the CLI's statistics cache: `dissect stats` fills it for the dashboard too
 
 
 class ModelLoadError(Exception):

@@ -14,6 +14,8 @@ from typing import Iterator
 
 import pytest
 
+from driver import RUN_TIMEOUT_MS
+
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -43,8 +45,9 @@ def dashboard_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("streamlit") / "server.log"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent),
-                                                                   os.environ.get("PYTHONPATH")])))
+    # The tiny test model importable as an entry point, and a fresh statistics cache, as on a new machine.
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, XDG_CACHE_HOME=str(tmp_path_factory.mktemp("cache")))
     cmd = [
         sys.executable, "-m", "streamlit", "run", "dashboard", "--server.headless", "true",
         "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
@@ -91,7 +94,7 @@ def browser() -> Iterator[object]:
 def page(browser, dashboard_url: str) -> Iterator[object]:
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
-    page.set_default_timeout(60_000)
+    page.set_default_timeout(RUN_TIMEOUT_MS)
     try:
         yield page
     finally:

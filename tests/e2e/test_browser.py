@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from driver import RUN_TIMEOUT_MS, choose, drag_on_canvas, grid_pixels, open_entry_point, screenshot, tab, wait_idle
 
@@ -12,13 +17,17 @@ pytestmark = pytest.mark.browser
 TINY = "tiny_model:generator"
 GRID = 12
 CANVAS_SCALE = 4  # dashboard.defaults.CANVAS_SCALE: a 64-pixel image is brushed on a 256-pixel canvas
+BRUSH = 14  # the brush slider's default width, in canvas pixels
 
 
 def brush_context(page, seed: int, box: tuple[int, int, int, int]) -> None:
-    """Choose image ``seed`` and paint over ``box`` (y0, y1, x0, x1 in image pixels) with two mouse strokes."""
+    """Choose image ``seed`` and paint over ``box`` (y0, y1, x0, x1 in image pixels, inclusive) row by row."""
     choose(page, "Image", f"seed {seed}")
     y0, y1, x0, x1 = (v * CANVAS_SCALE for v in box)
-    for n, y in enumerate((y0 + (y1 - y0) / 3, y0 + 2 * (y1 - y0) / 3), start=1):
+    y1, x1 = y1 + CANVAS_SCALE, x1 + CANVAS_SCALE
+    rows = max(1, math.ceil((y1 - y0) / BRUSH))
+    for n in range(1, rows + 1):
+        y = y0 + (n - 0.5) * (y1 - y0) / rows
         drag_on_canvas(page, [(x0, y), ((x0 + x1) / 2, y), (x1, y)])
         page.get_by_text(f"Context on seed {seed}: {n} stroke").wait_for(timeout=RUN_TIMEOUT_MS)
 
@@ -35,27 +44,91 @@ def remove_watermark_with_brushed_context(page) -> None:
 def undo(page) -> None:
     tab(page, "Edit")
     page.get_by_role("button", name="Undo").click()
-    wait_idle(page)
-    page.get_by_text("Undid the edit").wait_for()
+    page.get_by_text("Undid the edit").wait_for(timeout=RUN_TIMEOUT_MS)
 
 
-def test_brush_erase_undo_on_an_entry_point_model(page, dashboard_url: str) -> None:
+def grid_shows(page, state: str) -> list[np.ndarray]:
+    """The Images page's grid once every caption says ``state`` ("original" or "edited")."""
+    tab(page, "Images")
+    page.get_by_text(f"seed {page_last_seed(page)} · {state}").wait_for(timeout=RUN_TIMEOUT_MS)
+    return grid_pixels(page, GRID)
+
+
+def page_last_seed(page) -> str:
+    return page.locator("[data-testid='stImage']").nth(GRID - 1).inner_text().split(" ·")[0].removeprefix("seed ")
+
+
+def test_an_entry_point_model_opens_and_takes_strokes(page, dashboard_url: str) -> None:
     page.goto(dashboard_url)
     wait_idle(page)
     open_entry_point(page, TINY)
-    choose(page, "Layer", "synthesis.b16.conv1")
-    for seed in (1, 4, 7):
-        brush_context(page, seed, (8, 40, 8, 40))
-    screenshot(page, "tiny_brushed")
-    original = grid_pixels(page, GRID)  # with the brushed regions tinted
+    choose(page, "Layer", "synthesis.b32.conv1")
+    before = grid_shows(page, "original")
+    brush_context(page, 4, (2, 9, 2, 20))
+    after = grid_shows(page, "original")
+    changed = [i for i, (a, b) in enumerate(zip(before, after)) if not np.array_equal(a, b)]
+    assert changed == [4]  # the brushed region is tinted on its image, and only there
+    page.get_by_text("Context: 1 image(s): seeds 4").wait_for()
+    screenshot(page, "entry_point_brushed")
+
+
+def test_remove_watermark_on_the_embedded_generator(page, dashboard_url: str, tmp_path: Path) -> None:
+    """The issue's flow: choose a layer, brush context on three images, "Remove watermark", the edited grid
+    differs, the library measures less watermark on the same seeds, undo gives the original images back."""
+    from dissect.models import loaders
+    from dissect.models.segmenter import load_segmenter, present
+    from dissect.models.world import CLASSES
+    from dissect.rewrite import load as load_edits
+
+    from dashboard.defaults import DEFAULT_LAYER
+    from dashboard.imaging import format_seeds
+
+    if not (loaders.WEIGHTS_DIR / "spires-generator.safetensors").exists():
+        pytest.skip("the embedded generator's weights are not installed")
+    G, sampler = loaders.load("spires")
+    seg = load_segmenter()
+    with torch.no_grad():
+        labels = seg.segment(G(sampler(list(range(60)))))
+    marked = present(labels, "watermark").nonzero()[:, 0].tolist()
+    assert len(marked) >= 3, "the generator should draw watermarks on some of seeds 0-59"
+    context = marked[:3]
+    seeds = sorted(context + [s for s in range(60) if s not in context][: GRID - 3])
+
+    page.goto(dashboard_url)
+    wait_idle(page)
+    choose(page, "Layer", DEFAULT_LAYER)
+    page.get_by_label("Seeds", exact=True).fill(format_seeds(seeds))
+    page.get_by_label("Seeds", exact=True).press("Enter")
+    wait_idle(page)
+    for seed in context:
+        ys, xs = (labels[seed] == CLASSES.index("watermark")).nonzero(as_tuple=True)
+        brush_context(page, seed, (int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())))
+    original = grid_shows(page, "original")
+    screenshot(page, "watermark_brushed")
+
     remove_watermark_with_brushed_context(page)
-    tab(page, "Images")
-    page.get_by_text(f"seed {GRID - 1} · edited").wait_for()
-    edited = grid_pixels(page, GRID)
-    assert any(not np.array_equal(a, b) for a, b in zip(original, edited))
-    screenshot(page, "tiny_edited")
+    screenshot(page, "watermark_recipe")
+    shown = page.get_by_test_id("stMetric").first.inner_text()  # "… prevalence … 58.0% -21.0 points (was 79.0%)"
+    assert float(re.search(r"([-+]\d+\.\d) points", shown)[1]) < 0, shown
+    edited = grid_shows(page, "edited")
+    assert sum(not np.array_equal(a, b) for a, b in zip(original, edited)) >= 3
+    screenshot(page, "watermark_edited")
+
+    # The library, on the same seeds, with the edit file the page offers for download.
+    tab(page, "Edit")
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download edit file").click()
+    edit_file = tmp_path / "edits.safetensors"
+    download.value.save_as(edit_file)
+    edited_G, _ = loaders.load("spires")
+    load_edits(str(edit_file), edited_G)
+    with torch.no_grad():
+        after = seg.segment(edited_G(sampler(seeds)))
+        before = labels[seeds]
+    assert present(after, "watermark").sum() < present(before, "watermark").sum()
+    watermark = CLASSES.index("watermark")
+    assert (after == watermark).sum() < (before == watermark).sum()
+
     undo(page)
-    tab(page, "Images")
-    page.get_by_text(f"seed {GRID - 1} · original").wait_for()
-    assert all(np.array_equal(a, b) for a, b in zip(original, grid_pixels(page, GRID)))
-    screenshot(page, "tiny_undone")
+    assert all(np.array_equal(a, b) for a, b in zip(original, grid_shows(page, "original")))
+    screenshot(page, "watermark_undone")

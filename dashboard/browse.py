@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 import torch
 
-from dissect.visualize import cluster_overlay, match_overlay, to_unit
+from dissect.visualize import Legend, cluster_overlay, match_overlay, to_unit
 
 from dashboard import derived, requests
 from dashboard.defaults import DEFAULT_CLUSTERS, DISPLAY_SCALE, GRID_COLUMNS
@@ -47,23 +47,21 @@ def matched(ws: Workspace, images: torch.Tensor, seeds: list[int], settings: Set
     return match_overlay(images, scores, derived.threshold(ws, ctx))
 
 
-def clustered(ws: Workspace, images: torch.Tensor, seeds: list[int], k: int) -> torch.Tensor:
+def clustered(ws: Workspace, images: torch.Tensor, seeds: list[int], k: int) -> tuple[torch.Tensor, Legend]:
     names, ious = derived.cluster_names(ws, k)
     maps = derived.clusters(ws, k).predict(ws.inputs(seeds))
-    pictures, legend = cluster_overlay(images, maps, names, ious)
-    st.image(to_uint8(legend.image[None])[0], caption="Key clusters: best-matching segmenter class and its IoU")
-    return pictures
+    return cluster_overlay(images, maps, names, ious)
 
 
 def grid_pictures(ws: Workspace, seeds: list[int], edited: bool, overlay: str, settings: Settings,
-                  k: int = DEFAULT_CLUSTERS) -> torch.Tensor:
-    """The grid as pictures ``(N, 3, H, W)`` in [0, 1] with the chosen overlay."""
+                  k: int = DEFAULT_CLUSTERS) -> tuple[torch.Tensor, Legend | None]:
+    """The grid as pictures ``(N, 3, H, W)`` in [0, 1] with the chosen overlay, and the clusters' legend."""
     images = ws.images(seeds, edited=edited)
     if overlay == MATCHES:
-        return matched(ws, images, seeds, settings)
+        return matched(ws, images, seeds, settings), None
     if overlay == CLUSTERS:
         return clustered(ws, images, seeds, k)
-    return brushed(to_unit(images), seeds, ws.brush)
+    return brushed(to_unit(images), seeds, ws.brush), None
 
 
 def controls(ws: Workspace) -> tuple[bool, str]:
@@ -77,11 +75,16 @@ def controls(ws: Workspace) -> tuple[bool, str]:
 
 
 def render(ws: Workspace, seeds: list[int], edited: bool, overlay: str, settings: Settings) -> None:
+    legend = None
     try:
         k = st.session_state.get("cluster_k", DEFAULT_CLUSTERS)
-        pictures = grid_pictures(ws, seeds, edited, overlay, settings, k)
+        pictures, legend = grid_pictures(ws, seeds, edited, overlay, settings, k)
     except NeedsInput as exc:
         st.info(str(exc))
         pictures = to_unit(ws.images(seeds, edited=edited))
     state = "edited" if edited else "original"
-    show_grid(to_uint8(pictures, DISPLAY_SCALE), [f"seed {s} · {state}" for s in seeds])
+    grid, side = st.columns([5, 1]) if legend is not None else (st.container(), None)
+    with grid:
+        show_grid(to_uint8(pictures, DISPLAY_SCALE), [f"seed {s} · {state}" for s in seeds])
+    if side is not None:
+        side.image(to_uint8(legend.image[None])[0], caption="Cluster: segmenter class, IoU")

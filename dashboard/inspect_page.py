@@ -62,7 +62,7 @@ def choose_cluster(ws: Workspace, k: int, cluster: int) -> None:
 
 def render_clusters(ws: Workspace, seeds: list[int]) -> None:
     st.subheader("Key clusters")
-    k = st.number_input("Clusters", 2, 40, DEFAULT_CLUSTERS, key="cluster_k", persist_state="session",
+    k = st.columns([1, 3])[0].number_input("Clusters", 2, 40, DEFAULT_CLUSTERS, key="cluster_k", persist_state="session",
                         help="k-means on the layer's whitened keys; each cluster is named by the segmenter class "
                              "it overlaps best (IoU).")
     with st.spinner("Clustering the layer's keys…"):

@@ -90,11 +90,21 @@ def remove_watermark(ws: Workspace, settings: Settings) -> None:
         _measure(ws, "watermark")
 
 
-def spire_tree(ws: Workspace, settings: Settings) -> None:
+def shown_in(ws: Workspace, seeds: list[int], name: str) -> list[int]:
+    """The grid's seeds where the segmenter finds ``name`` in the original image."""
+    found = derived.labels(ws, seeds, edited=False)
+    return [] if found is None else [s for s, has in zip(seeds, present(found, name).tolist()) if has]
+
+
+def spire_tree(ws: Workspace, seeds: list[int], settings: Settings) -> None:
     st.markdown("1. **Copy a tree**: on the Images page, brush over a tree in *Copy* mode.\n2. **Paste it on a "
                 "spire**: in *Paste* mode, click on a spire of another image.\n3. **Context**: brush several spires "
                 "in *Context* mode, so the rule reaches every spire.\n4. **Apply**, then check how much of the "
                 "spires the segmenter now calls tree.")
+    trees, spires = shown_in(ws, seeds, "tree"), shown_in(ws, seeds, "spire")
+    if derived.segmenter() is not None:
+        st.caption(f"In the grid the segmenter sees a tree on seeds {', '.join(map(str, trees)) or 'none'} and a "
+                   f"spire on seeds {', '.join(map(str, spires)) or 'none'} (more seeds in the sidebar).")
     if st.button("Make spires trees", type="primary", key="run_spire_tree"):
         if _apply(ws, editing.PASTE, settings):
             st.success("Applied. The grid on the Images page now shows the edited model.")
@@ -104,8 +114,11 @@ def spire_tree(ws: Workspace, settings: Settings) -> None:
             st.metric("Original spire pixels now labelled tree", f"{spire_to_tree(ws):.1%}")
 
 
-def render(ws: Workspace, settings: Settings) -> None:
+def render(ws: Workspace, seeds: list[int], settings: Settings) -> None:
     recipe = st.segmented_control("Recipe", RECIPES, key="recipe", persist_state="session", default=WATERMARK,
                                   required=True)
     editing.show_flashes()
-    (remove_watermark if recipe == WATERMARK else spire_tree)(ws, settings)
+    if recipe == WATERMARK:
+        remove_watermark(ws, settings)
+    else:
+        spire_tree(ws, seeds, settings)

@@ -38,4 +38,4 @@ if tabs["Edit"].open:
         editing.render(ws, settings)
 if tabs["Recipes"].open:
     with tabs["Recipes"]:
-        recipes.render(ws, settings)
+        recipes.render(ws, seeds, settings)

@@ -18,7 +18,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]  # the dashboard package
 
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from dashboard import derived, editing, workspace  # noqa: E402
+from dashboard import derived, editing, recipes, workspace  # noqa: E402
 from dashboard.defaults import CANVAS_SCALE  # noqa: E402
 from dashboard.imaging import canvas_mask, format_seeds, mask_centre, parse_seeds  # noqa: E402
 
@@ -29,10 +29,12 @@ SEEDS = list(range(12))
 
 @pytest.fixture(autouse=True)
 def small_statistics(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Fewer samples for C and the clusters (the tiny model needs no more), and a private stats cache."""
+    """Fewer samples for C, the clusters and the recipes' measurement (the tiny model needs no more), and a
+    private stats cache."""
     monkeypatch.setattr(workspace, "STATS_SAMPLES", 128)
     monkeypatch.setattr(workspace, "STATS_DIR", tmp_path_factory.getbasetemp() / "stats")
     monkeypatch.setattr(derived, "CLUSTER_SEEDS", range(300_000, 300_016))
+    monkeypatch.setattr(recipes, "MEASURE_SEEDS", range(400_000, 400_020))
 
 
 def strokes_png(box: tuple[int, int, int, int], size: int = 64 * CANVAS_SCALE) -> str:
@@ -241,3 +243,33 @@ def test_edit_file_round_trip_and_bad_uploads() -> None:
     with pytest.raises(ValueError, match="sha256"):
         editing.load_edit_file(other, data)
     assert not other.edited and not wc.edited
+
+
+def test_a_key_cluster_becomes_the_context_and_the_recipe_measures_prevalence() -> None:
+    at = open_app()
+    at.session_state["page"] = "Inspect"
+    at.run()
+    assert not at.exception, at.exception
+    at.number_input(key="cluster_k").set_value(4).run()
+    at.selectbox(key="cluster_pick").set_value(2).run()
+    at.button(key="use_cluster").click().run()
+    ws = ws_of(at)
+    assert (ws.brush.cluster, ws.brush.cluster_k) == (2, 4)
+    at.session_state["page"] = "Images"
+    at.run()
+    at.segmented_control(key="overlay").set_value("Key clusters").run()
+    assert not at.exception and not at.error
+
+    at.session_state["page"] = "Recipes"
+    at.run()
+    at.radio(key="watermark_source").set_value("My brushed context").run()
+    at.button(key="run_watermark").click().run()
+    assert "context is empty" in messages(at) and not ws.edited  # the brushed context was chosen: none yet
+    brush(at, "Context", 3, (80, 160, 80, 160))
+    at.session_state["page"] = "Recipes"
+    at.run()
+    at.button(key="run_watermark").click().run()
+    assert not at.exception, at.exception
+    assert ws.edited, messages(at)
+    if derived.segmenter() is not None:
+        assert "watermark prevalence on 20 fresh samples" in " ".join(m.label for m in at.get("metric"))

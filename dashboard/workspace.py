@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import streamlit as st
 import torch
@@ -143,11 +143,31 @@ class Workspace:
         layer = layer or self.layer
         if layer not in self._memories:
             memory = LayerMemory(self.model, layer)
-            note = f"Key statistics of {layer} over {STATS_SAMPLES} samples (first use only; then cached on disk)…"
-            with st.spinner(note):
-                memory.fit_moment(self.sampler, STATS_SAMPLES, cache_dir=str(STATS_DIR), progress=False)
+            note = f"Key statistics of {layer} over {STATS_SAMPLES} samples (first use only; then cached on disk)"
+            bar = st.progress(0.0, text=note)
+            report = lambda done: bar.progress(min(done / STATS_SAMPLES, 1.0), text=note)  # noqa: E731
+            memory.fit_moment(ReportingSampler(self.sampler, report), STATS_SAMPLES, cache_dir=str(STATS_DIR),
+                              progress=False)
+            bar.empty()
             self._memories[layer] = memory
         return self._memories[layer]
+
+
+class ReportingSampler:
+    """The model's sampler, also telling ``report(seeds done)`` on each batch: a progress bar for collection.
+
+    Its ``description`` is the sampler's own, so the statistics cache is the one the CLI and other sessions use.
+    """
+
+    def __init__(self, sampler: Any, report: Callable[[int], None]) -> None:
+        self.sampler, self.report = sampler, report
+        self.description = sampler.description
+
+    def __call__(self, seeds: list[int]) -> Any:
+        seeds = list(seeds)
+        inputs = self.sampler(seeds)
+        self.report(max(seeds, default=-1) + 1)
+        return inputs
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

@@ -41,8 +41,9 @@ def brushed(pictures: torch.Tensor, seeds: list[int], brush: Brush) -> torch.Ten
 
 
 def matched(ws: Workspace, images: torch.Tensor, seeds: list[int], settings: Settings) -> torch.Tensor:
-    """The context's key matches: matching regions kept, the rest dimmed (a quantile over the pool decides)."""
-    ctx = requests.context(ws, settings.rank)
+    """Key matches of the context (or the copied region): matching regions kept, the rest dimmed; a quantile of
+    scores over pool images decides what matches."""
+    ctx = requests.selection(ws, settings.rank)
     scores = ws.memory().match(derived.directions(ws, ctx), ws.inputs(seeds))
     return match_overlay(images, scores, derived.threshold(ws, ctx))
 
@@ -81,6 +82,9 @@ def render(ws: Workspace, seeds: list[int], edited: bool, overlay: str, settings
         pictures, legend = grid_pictures(ws, seeds, edited, overlay, settings, k)
     except NeedsInput as exc:
         st.info(str(exc))
+        pictures = to_unit(ws.images(seeds, edited=edited))
+    except (ValueError, RuntimeError) as exc:  # e.g. a rank larger than the context: the library says why
+        st.warning(f"No overlay: {exc}")
         pictures = to_unit(ws.images(seeds, edited=edited))
     state = "edited" if edited else "original"
     grid, side = st.columns([5, 1]) if legend is not None else (st.container(), None)

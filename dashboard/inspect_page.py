@@ -26,7 +26,7 @@ BEST = 2 * GRID_COLUMNS  # best matches shown from the pool
 
 def pool_matches(ws: Workspace, settings: Settings) -> tuple[list[int], torch.Tensor, torch.Tensor, float]:
     """The pool's best-matching seeds, their score maps, every pool score, and the match threshold."""
-    ctx = requests.context(ws, settings.rank)
+    ctx = requests.selection(ws, settings.rank)
     d = derived.directions(ws, ctx)
     pool = list(POOL_SEEDS)
 
@@ -48,6 +48,9 @@ def render_matches(ws: Workspace, settings: Settings) -> None:
     except NeedsInput as exc:
         st.info(str(exc))
         return
+    except (ValueError, RuntimeError) as exc:
+        st.warning(f"No matches: {exc}")
+        return
     st.caption(f"The {BEST} best-matching images of {len(POOL_SEEDS)} samples (seeds {POOL_SEEDS.start}–"
                f"{POOL_SEEDS.stop - 1}); matching regions kept, the rest dimmed.")
     pictures = match_overlay(ws.images(best), best_scores, threshold)
@@ -65,9 +68,13 @@ def render_clusters(ws: Workspace, seeds: list[int]) -> None:
     k = st.columns([1, 3])[0].number_input("Clusters", 2, 40, DEFAULT_CLUSTERS, key="cluster_k", persist_state="session",
                         help="k-means on the layer's whitened keys; each cluster is named by the segmenter class "
                              "it overlaps best (IoU).")
-    with st.spinner("Clustering the layer's keys…"):
-        names, ious = derived.cluster_names(ws, k)
-        clusters = derived.clusters(ws, k)
+    try:
+        with st.spinner("Clustering the layer's keys…"):
+            names, ious = derived.cluster_names(ws, k)
+            clusters = derived.clusters(ws, k)
+    except (ValueError, RuntimeError) as exc:
+        st.warning(f"No clusters: {exc}")
+        return
     images = ws.images(seeds)
     pictures, legend = cluster_overlay(images, clusters.predict(ws.inputs(seeds)), names, ious)
     left, right = st.columns([3, 1])

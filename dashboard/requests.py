@@ -43,6 +43,14 @@ def context(ws: Workspace, rank: int) -> Context:
     return Context(ws.inputs(seeds), torch.stack([ws.brush.context[s] for s in seeds]), rank=rank, seeds=seeds)
 
 
+def selection(ws: Workspace, rank: int) -> Context:
+    """What to match keys against: the context, or else the copied region."""
+    if ws.brush.cluster is None and not ws.brush.context and ws.brush.copied is not None:
+        seed, mask = ws.brush.copied
+        return Context(ws.inputs([seed]), mask[None], rank=rank, seeds=[seed])
+    return context(ws, rank)
+
+
 def erase(ws: Workspace, settings: Settings) -> tuple[Erase, Context]:
     ctx = context(ws, settings.rank)
     return Erase(ctx.inputs, ctx.masks, units=settings.units, seeds=ctx.seeds), ctx

@@ -273,3 +273,13 @@ def test_a_key_cluster_becomes_the_context_and_the_recipe_measures_prevalence() 
     assert ws.edited, messages(at)
     if derived.segmenter() is not None:
         assert "watermark prevalence on 20 fresh samples" in " ".join(m.label for m in at.get("metric"))
+
+
+def test_matches_follow_the_copied_region_and_a_too_large_rank_is_a_message() -> None:
+    at = open_app()
+    brush(at, "Copy", 2, (40, 120, 40, 120))
+    at.segmented_control(key="overlay").set_value("Key matches").run()
+    assert not at.exception and not messages(at), messages(at)  # the copied region is the selection
+    at.number_input(key="rank").set_value(16).run()
+    brush(at, "Context", 3, (0, 12, 0, 12))  # a 3x3-pixel context: one or two keys, not 16 directions
+    assert not at.exception and "No overlay" in messages(at)

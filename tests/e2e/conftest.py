@@ -92,7 +92,7 @@ def browser() -> Iterator[object]:
 
 @pytest.fixture
 def page(browser, dashboard_url: str) -> Iterator[object]:
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context = browser.new_context(viewport={"width": 1400, "height": 1600})
     page = context.new_page()
     page.set_default_timeout(RUN_TIMEOUT_MS)
     try:

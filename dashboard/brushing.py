@@ -124,7 +124,7 @@ def render(ws: Workspace, seeds: list[int], edited: bool, settings: Settings) ->
                                     help="Context: where a rule applies. Copy: what to take. Paste: where it goes.")
         seed = st.selectbox("Image", seeds, key="brush_seed", persist_state="session",
                             format_func=lambda s: f"seed {s}")
-        width = st.slider("Brush size", 3, 40, 14, key="brush_size")
+        width = st.slider("Brush size", 3, 40, 14, key="brush_size", persist_state="session")
         st.caption(HELP[mode])
         c1, c2 = st.columns(2)
         c1.button("Clear this drawing", on_click=clear, args=(brush, mode, seed), width="stretch")

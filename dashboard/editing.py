@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import streamlit as st
@@ -40,7 +41,8 @@ def solve_request(ws: Workspace, kind: str, settings: Settings) -> Edit:
     return solve(ws.memory(), target, context, refine=settings.refine)
 
 
-def apply(ws: Workspace, kind: str, settings: Settings, progress=None) -> Edit:
+def apply(ws: Workspace, kind: str, settings: Settings,
+          progress: Callable[[float, str], None] | None = None) -> Edit:
     """Solve and apply; ``progress(fraction, text)`` hears each step. On any error the model is unchanged."""
     report = progress or (lambda f, t: None)
     report(0.05, "Key statistics of the layer…")

@@ -39,11 +39,19 @@ def class_weights(world: World, n: int = 1000, power: float = 0.3) -> Tensor:
     return (w / w.mean()).float()
 
 
-def augment(images: Tensor, labels: Tensor, gen: torch.Generator, max_shift: int = 3) -> tuple[Tensor, Tensor]:
+def augment(
+    images: Tensor,
+    labels: Tensor,
+    gen: torch.Generator,
+    max_shift: int = 3,
+    max_blur: float = 1.5,
+    max_noise: float = 0.15,
+) -> tuple[Tensor, Tensor]:
     """Degrade world images towards generator samples; labels move with the image.
 
     Args:
-        images: (N, 3, H, W) in [-1, 1]; labels: (N, H, W); gen: the source of randomness.
+        images: (N, 3, H, W) in [-1, 1]; labels: (N, H, W); gen: the source of randomness;
+        max_shift: pixels; max_blur: Gaussian sigma in pixels; max_noise: pixel noise std.
     Returns:
         images (N, 3, H, W) in [-1, 1] and labels (N, H, W).
     """
@@ -60,13 +68,13 @@ def augment(images: Tensor, labels: Tensor, gen: torch.Generator, max_shift: int
     images = torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(shifts.tolist())])
     labels = torch.stack([padded_labels[i, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(shifts.tolist())])
 
-    # Gaussian blur, sigma 0..1 px, on half the images: one depthwise conv with a kernel per image.
-    sigma = torch.where(r(n) < 0.5, 0.2 + 0.8 * r(n), torch.zeros(n))
-    x = torch.arange(-2, 3, dtype=torch.float32)
+    # Gaussian blur on half the images: one depthwise conv with a kernel per image.
+    sigma = torch.where(r(n) < 0.5, 0.2 + (max_blur - 0.2) * r(n), torch.zeros(n))
+    x = torch.arange(-3, 4, dtype=torch.float32)
     k1 = torch.exp(-(x**2) / (2 * sigma.clamp(min=1e-3).view(n, 1) ** 2))
     k1 = k1 / k1.sum(1, keepdim=True)
-    k2 = (k1.view(n, 5, 1) * k1.view(n, 1, 5)).repeat_interleave(3, 0).unsqueeze(1)  # (N*3, 1, 5, 5)
-    images = F.conv2d(F.pad(images.reshape(1, n * 3, h, w), (2,) * 4, mode="replicate"), k2, groups=n * 3)
+    k2 = (k1.view(n, 7, 1) * k1.view(n, 1, 7)).repeat_interleave(3, 0).unsqueeze(1)  # (N*3, 1, 7, 7)
+    images = F.conv2d(F.pad(images.reshape(1, n * 3, h, w), (3,) * 4, mode="replicate"), k2, groups=n * 3)
     images = images.view(n, 3, h, w)
 
     # Colour: contrast, brightness and per-channel gain; then pixel noise.
@@ -74,7 +82,8 @@ def augment(images: Tensor, labels: Tensor, gen: torch.Generator, max_shift: int
     mean = images.mean((1, 2, 3), keepdim=True)
     images = (images - mean) * contrast + mean + 0.1 * (r(n, 1, 1, 1) - 0.5)
     images = images * (1 + 0.12 * (r(n, 3, 1, 1) - 0.5))
-    images = images + 0.06 * r(n, 1, 1, 1) * torch.randn(images.shape, generator=gen)
+    # Generator samples carry speckle; noise up to 0.15 keeps stray pixels from reading as small classes.
+    images = images + max_noise * r(n, 1, 1, 1) * torch.randn(images.shape, generator=gen)
     return images.clamp(-1, 1), labels
 
 

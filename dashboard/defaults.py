@@ -3,6 +3,7 @@
 DEFAULT_MODEL = "spires"
 DEFAULT_LAYER = "synthesis.b16.conv1"  # used when the model has it; otherwise the middle spatial layer
 DEFAULT_RANK = 4
+DEFAULT_ITERATIONS = 50  # L-BFGS iterations after the closed form (dissect.rewrite.solve's default)
 DEFAULT_SEEDS = "0-11"
 GRID_COLUMNS = 6
 DISPLAY_SCALE = 3  # 64-pixel images are shown at 192 pixels…

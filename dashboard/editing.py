@@ -38,7 +38,7 @@ def show_flashes() -> None:
 def solve_request(ws: Workspace, kind: str, settings: Settings) -> Edit:
     """Solve (never apply) the session's current request at the chosen layer."""
     target, context = requests.erase(ws, settings) if kind == ERASE else requests.paste(ws, settings)
-    return solve(ws.memory(), target, context, refine=settings.refine)
+    return solve(ws.memory(), target, context, refine=settings.refine, max_iter=settings.iterations)
 
 
 def apply(ws: Workspace, kind: str, settings: Settings,

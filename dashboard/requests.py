@@ -26,7 +26,8 @@ class Settings:
     """The sidebar's solver settings."""
 
     rank: int
-    refine: bool  # after the closed form, L-BFGS through the layer's nonlinear rest
+    refine: bool  # after the closed form, L-BFGS through the layer's nonlinear rest…
+    iterations: int  # …for at most this many iterations
     units: int  # erase: key channels zeroed in the target values
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import workspace
-from dashboard.defaults import DEFAULT_MODEL, DEFAULT_RANK, DEFAULT_SEEDS, DEFAULT_UNITS
+from dashboard.defaults import DEFAULT_ITERATIONS, DEFAULT_MODEL, DEFAULT_RANK, DEFAULT_SEEDS, DEFAULT_UNITS
 from dashboard.imaging import format_seeds, parse_seeds
 from dashboard.requests import Settings
 from dashboard.workspace import ModelLoadError, Workspace, spatial_layers
@@ -47,10 +47,12 @@ def _settings(ws: Workspace) -> Settings:
     refine = st.radio("Solve", [True, False], key="refine", format_func=lambda r: REFINE[r],
                       help="The closed form is exact for the layer's linear part; L-BFGS then fits the real "
                            "layer (demodulation, bias, activation) while staying inside span(D).")
+    iterations = st.number_input("L-BFGS iterations", 1, 500, DEFAULT_ITERATIONS, key="iterations",
+                                 disabled=not refine, help="More fit the layer better and take longer.")
     units = st.number_input("Erase: units zeroed", 1, channels, min(DEFAULT_UNITS, channels), key="units",
                             help="Key channels most aligned with the context that an erase switches off in its "
                                  "target values.")
-    return Settings(int(rank), bool(refine), int(units))
+    return Settings(int(rank), bool(refine), int(iterations), int(units))
 
 
 REFINE = {True: "Closed form + L-BFGS", False: "Closed form only"}

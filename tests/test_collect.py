@@ -13,13 +13,8 @@ from dissect.hooks import Trace
 from dissect.models.stylegan import Generator
 from dissect.stats import Covariance, Mean, SecondMoment, TopK, collect, fingerprint, load_stats, rows
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Images:

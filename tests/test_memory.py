@@ -8,19 +8,9 @@ from torch import nn
 from dissect.memory import KeyClusters, LayerMemory, MemoryAdapter, register_adapter
 from dissect.models.stylegan import ModulatedConv2d
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny ops; a second thread only contends with the other jobs on this machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
 
-@pytest.fixture(autouse=True)
-def seeded():
-    torch.manual_seed(0)  # the same random models and inputs whatever ran before
 
 
 def _fit(memory: LayerMemory, inputs) -> torch.Tensor:

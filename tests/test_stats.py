@@ -25,14 +25,8 @@ from dissect.stats import (
     save_stats,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two threads on a shared two-core machine wait on each other; one keeps these tests fast and steady.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rel(a: torch.Tensor | np.ndarray, b: np.ndarray) -> float:

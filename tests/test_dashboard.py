@@ -19,7 +19,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]  # the dashboard package
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from dashboard import derived, editing, recipes, workspace  # noqa: E402
-from dashboard.defaults import CANVAS_SCALE  # noqa: E402
+from dashboard.defaults import CANVAS_SCALE, DEFAULT_LAYER  # noqa: E402
 from dashboard.imaging import canvas_mask, format_seeds, mask_centre, parse_seeds  # noqa: E402
 
 APP = str(ROOT / "dashboard" / "streamlit_app.py")
@@ -141,7 +141,7 @@ def test_missing_weights_or_bad_entry_point_is_a_message_and_the_model_stays() -
 def test_layer_chooser_lists_spatial_layers_and_defaults_to_the_constant() -> None:
     at = open_app()
     chooser = at.selectbox(key="layer")
-    assert chooser.value == "synthesis.b16.conv1"
+    assert chooser.value == DEFAULT_LAYER
     assert any("ModulatedConv2d 16→16 · 16×16" in o for o in chooser.options)
     chooser.set_value("synthesis.b32.conv1").run()
     assert ws_of(at).layer == "synthesis.b32.conv1"

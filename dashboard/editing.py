@@ -155,21 +155,28 @@ def _next_fresh() -> None:
     st.session_state.fresh_offset = st.session_state.get("fresh_offset", 0) + len(FRESH_SEEDS)
 
 
+def apply_with_progress(ws: Workspace, kind: str, settings: Settings) -> bool:
+    """:func:`apply` behind a progress bar; a refused edit becomes a message in the page. True when applied."""
+    bar = st.progress(0.0, text="Starting…")
+    try:
+        apply(ws, kind, settings, progress=lambda f, t: bar.progress(f, text=t))
+        return True
+    except NeedsInput as exc:
+        bar.empty()
+        st.warning(str(exc))
+    except (ValueError, RuntimeError, TypeError, FloatingPointError, NotImplementedError) as exc:
+        bar.empty()
+        st.error(f"The edit was not applied (the model is unchanged): {exc}")
+    return False
+
+
 def render(ws: Workspace, settings: Settings) -> None:
     show_flashes()
     st.subheader("Rewrite the layer")
     kind = st.radio("Request", list(KINDS), key="edit_kind", persist_state="session", format_func=KINDS.__getitem__,
                     horizontal=True)
     if st.button("Apply edit", type="primary", key="apply"):
-        bar = st.progress(0.0, text="Starting…")
-        try:
-            apply(ws, kind, settings, progress=lambda f, t: bar.progress(f, text=t))
-        except NeedsInput as exc:
-            bar.empty()
-            st.warning(str(exc))
-        except (ValueError, RuntimeError, TypeError, FloatingPointError, NotImplementedError) as exc:
-            bar.empty()
-            st.error(f"The edit was not applied (the model is unchanged): {exc}")
+        apply_with_progress(ws, kind, settings)
 
     if ws.edited:
         st.subheader("Before / after on fresh seeds")

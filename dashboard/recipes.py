@@ -42,20 +42,6 @@ def spire_to_tree(ws: Workspace) -> float:
     return float((after[spire] == CLASSES.index("tree")).float().mean()) if spire.any() else 0.0
 
 
-def _apply(ws: Workspace, kind: str, settings: Settings) -> bool:
-    bar = st.progress(0.0, text="Starting…")
-    try:
-        editing.apply(ws, kind, settings, progress=lambda f, t: bar.progress(f, text=t))
-        return True
-    except NeedsInput as exc:
-        bar.empty()
-        st.warning(str(exc))
-    except (ValueError, RuntimeError, TypeError, FloatingPointError, NotImplementedError) as exc:
-        bar.empty()
-        st.error(f"The edit was not applied (the model is unchanged): {exc}")
-    return False
-
-
 def _measure(ws: Workspace, name: str) -> None:
     if derived.segmenter() is None:
         st.warning("The segmenter's weights are not installed, so the result cannot be measured.")
@@ -84,7 +70,7 @@ def remove_watermark(ws: Workspace, settings: Settings) -> None:
         except NeedsInput as exc:
             st.warning(str(exc))
         else:
-            if _apply(ws, editing.ERASE, settings):
+            if editing.apply_with_progress(ws, editing.ERASE, settings):
                 st.success("Erased. The grid on the Images page now shows the edited model.")
     if ws.edited:
         _measure(ws, "watermark")
@@ -106,7 +92,7 @@ def spire_tree(ws: Workspace, seeds: list[int], settings: Settings) -> None:
         st.caption(f"In the grid the segmenter sees a tree on seeds {', '.join(map(str, trees)) or 'none'} and a "
                    f"spire on seeds {', '.join(map(str, spires)) or 'none'} (more seeds in the sidebar).")
     if st.button("Make spires trees", type="primary", key="run_spire_tree"):
-        if _apply(ws, editing.PASTE, settings):
+        if editing.apply_with_progress(ws, editing.PASTE, settings):
             st.success("Applied. The grid on the Images page now shows the edited model.")
     if ws.edited:
         _measure(ws, "spire")

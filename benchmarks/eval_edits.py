@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dissect import stats
+from dissect.hooks import model_device
 from dissect.memory import LayerMemory
 from dissect.models import load
 from dissect.models.segmenter import Segmenter, load_segmenter, present
@@ -55,7 +56,7 @@ class Rendered:
 def render(G: nn.Module, sampler, seg: Segmenter, seeds: Sequence[int]) -> Rendered:
     images, labels = [], []
     for start in range(0, len(seeds), BATCH):
-        z = sampler(seeds[start : start + BATCH]).to(next(G.parameters()).device)
+        z = sampler(seeds[start : start + BATCH]).to(model_device(G))
         x = G(z).clamp(-1, 1)
         images.append(x.cpu())
         labels.append(seg.segment(x).cpu())

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dissect import rewrite
-from dissect.hooks import layers
+from dissect.hooks import layers, to_device
 from dissect.memory import LayerMemory
 from dissect.models.loaders import load
 from dissect.models.segmenter import WEIGHTS as SEGMENTER_WEIGHTS
@@ -64,10 +64,7 @@ class _OnDevice:
         self.description = sampler.description
 
     def __call__(self, seeds: Sequence[int]) -> Any:
-        batch = self.sampler(list(seeds))
-        if isinstance(batch, tuple):
-            return tuple(x.to(self.device) if isinstance(x, Tensor) else x for x in batch)
-        return batch.to(self.device)
+        return to_device(self.sampler(list(seeds)), self.device)
 
 
 def _device(args: argparse.Namespace) -> torch.device:

@@ -10,10 +10,11 @@ order, ``edit_output`` is applied to each call, and ``stop=True`` stops after th
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ __all__ = [
     "call_model",
     "to_device",
     "model_device",
+    "eval_mode",
 ]
 
 EditFn = Callable[[Any, str], Any]
@@ -88,6 +90,18 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, dict):
         return model(**inputs)
     return model(inputs)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the block (no BatchNorm update, no dropout); each module's training flag restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _detach(value: Any, detach: bool) -> Any:

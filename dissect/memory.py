@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dissect import stats
-from dissect.hooks import TraceDict, call_model, get_module, key_module_name, model_device, register_layer_type, to_device
+from dissect.hooks import TraceDict, call_model, eval_mode, get_module, key_module_name, model_device, register_layer_type, to_device
 
 __all__ = [
     "MemoryAdapter",
@@ -139,18 +139,6 @@ def _unsupported(layer: str, module: nn.Module, why: str) -> TypeError:
 # ----------------------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the block (no BatchNorm update, no dropout); each module's training flag restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 @contextlib.contextmanager

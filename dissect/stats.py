@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .hooks import Trace, TraceDict, call_model, get_module, key_module_name, model_device, to_device
+from .hooks import Trace, TraceDict, call_model, eval_mode, get_module, key_module_name, model_device, to_device
 
 __all__ = [
     "Stat",
@@ -860,34 +860,28 @@ def collect(
     key_name = key_module_name(model, layer)
     channels_last = isinstance(get_module(model, key_name), nn.Linear)
     device = model_device(model) if device is None else torch.device(device)
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            path = None
-            if cache_dir is not None:
-                path = _cache_path(cache_dir, model, layer, key_name, sampler, n, side, stat_list, device)
-                if _load_cached(path, stat_list, device):
-                    return stats
-            with tqdm(total=n, unit="sample", desc=f"collect {layer}", disable=not progress) as bar:
-                for start in range(0, n, batch_size):
-                    seeds = list(range(start, min(n, start + batch_size)))
-                    with Trace(
-                        model, key_name, retain_input=side == "input", retain_output=side == "output", stop=True
-                    ) as trace:
-                        call_model(model, to_device(sampler(seeds), device))
-                    keys = trace.input if side == "input" else trace.output
-                    if not isinstance(keys, Tensor):
-                        raise TypeError(f"the {side} of {key_name!r} is a {type(keys).__name__}, not a tensor.")
-                    x = rows(keys, channels_last)
-                    for stat in stat_list:
-                        stat.add(x)
-                    bar.update(len(seeds))
-            if path is not None:
-                save_stats(path, stat_list)
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with eval_mode(model), torch.no_grad():
+        path = None
+        if cache_dir is not None:
+            path = _cache_path(cache_dir, model, layer, key_name, sampler, n, side, stat_list, device)
+            if _load_cached(path, stat_list, device):
+                return stats
+        with tqdm(total=n, unit="sample", desc=f"collect {layer}", disable=not progress) as bar:
+            for start in range(0, n, batch_size):
+                seeds = list(range(start, min(n, start + batch_size)))
+                with Trace(
+                    model, key_name, retain_input=side == "input", retain_output=side == "output", stop=True
+                ) as trace:
+                    call_model(model, to_device(sampler(seeds), device))
+                keys = trace.input if side == "input" else trace.output
+                if not isinstance(keys, Tensor):
+                    raise TypeError(f"the {side} of {key_name!r} is a {type(keys).__name__}, not a tensor.")
+                x = rows(keys, channels_last)
+                for stat in stat_list:
+                    stat.add(x)
+                bar.update(len(seeds))
+        if path is not None:
+            save_stats(path, stat_list)
     return stats
 
 

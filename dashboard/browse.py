@@ -6,13 +6,12 @@ import numpy as np
 import streamlit as st
 import torch
 
-from dissect.visualize import Legend, cluster_overlay, match_overlay, to_unit
-
 from dashboard import derived, requests
 from dashboard.defaults import DEFAULT_CLUSTERS, DISPLAY_SCALE, GRID_COLUMNS
 from dashboard.imaging import tint, to_uint8
 from dashboard.requests import NeedsInput, Settings
 from dashboard.workspace import Brush, Workspace
+from dissect.visualize import Legend, cluster_overlay, match_overlay, to_unit
 
 PLAIN, MATCHES, CLUSTERS = "Brushed regions", "Key matches", "Key clusters"
 OVERLAYS = (PLAIN, MATCHES, CLUSTERS)

@@ -10,14 +10,13 @@ import torch
 from PIL import Image
 from streamlit_drawable_canvas import st_canvas
 
-from dissect.visualize import to_unit
-
 from dashboard import derived
-from dashboard.editing import preview_paste
 from dashboard.defaults import CANVAS_SCALE, DISPLAY_SCALE
+from dashboard.editing import preview_paste
 from dashboard.imaging import canvas_mask, to_uint8
 from dashboard.requests import Settings
 from dashboard.workspace import Brush, Workspace
+from dissect.visualize import to_unit
 
 CONTEXT, COPY, PASTE = "Context", "Copy", "Paste"
 MODES = (CONTEXT, COPY, PASTE)

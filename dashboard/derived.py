@@ -7,12 +7,11 @@ from typing import Any, Callable
 import streamlit as st
 import torch
 
+from dashboard.defaults import CLUSTER_SEEDS, MATCH_QUANTILE, POOL_SEEDS, THRESHOLD_IMAGES
+from dashboard.workspace import Workspace
 from dissect.memory import KeyClusters
 from dissect.models.segmenter import Segmenter, load_segmenter
 from dissect.models.world import CLASSES
-
-from dashboard.defaults import CLUSTER_SEEDS, MATCH_QUANTILE, POOL_SEEDS, THRESHOLD_IMAGES
-from dashboard.workspace import Workspace
 
 
 def cached(ws: Workspace, key: tuple, compute: Callable[[], Any]) -> Any:

@@ -11,15 +11,14 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from dissect.rewrite import Edit, Rewriter, read_edits, solve
-from dissect.visualize import to_unit
-
 from dashboard import requests
 from dashboard.browse import show_grid
 from dashboard.defaults import DISPLAY_SCALE, FRESH_SEEDS
 from dashboard.imaging import to_uint8
 from dashboard.requests import NeedsInput, Settings
 from dashboard.workspace import Workspace
+from dissect.rewrite import Edit, Rewriter, read_edits, solve
+from dissect.visualize import to_unit
 
 ERASE, PASTE = "Erase", "Paste"
 KINDS = {ERASE: "Erase what the context shows", PASTE: "Paste the copied region (a new rule)"}

@@ -5,6 +5,13 @@ from __future__ import annotations
 import streamlit as st
 import torch
 
+from dashboard import derived, requests
+from dashboard.browse import show_grid
+from dashboard.defaults import DEFAULT_CLUSTERS, DISPLAY_SCALE, GRID_COLUMNS, POOL_SEEDS
+from dashboard.imaging import to_uint8
+from dashboard.requests import NeedsInput, Settings
+from dashboard.workspace import Workspace
+from dissect.memory import rank_by_peak
 from dissect.visualize import (
     cluster_overlay,
     cluster_projection_figure,
@@ -13,13 +20,6 @@ from dissect.visualize import (
     score_histogram_figure,
     value_patch,
 )
-
-from dashboard import derived, requests
-from dashboard.browse import show_grid
-from dashboard.defaults import DEFAULT_CLUSTERS, DISPLAY_SCALE, GRID_COLUMNS, POOL_SEEDS
-from dashboard.imaging import to_uint8
-from dashboard.requests import NeedsInput, Settings
-from dashboard.workspace import Workspace
 
 BEST = 2 * GRID_COLUMNS  # best matches shown from the pool
 
@@ -31,10 +31,10 @@ def pool_matches(ws: Workspace, settings: Settings) -> tuple[list[int], torch.Te
     pool = list(POOL_SEEDS)
 
     def compute() -> tuple[list[int], torch.Tensor, torch.Tensor]:
-        memory = ws.memory()
-        order, _ = memory.rank_images(d, ws.inputs(pool))
-        best = [pool[i] for i in order[:BEST].tolist()]
-        return best, memory.match(d, ws.inputs(best)), memory.match(d, ws.inputs(pool))
+        # One pass over the pool: the best images' maps are rows of the pool's, ranked by their peak.
+        scores = ws.memory().match(d, ws.inputs(pool))
+        order = rank_by_peak(scores)[0][:BEST]
+        return [pool[i] for i in order.tolist()], scores[order], scores
 
     key = ("pool", ws.layer, ctx.rank, ws.brush.revision, tuple(ctx.seeds or ()))
     best, best_scores, scores = derived.cached(ws, key, compute)

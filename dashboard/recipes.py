@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dissect.models.segmenter import present
-from dissect.models.world import CLASSES
-
 from dashboard import derived, editing
 from dashboard.defaults import DEFAULT_CLUSTERS, MEASURE_SEEDS
 from dashboard.requests import NeedsInput, Settings
 from dashboard.workspace import Workspace
+from dissect.models.segmenter import present
+from dissect.models.world import CLASSES
 
 WATERMARK, SPIRE_TREE = "Remove watermark", "Spire -> tree"
 RECIPES = (WATERMARK, SPIRE_TREE)

@@ -9,12 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-from dissect.rewrite import Context, Copy, Erase, Paste
-
 from dashboard import derived
 from dashboard.defaults import CLUSTER_SEEDS
 from dashboard.imaging import mask_centre
 from dashboard.workspace import Workspace
+from dissect.rewrite import Context, Copy, Erase, Paste
 
 
 class NeedsInput(ValueError):

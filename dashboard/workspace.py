@@ -14,13 +14,12 @@ import streamlit as st
 import torch
 from torch import nn
 
+from dashboard.defaults import DEFAULT_LAYER, STATS_SAMPLES
 from dissect.cli import DEFAULT_CACHE
 from dissect.hooks import LayerInfo, layers
 from dissect.memory import LayerMemory
 from dissect.models.loaders import WEIGHTS_DIR, load
 from dissect.rewrite import Rewriter
-
-from dashboard.defaults import DEFAULT_LAYER, STATS_SAMPLES
 
 KEY = "workspace"
 STATS_DIR = DEFAULT_CACHE  # the CLI's statistics cache: `dissect stats` fills it for the dashboard too

@@ -37,7 +37,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dissect import stats
-from dissect.hooks import TraceDict, call_model, eval_mode, get_module, key_module_name, model_device, register_layer_type, to_device
+from dissect.hooks import (
+    TraceDict,
+    call_model,
+    eval_mode,
+    get_module,
+    key_module_name,
+    model_device,
+    register_layer_type,
+    to_device,
+)
 
 __all__ = [
     "MemoryAdapter",
@@ -52,6 +61,7 @@ __all__ = [
     "resize_masks",
     "select_rows",
     "num_rows",
+    "rank_by_peak",
 ]
 
 DEFAULT_RIDGE = 1e-4
@@ -201,6 +211,13 @@ class Recording:
 # ----------------------------------------------------------------------------------------------------------
 # LayerMemory
 # ----------------------------------------------------------------------------------------------------------
+
+
+def rank_by_peak(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Score maps ``(N, *grid)`` ordered by their peak: ``(order (N,), peak (N,))``, best first."""
+    best = scores.flatten(1).amax(dim=1)
+    order = best.argsort(descending=True)
+    return order, best[order]
 
 
 class LayerMemory:
@@ -538,9 +555,7 @@ class LayerMemory:
 
     def rank_images(self, directions: Tensor, inputs: Inputs) -> tuple[Tensor, Tensor]:
         """Images ordered by their best match: ``(order (N,), best (N,))``, best first."""
-        best = self.match(directions, inputs).reshape(num_rows(inputs), -1).amax(dim=1)
-        order = best.argsort(descending=True)
-        return order, best[order]
+        return rank_by_peak(self.match(directions, inputs))
 
     def threshold(
         self, directions: Tensor, sampler: Any, seeds: Sequence[int], quantile: float = 0.99, batch_size: int = 32

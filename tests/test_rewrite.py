@@ -13,7 +13,18 @@ from torch import nn
 from dissect.memory import LayerMemory
 from dissect.models.stylegan import ModulatedConv2d
 from dissect.rewrite import (
-    Context, Copy, Edit, Erase, Paste, Rewriter, constraint, constraint_loss, load, read_edits, solve, weight_sha256,
+    Context,
+    Copy,
+    Edit,
+    Erase,
+    Paste,
+    Rewriter,
+    constraint,
+    constraint_loss,
+    load,
+    read_edits,
+    solve,
+    weight_sha256,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")

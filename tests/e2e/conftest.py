@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from driver import RUN_TIMEOUT_MS
 
 ROOT = Path(__file__).resolve().parents[2]

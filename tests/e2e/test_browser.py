@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from driver import RUN_TIMEOUT_MS, choose, drag_on_canvas, grid_pixels, open_entry_point, screenshot, tab, wait_idle
 
 pytestmark = pytest.mark.browser
@@ -75,13 +74,12 @@ def test_an_entry_point_model_opens_and_takes_strokes(page, dashboard_url: str) 
 def test_remove_watermark_on_the_embedded_generator(page, dashboard_url: str, tmp_path: Path) -> None:
     """The issue's flow: choose a layer, brush context on three images, "Remove watermark", the edited grid
     differs, the library measures less watermark on the same seeds, undo gives the original images back."""
+    from dashboard.defaults import DEFAULT_LAYER
+    from dashboard.imaging import format_seeds
     from dissect.models import loaders
     from dissect.models.segmenter import load_segmenter, present
     from dissect.models.world import CLASSES
     from dissect.rewrite import load as load_edits
-
-    from dashboard.defaults import DEFAULT_LAYER
-    from dashboard.imaging import format_seeds
 
     if not (loaders.WEIGHTS_DIR / "spires-generator.safetensors").exists():
         pytest.skip("the embedded generator's weights are not installed")

@@ -3,6 +3,7 @@
     python benchmarks/eval_world.py [--model spires] [--n 2000] [--device cpu]
     python benchmarks/eval_world.py --model world --n 200      # the world stands in for a generator
     python benchmarks/eval_world.py --calibrate                # how the presence thresholds were chosen
+    python benchmarks/eval_world.py --grid docs/generator_samples.png   # also save seeds 0-31 over world images
 
 Generator samples use seeds 0..n-1 (batches of 100); world images use seeds from ranges no generator
 seed, segmenter training or segmenter evaluation uses. Both sides are labelled by the segmenter, so
@@ -109,6 +110,16 @@ def frechet(a: Tensor, b: Tensor) -> float:
     return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
 
 
+@torch.no_grad()
+def save_grid(path: Path, render: Render, world: Render) -> None:
+    """Four rows of generator samples (seeds 0-31), then two rows of world images for comparison."""
+    from torchvision.utils import save_image
+
+    images = torch.cat([render(range(32)), world(range(WORLD_SEEDS_A, WORLD_SEEDS_A + 16))]).clamp(-1, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.cpu() * 0.5 + 0.5, str(path), nrow=8, padding=2)
+
+
 def calibrate(seg: Segmenter, device: str, n: int) -> None:
     """Print, per class and threshold, how often the pixel-count rule agrees with the world's facts."""
     world = World(64)
@@ -135,6 +146,7 @@ def main() -> None:
     parser.add_argument("--segmenter", type=Path, default=WEIGHTS, help="segmenter weights (safetensors)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--calibrate", action="store_true", help="print threshold agreement and exit")
+    parser.add_argument("--grid", type=Path, default=None, help="save a PNG: generator seeds 0-31 above 16 world images")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,6 +157,8 @@ def main() -> None:
         calibrate(seg, args.device, args.n)
         return
 
+    if args.grid:
+        save_grid(args.grid, generator_render(args.model, args.device), world_render(args.device))
     count = max(args.n, fd_n)
     g = summarise(seg, generator_render(args.model, args.device), range(count), args.n)
     w = summarise(seg, world_render(args.device), range(WORLD_SEEDS_A, WORLD_SEEDS_A + count), args.n)

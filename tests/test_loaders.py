@@ -100,3 +100,10 @@ def test_torch_checkpoint_is_weights_only(tmp_path):
     assert meta == {}
     with pytest.raises(FileNotFoundError, match="No weights"):
         load_weights(tmp_path / "nothing.safetensors")
+
+
+def test_a_generator_file_without_its_configuration_is_refused(tmp_path):
+    path = tmp_path / "bare.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match="no generator configuration"):
+        load(str(path))

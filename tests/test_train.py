@@ -2,10 +2,12 @@ import math
 
 import torch
 
-from dissect.models.train import build_parser, checkpoint_path, train
+from dissect.models.loaders import load
+from dissect.models.train import build_parser, checkpoint_path, snapshot_path, train
 
 TINY = ["--batch", "4", "--g-channels", "4:16,8:16,16:8,32:8,64:8", "--d-channels", "64:8,32:8,16:8,8:8,4:8",
-        "--warmup-steps", "1", "--r1-every", "2", "--sample-every", "0", "--threads", "1", "--no-progress"]
+        "--warmup-steps", "1", "--r1-every", "2", "--sample-every", "0", "--snapshot-every", "0", "--threads", "1",
+        "--no-progress"]
 
 
 def _args(out, steps, *extra):
@@ -33,3 +35,13 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
     for p, q in zip(straight.D.state_dict().values(), resumed.D.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_ema_snapshots_are_loadable_generators_of_their_step(tmp_path):
+    run = tmp_path / "run"
+    trainer = train(_args(run, 4, "--snapshot-every", "2"))
+    assert sorted(p.name for p in (run / "ema").iterdir()) == ["step-000002.safetensors", "step-000004.safetensors"]
+    G, sampler = load(str(snapshot_path(run, 4)))
+    assert G(sampler([0, 1])).shape == (2, 3, 64, 64)
+    for (name, p), q in zip(trainer.G_ema.state_dict().items(), G.state_dict().values()):
+        torch.testing.assert_close(q.float(), p.half().float(), rtol=0, atol=0, msg=name)

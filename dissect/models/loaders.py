@@ -20,6 +20,7 @@ __all__ = [
     "available_models",
     "load",
     "load_entry_point",
+    "load_generator",
     "load_state_dict",
     "load_weights",
 ]
@@ -47,15 +48,23 @@ class LatentSampler:
         return f"LatentSampler({self.description!r})"
 
 
-def _load_spires(device: torch.device | str) -> tuple[nn.Module, LatentSampler]:
+def load_generator(path: str | Path) -> nn.Module:
+    """A :class:`~dissect.models.stylegan.Generator` from a safetensors file with its configuration in the
+    metadata, as the trainer exports it (the shipped weights, or one of a run's EMA snapshots)."""
     from .stylegan import Generator
 
-    path = WEIGHTS_DIR / "spires-generator.safetensors"
     state, metadata = load_weights(path)
-    config = json.loads(metadata["config"])
-    G = Generator(**config)
+    if "config" not in metadata:
+        raise ValueError(f"{path} has no generator configuration in its metadata; export it with "
+                         "`python -m dissect.models.train --export PATH`.")
+    G = Generator(**json.loads(metadata["config"]))
     load_state_dict(G, state, source=str(path))
-    return G.to(device).eval(), LatentSampler(G.z_dim, "spires")
+    return G.eval()
+
+
+def _load_spires(device: torch.device | str) -> tuple[nn.Module, LatentSampler]:
+    G = load_generator(WEIGHTS_DIR / "spires-generator.safetensors")
+    return G.to(device), LatentSampler(G.z_dim, "spires")
 
 
 _MODELS: dict[str, Callable[[torch.device | str], tuple[nn.Module, Any]]] = {"spires": _load_spires}
@@ -69,9 +78,13 @@ def available_models() -> list[str]:
 def load(name: str = "spires", device: torch.device | str = "cpu") -> tuple[nn.Module, Any]:
     """Return ``(model, sampler)`` in eval mode on ``device``.
 
-    ``name`` is an embedded model (``available_models()``) or an entry point ``"package.module:function"``
-    whose function returns ``(model, sampler)``.
+    ``name`` is an embedded model (``available_models()``), an entry point ``"package.module:function"``
+    whose function returns ``(model, sampler)``, or a generator file the trainer exported (``*.safetensors``,
+    sampled like the embedded generator; statistics caches tell files apart by their weights' fingerprint).
     """
+    if name.endswith(".safetensors"):
+        G = load_generator(name)
+        return G.to(device), LatentSampler(G.z_dim, "spires")
     if ":" in name:
         model, sampler = load_entry_point(name)
         return model.to(device).eval(), sampler

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-beta", type=float, default=0.998)
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--sample-every", type=int, default=500)
+    p.add_argument("--snapshot-every", type=int, default=500,
+                   help="keep the EMA generator every N steps in the shipped format (OUT/ema/step-N.safetensors), "
+                        "since GAN quality moves between checkpoints; 0: never")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
@@ -167,6 +170,10 @@ def checkpoint_path(out: Path) -> Path:
     return out / "checkpoint.pt"
 
 
+def snapshot_path(out: Path, step: int) -> Path:
+    return out / "ema" / f"step-{step:06d}.safetensors"
+
+
 def save_checkpoint(trainer: Trainer, out: Path) -> None:
     """Write atomically: an interrupted save never replaces a good checkpoint with a truncated one."""
     out.mkdir(parents=True, exist_ok=True)
@@ -224,6 +231,8 @@ def train(args: argparse.Namespace) -> Trainer:
                 save_checkpoint(trainer, args.out)
             if args.sample_every and s % args.sample_every == 0:
                 sample_grid(trainer, args.out / "samples" / f"step-{s:06d}.png")
+            if args.snapshot_every and s % args.snapshot_every == 0:
+                export_generator(trainer.G_ema, snapshot_path(args.out, s), {"steps": str(s)})
     finally:
         bar.close()
         log.close()

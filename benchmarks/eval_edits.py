@@ -223,7 +223,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2000, help="metric seeds for the headline figures")
     p.add_argument("--sweep-n", type=int, default=500, help="metric seeds per sweep cell")
     p.add_argument("--stats-n", type=int, default=2000, help="samples for each layer's C")
-    p.add_argument("--layers", default="synthesis.b8.conv1,synthesis.b16.conv0,synthesis.b16.conv1,synthesis.b32.conv0")
+    p.add_argument("--layers", default=",".join(f"synthesis.{b}" for b in ("b8.conv1", "b16.conv0", "b16.conv1",
+                                                                           "b32.conv0", "b32.conv1")),
+                   help="comma-separated layers of the layer x rank sweep")
     p.add_argument("--ranks", default="1,4,16")
     p.add_argument("--layer", default=None, help="headline layer (default: best of the sweep)")
     p.add_argument("--rank", type=int, default=None, help="headline rank (default: best of the sweep)")

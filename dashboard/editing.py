@@ -190,7 +190,7 @@ def render(ws: Workspace, settings: Settings) -> None:
         st.caption("No edits yet: the model is the original.")
     c1, c2, c3 = st.columns(3)
     c1.button("Undo", on_click=undo, args=(ws,), key="undo", disabled=not history, width="stretch")
-    c2.button("Redo", on_click=redo, args=(ws,), key="redo", width="stretch")
+    c2.button("Redo", on_click=redo, args=(ws,), key="redo", disabled=not ws.rewriter.redoable, width="stretch")
     c3.button("Revert all", on_click=revert, args=(ws,), key="revert", disabled=not history, width="stretch")
 
     st.subheader("Files")

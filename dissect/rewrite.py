@@ -404,6 +404,11 @@ class Rewriter:
         """The applied edits, oldest first."""
         return [a.edit for a in self._done]
 
+    @property
+    def redoable(self) -> list[Edit]:
+        """The undone edits that :meth:`redo` would apply again, next first."""
+        return [a.edit for a in reversed(self._undone)]
+
     def rewrite(self, memory: LayerMemory, target: Paste | Erase, context: Context | None = None,
                 **solve_args: Any) -> Edit:
         """:func:`solve` then :meth:`apply`."""

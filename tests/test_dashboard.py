@@ -167,8 +167,9 @@ def test_brushed_context_erase_then_undo_restores_the_original_images() -> None:
 
     at.session_state["page"] = "Edit"
     at.run()
+    assert at.button(key="redo").disabled  # nothing undone yet
     at.button(key="undo").click().run()
-    assert not ws.edited
+    assert not ws.edited and not at.button(key="redo").disabled
     with torch.no_grad():
         assert torch.equal(ws.model(ws.inputs(SEEDS)), original)  # bitwise the original weights again
     at.button(key="redo").click().run()

@@ -294,11 +294,11 @@ def test_undo_redo_and_revert_are_bitwise(edited):
     after_first = _state(model)
     assert not _same(model, after_both) and len(rewriter.history) == 1
     rewriter.undo()
-    assert _same(model, original)
+    assert _same(model, original) and [e.layer for e in rewriter.redoable] == ["2", "0"]  # next redo first
     rewriter.redo()
     assert _same(model, after_first)
     rewriter.redo()
-    assert _same(model, after_both)
+    assert _same(model, after_both) and rewriter.redoable == []
     with pytest.raises(IndexError, match="redo"):
         rewriter.redo()
     rewriter.revert()

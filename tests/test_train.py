@@ -22,7 +22,7 @@ def test_few_steps_have_finite_losses_and_write_checkpoint_and_export(tmp_path):
     log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     assert log, "the training log must record the last step"
     stats = trainer.step()
-    assert {"regress", "loss_d", "adv"} <= set(stats) and all(math.isfinite(v) for v in stats.values())
+    assert {"regress", "loss_d", "adv", "fm"} <= set(stats) and all(math.isfinite(v) for v in stats.values())
     assert all(torch.isfinite(p).all() for p in trainer.G_ema.parameters())
 
 

@@ -244,10 +244,19 @@ class Discriminator(nn.Module):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.features(images)
+        return self.forward_features(images)[0]
+
+    def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits ``(N,)`` and the output of every convolution of the feature stack, finest first."""
+        taps = []
+        x = images
+        for layer in self.features:
+            x = layer(x)
+            if not isinstance(layer, nn.LeakyReLU):
+                taps.append(x)
         # Minibatch standard deviation: lets D see a batch's lack of variety, which fights mode dropping.
         n = x.shape[0]
         g = math.gcd(self.mbstd_group, n)
         std = x.reshape(g, n // g, *x.shape[1:]).std(dim=0, unbiased=False).mean(dim=(1, 2, 3))  # (n // g,)
         std = std.repeat(g)[:, None, None, None].expand(n, 1, x.shape[2], x.shape[3])
-        return self.head(torch.cat([x, std], dim=1)).squeeze(1)
+        return self.head(torch.cat([x, std], dim=1)).squeeze(1), taps

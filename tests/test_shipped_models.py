@@ -25,10 +25,6 @@ def test_generator_loads_in_eval_mode_and_is_deterministic(shipped):
     assert {"synthesis.b16.conv1", "synthesis.b64.conv1"} <= {i.name for i in layers(G, sampler([0]))}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="The shipped generator is an early checkpoint (see MODEL_CARD.md); remove this marker when it passes.",
-)
 def test_samples_pass_a_loose_quality_bar(shipped):
     """A loose form of eval_world's bar on 200 samples, both sides bounded, world and G seen by one segmenter."""
     G, sampler = shipped

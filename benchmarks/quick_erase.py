@@ -1,0 +1,52 @@
+"""A quick check of the dashboard's watermark recipe at chosen layers: the erase request the browser test brushes.
+
+    python benchmarks/quick_erase.py synthesis.b16.conv1 synthesis.b32.conv0 synthesis.b32.conv1
+
+Context: the first three of seeds 0-59 on which the segmenter sees a watermark, each masked by the watermark's
+bounding box; Erase with the top 30 units zeroed; ranks 4 and 16. The figure is watermark prevalence on the
+dashboard's 200 measure seeds. The comparison with the paper's baselines is eval_edits.py.
+"""
+
+import sys
+
+import torch
+
+from dashboard.defaults import MEASURE_SEEDS, STATS_SAMPLES
+from dissect.memory import LayerMemory
+from dissect.models import load
+from dissect.models.segmenter import load_segmenter, present
+from dissect.models.world import CLASSES
+from dissect.rewrite import Context, Erase, Rewriter, solve
+
+
+def main() -> None:
+    G, sampler = load("spires")
+    seg = load_segmenter()
+    with torch.no_grad():
+        labels = seg.segment(G(sampler(range(60))))
+    marked = present(labels, "watermark").nonzero()[:, 0].tolist()[:3]
+    masks = torch.zeros(len(marked), 64, 64)
+    for i, s in enumerate(marked):
+        ys, xs = (labels[s] == CLASSES.index("watermark")).nonzero(as_tuple=True)
+        masks[i, ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = 1
+    z = sampler(marked)
+    seeds = list(MEASURE_SEEDS)
+
+    def prevalence() -> float:
+        with torch.no_grad():
+            found = [seg.segment(G(sampler(seeds[i : i + 100]))) for i in range(0, len(seeds), 100)]
+        return present(torch.cat(found), "watermark").float().mean().item()
+
+    print(f"before: {prevalence():.3f}")
+    for layer in sys.argv[1:]:
+        memory = LayerMemory(G, layer)
+        memory.fit_moment(sampler, STATS_SAMPLES)
+        for rank in (4, 16):
+            rewriter = Rewriter(G)
+            rewriter.apply(solve(memory, Erase(z, masks, units=30), Context(z, masks, rank)))
+            print(f"quick_erase: layer={layer} rank={rank} watermark_after={prevalence():.3f}", flush=True)
+            rewriter.undo()
+
+
+if __name__ == "__main__":
+    main()

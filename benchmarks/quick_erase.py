@@ -8,15 +8,18 @@ dashboard's 200 measure seeds. The comparison with the paper's baselines is eval
 """
 
 import sys
+from pathlib import Path
 
 import torch
 
-from dashboard.defaults import MEASURE_SEEDS, STATS_SAMPLES
 from dissect.memory import LayerMemory
 from dissect.models import load
 from dissect.models.segmenter import load_segmenter, present
 from dissect.models.world import CLASSES
 from dissect.rewrite import Context, Erase, Rewriter, solve
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the dashboard's measure seeds and stats size
+from dashboard.defaults import MEASURE_SEEDS, STATS_SAMPLES  # noqa: E402
 
 
 def main() -> None:

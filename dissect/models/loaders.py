@@ -62,9 +62,13 @@ def load_generator(path: str | Path) -> nn.Module:
     return G.eval()
 
 
-def _load_spires(device: torch.device | str) -> tuple[nn.Module, LatentSampler]:
-    G = load_generator(WEIGHTS_DIR / "spires-generator.safetensors")
+def _generator_file(path: str | Path, device: torch.device | str) -> tuple[nn.Module, LatentSampler]:
+    G = load_generator(path)
     return G.to(device), LatentSampler(G.z_dim, "spires")
+
+
+def _load_spires(device: torch.device | str) -> tuple[nn.Module, LatentSampler]:
+    return _generator_file(WEIGHTS_DIR / "spires-generator.safetensors", device)
 
 
 _MODELS: dict[str, Callable[[torch.device | str], tuple[nn.Module, Any]]] = {"spires": _load_spires}
@@ -83,8 +87,7 @@ def load(name: str = "spires", device: torch.device | str = "cpu") -> tuple[nn.M
     sampled like the embedded generator; statistics caches tell files apart by their weights' fingerprint).
     """
     if name.endswith(".safetensors"):
-        G = load_generator(name)
-        return G.to(device), LatentSampler(G.z_dim, "spires")
+        return _generator_file(name, device)
     if ":" in name:
         model, sampler = load_entry_point(name)
         return model.to(device).eval(), sampler

@@ -19,6 +19,8 @@ from dissect.models.world import CLASSES
 from dissect.rewrite import Context, Erase, Rewriter, solve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the dashboard's measure seeds and stats size
+from eval_edits import prevalence, render  # noqa: E402
+
 from dashboard.defaults import MEASURE_SEEDS, STATS_SAMPLES  # noqa: E402
 
 
@@ -35,19 +37,17 @@ def main() -> None:
     z = sampler(marked)
     seeds = list(MEASURE_SEEDS)
 
-    def prevalence() -> float:
-        with torch.no_grad():
-            found = [seg.segment(G(sampler(seeds[i : i + 100]))) for i in range(0, len(seeds), 100)]
-        return present(torch.cat(found), "watermark").float().mean().item()
+    def watermarks() -> float:
+        return prevalence(render(G, sampler, seg, seeds), "watermark")
 
-    print(f"before: {prevalence():.3f}")
+    print(f"before: {watermarks():.3f}")
     for layer in sys.argv[1:]:
         memory = LayerMemory(G, layer)
         memory.fit_moment(sampler, STATS_SAMPLES)
         for rank in (4, 16):
             rewriter = Rewriter(G)
             rewriter.apply(solve(memory, Erase(z, masks, units=30), Context(z, masks, rank)))
-            print(f"quick_erase: layer={layer} rank={rank} watermark_after={prevalence():.3f}", flush=True)
+            print(f"quick_erase: layer={layer} rank={rank} watermark_after={watermarks():.3f}", flush=True)
             rewriter.undo()
 
 

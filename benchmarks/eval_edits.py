@@ -84,13 +84,25 @@ def prevalence(r: Rendered, name: str) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def bounding_boxes(mask: Tensor) -> Tensor:
+    """``mask (N, H, W)`` bool -> float masks filling each row's bounding box (all zero for an empty row)."""
+    rows, cols = mask.any(dim=2), mask.any(dim=1)  # (N, H), (N, W)
+    ys, xs = torch.arange(mask.shape[1]), torch.arange(mask.shape[2])
+    in_rows = (ys >= torch.where(rows, ys, mask.shape[1]).amin(1, keepdim=True)) & (
+        ys <= torch.where(rows, ys, -1).amax(1, keepdim=True))
+    in_cols = (xs >= torch.where(cols, xs, mask.shape[2]).amin(1, keepdim=True)) & (
+        xs <= torch.where(cols, xs, -1).amax(1, keepdim=True))
+    return (in_rows[:, :, None] & in_cols[:, None, :]).float()
+
+
 def watermark_request(sampler, pool: Rendered, seeds: Sequence[int], n_ctx: int) -> tuple[Tensor, Tensor, list[int]]:
-    """Latents and dilated watermark masks ``(n, H, W)`` of the first ``n_ctx`` pool images showing a watermark."""
+    """Latents and masks ``(n, H, W)`` of the first ``n_ctx`` pool images showing a watermark: each mask is the
+    bounding box of the segmenter's watermark pixels grown by one pixel, the rectangle a user brushes."""
     idx = present(pool.labels, "watermark").nonzero()[:, 0][:n_ctx]
     if len(idx) < n_ctx:
         raise RuntimeError(f"Only {len(idx)} watermarked images among {len(seeds)} request seeds.")
     chosen = [seeds[i] for i in idx.tolist()]
-    return sampler(chosen), dilate(pool.labels[idx] == WATERMARK).float(), chosen
+    return sampler(chosen), bounding_boxes(dilate(pool.labels[idx] == WATERMARK)), chosen
 
 
 def _compactness(mask: Tensor) -> Tensor:
@@ -229,8 +241,8 @@ def main() -> None:
     p.add_argument("--ranks", default="1,4,16")
     p.add_argument("--layer", default=None, help="headline layer (default: best of the sweep)")
     p.add_argument("--rank", type=int, default=None, help="headline rank (default: best of the sweep)")
-    p.add_argument("--ctx", type=int, default=10, help="context images per request")
-    p.add_argument("--units", type=int, default=30, help="erase: key units zeroed in the targets")
+    p.add_argument("--ctx", type=int, default=20, help="context images per request")
+    p.add_argument("--units", type=int, default=60, help="erase: key units zeroed in the targets")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()

@@ -19,7 +19,7 @@ from dissect.models.world import CLASSES
 from dissect.rewrite import Context, Erase, Rewriter, solve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the dashboard's measure seeds and stats size
-from eval_edits import prevalence, render  # noqa: E402
+from eval_edits import bounding_boxes, prevalence, render  # noqa: E402
 
 from dashboard.defaults import MEASURE_SEEDS, STATS_SAMPLES  # noqa: E402
 
@@ -30,10 +30,7 @@ def main() -> None:
     with torch.no_grad():
         labels = seg.segment(G(sampler(range(60))))
     marked = present(labels, "watermark").nonzero()[:, 0].tolist()[:3]
-    masks = torch.zeros(len(marked), 64, 64)
-    for i, s in enumerate(marked):
-        ys, xs = (labels[s] == CLASSES.index("watermark")).nonzero(as_tuple=True)
-        masks[i, ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = 1
+    masks = bounding_boxes(labels[marked] == CLASSES.index("watermark"))
     z = sampler(marked)
     seeds = list(MEASURE_SEEDS)
 

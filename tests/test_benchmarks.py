@@ -1,0 +1,51 @@
+"""Helpers of the benchmark scripts whose outputs RESULTS.md quotes: request masks, the near-duplicate share."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from diversity import near_duplicate_share  # noqa: E402
+from eval_edits import WATERMARK, Rendered, bounding_boxes, watermark_request  # noqa: E402
+
+
+def test_bounding_boxes_fill_each_rows_box_and_leave_empty_rows_empty():
+    mask = torch.zeros(3, 8, 10, dtype=torch.bool)
+    mask[0, 2, 3] = mask[0, 5, 7] = True  # two corners of a 4x5 box
+    mask[1, 0, 0] = True
+    boxes = bounding_boxes(mask)
+    expected = torch.zeros(3, 8, 10)
+    expected[0, 2:6, 3:8] = 1
+    expected[1, 0, 0] = 1
+    assert boxes.dtype == torch.float32
+    assert torch.equal(boxes, expected)
+
+
+def test_watermark_request_masks_the_grown_box_of_the_first_marked_images():
+    labels = torch.zeros(4, 64, 64, dtype=torch.long)
+    labels[1, 20:24, 10:40] = WATERMARK  # 120 pixels: present by the presence rule
+    labels[2, 3:5, 3:5] = WATERMARK  # 4 pixels: too few to count
+    labels[3, 30:34, 5:25] = WATERMARK
+    labels[3, 40, 50] = WATERMARK  # a stray pixel widens this image's box
+    pool = Rendered(torch.zeros(4, 3, 64, 64), labels)
+    seeds = [10, 11, 12, 13]
+    z, masks, chosen = watermark_request(lambda s: torch.tensor(s, dtype=torch.float)[:, None], pool, seeds, 2)
+    assert chosen == [11, 13] and z[:, 0].tolist() == [11.0, 13.0]
+    expected = torch.zeros(2, 64, 64)
+    expected[0, 19:25, 9:41] = 1
+    expected[1, 29:42, 4:52] = 1
+    assert torch.equal(masks, expected)
+    with pytest.raises(RuntimeError, match="Only 2 watermarked images"):
+        watermark_request(lambda s: torch.zeros(len(s), 1), pool, seeds, 3)
+
+
+def test_near_duplicate_share_counts_ordered_pairs_over_the_agreement():
+    labels = torch.zeros(4, 10, 10, dtype=torch.long)
+    labels[1, 0, :4] = 1  # 96% like image 0: a near duplicate
+    labels[2, :2] = 1  # 80% like image 0
+    labels[3] = 2  # like none
+    # At 95%: (0, 1) and (1, 0). At 80%: also 0 and 2 (80%) and 1 and 2 (84%).
+    assert near_duplicate_share(labels) == pytest.approx(2 / 12)
+    assert near_duplicate_share(labels, agreement=0.8) == pytest.approx(6 / 12)

@@ -6,7 +6,9 @@ Vocabulary, for a layer whose weight ``W`` maps keys to values:
   ConvTranspose2d and Linear it is the layer's input; a composite layer (the generator's ``ModulatedConv2d``)
   names the child whose input is the key in ``memory_key_module`` (there: the modulated activation).
 * **value**: what the layer emits at a location. For a composite layer everything after ``W`` (demodulation,
-  noise, bias, activation) is the *nonlinear rest*; what ``W`` alone emits is the *linear output*.
+  noise, bias, activation) is the *nonlinear rest*; what ``W`` alone emits is the *linear output*. A rest that
+  reads the weight itself (a demodulation) is held at the base weight before a rewrite (``LayerMemory.hold``),
+  so that it does not spread ``ΔW`` to every key.
 * **C** ``= E[k kᵀ]``: the uncentered second moment of keys over the model's input distribution. Every solve
   uses ``C + ridge · tr(C)/C_dim · I`` (``ridge = 1e-4`` by default, i.e. 1e-4 of C's mean eigenvalue), so a
   singular C (dead units, more channels than samples) still gives finite, well-defined answers.
@@ -271,6 +273,14 @@ class LayerMemory:
     def weight(self) -> nn.Parameter:
         """The memory parameter itself (not a copy)."""
         return getattr(self.key_module, self.adapter.weight)
+
+    def hold(self) -> None:
+        """Before a rewrite: fix whatever the layer's rest reads from the weight itself, so that ``ΔW`` acts
+        only through ``ΔW k``. A composite layer opts in with a ``memory_hold()`` method (the generator's
+        ``ModulatedConv2d`` holds its demodulation); the layer's output is unchanged by the call."""
+        hold = getattr(self.module, "memory_hold", None)
+        if callable(hold):
+            hold()
 
     @property
     def key_channels(self) -> int:

@@ -279,7 +279,9 @@ def weight_sha256(weight: Tensor) -> str:
 
 def constraint(memory: LayerMemory, target: Paste | Erase, context: Context | None = None) -> tuple[Constraint, Context]:
     """The constraint a request sets, and its context (``context``, or the default: the target's own region at
-    rank 1). :func:`solve` uses this; baselines that fit the same constraint another way can too."""
+    rank 1). :func:`solve` uses this; baselines that fit the same constraint another way can too. Holds the
+    layer first (:meth:`LayerMemory.hold`), so every solver fits the same layer function."""
+    memory.hold()
     if isinstance(target, Paste):
         c, default = _paste_constraint(memory, target)
         return c, context or default
@@ -440,6 +442,7 @@ class Rewriter:
             after = before + memory.delta(edit.lam.to(param), edit.directions.to(param))
         if not torch.isfinite(after).all():
             raise FloatingPointError(f"The edit of layer {edit.layer!r} gives non-finite weights; not applied.")
+        memory.hold()  # as when it was solved: an edit read from a file may meet a fresh model
         self._write(param, after)
         self._done.append(_Applied(edit, param, before, after))
         self._undone.clear()

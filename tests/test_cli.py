@@ -117,7 +117,10 @@ def test_rewrite_exports_edited_weights_and_edit_files_reproduce_them(solved, wo
     edit, weights = solved
     base = tiny_model()[0].state_dict()
     edited = load_file(str(weights))
-    assert set(edited) == set(base)
+    # The edited layer's demodulation stays at the base weight, and the export says so.
+    assert set(edited) == set(base) | {f"{LAYER}.demod_reference"}
+    base_norms = base[f"{LAYER}.conv.weight"].square().sum(dim=(2, 3))
+    assert torch.equal(edited[f"{LAYER}.demod_reference"], base_norms)
     changed = {k for k in base if not torch.equal(base[k], edited[k])}
     assert changed == {f"{LAYER}.conv.weight"}
 

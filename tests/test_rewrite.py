@@ -225,6 +225,37 @@ def test_modulated_conv_edit_optimises_lambda_through_the_nonlinear_rest():
     assert closed.solver == "closed_form" and closed.loss_after == closed.loss_closed_form
 
 
+def test_modulated_conv_keys_outside_the_edit_keep_their_values_and_the_export_reloads(tmp_path):
+    model = Modulated().eval()
+    z = torch.randn(32, 6)
+    memory = _fit(LayerMemory(model, "conv1"), z)
+    mask = _box_mask(16, 4, 5, 4, 4)
+    context = Context(z[2:6], torch.stack([mask] * 4), rank=2)
+    edit = solve(memory, Paste(z[1:2], Copy(z[:1], mask), position=(10, 10)), context)
+    # Inputs whose keys (the modulated activation) have no component along D.
+    layer, w = model.conv1, z[6:10]
+    with torch.no_grad():
+        styles = (layer.affine(w) * layer.weight_gain)[:, :, None, None]
+        keys = torch.randn(4, 8, 16, 16) * styles
+        d = edit.directions
+        along = torch.einsum("nchw,rc->nhwr", keys, d) @ torch.linalg.inv(d @ d.T) @ d  # (N, H, W, C)
+        outside = (keys - along.permute(0, 3, 1, 2)) / styles
+        inside = keys / styles
+        before = layer(outside, w), layer(inside, w)
+        rewriter = Rewriter(model)
+        rewriter.apply(edit)
+        after = layer(outside, w), layer(inside, w)
+    # The demodulation is held at W₀, so ΔW reaches a location only through ΔW k.
+    torch.testing.assert_close(after[0], before[0], rtol=0, atol=1e-5)
+    assert not torch.allclose(after[1], before[1], atol=1e-3)
+    path = tmp_path / "edited.safetensors"
+    rewriter.export(str(path))
+    fresh = Modulated().eval()
+    load_model(fresh, str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(z), model(z), rtol=0, atol=0)
+
+
 def test_a_closed_form_worse_than_no_edit_is_not_the_starting_point(monkeypatch):
     import dissect.rewrite
 

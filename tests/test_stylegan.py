@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from dissect.hooks import Trace, key_module_name, layers
+from dissect.models.loaders import load_state_dict
 from dissect.models.stylegan import Discriminator, Generator
 
 SMALL = {4: 32, 8: 32, 16: 16, 32: 8, 64: 8}
@@ -81,6 +82,45 @@ def test_demodulation_makes_layer_invariant_to_weight_scale():
         rgb_after = G.synthesis.b8.torgb(x, w)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(rgb_after, rgb_before * 2 - G.synthesis.b8.torgb.bias[None, :, None, None])
+
+
+def test_held_demodulation_keeps_the_output_and_ignores_later_weight_changes_in_eval_only():
+    torch.manual_seed(0)
+    layer = Generator(z_dim=16, w_dim=16, channels=SMALL).synthesis.b8.conv1.eval()
+    x, w = torch.randn(4, 32, 8, 8), torch.randn(4, 16)
+    with torch.no_grad():
+        before = layer(x, w)
+        layer.memory_hold()
+        reference = layer.demod_reference.clone()
+        assert torch.equal(layer(x, w), before)  # holding alone changes nothing, bitwise
+        layer.conv.weight.mul_(2.0)
+        layer.memory_hold()  # a second hold keeps the first reference
+        assert torch.equal(layer.demod_reference, reference)
+        held = layer(x, w)
+        live = layer.train()(x, w)
+    # Held: doubling W doubles the linear part; live demodulation would cancel it again.
+    torch.testing.assert_close(live, before, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(held, before, atol=1e-2)
+    assert Generator(z_dim=16, w_dim=16, channels=SMALL).synthesis.b8.torgb.demod_reference is None
+
+
+def test_a_held_generator_round_trips_through_its_state_dict():
+    torch.manual_seed(0)
+    G = Generator(z_dim=16, w_dim=16, channels=SMALL).eval()
+    layer = G.synthesis.b8.conv1
+    z = torch.randn(2, 16)
+    with torch.no_grad():
+        layer.memory_hold()
+        layer.conv.weight.add_(torch.randn_like(layer.conv.weight))
+        edited = G(z)
+    fresh = Generator(z_dim=16, w_dim=16, channels=SMALL).eval()
+    load_state_dict(fresh, G.state_dict())  # the reference travels with the weights
+    assert fresh.synthesis.b8.conv1.demod_reference is not None
+    with torch.no_grad():
+        assert torch.equal(fresh(z), edited)
+    plain = {k: v for k, v in G.state_dict().items() if not k.endswith("demod_reference")}
+    G.load_state_dict(plain)  # weights without a reference release the hold
+    assert layer.demod_reference is None
 
 
 def test_unsupported_resolution_lists_supported():

@@ -153,8 +153,12 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 def load_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Load ``state`` into ``model`` (cast to each parameter's dtype), naming any missing or unexpected keys."""
     own = model.state_dict()
+    # A buffer registered as None (a generator layer's held demodulation) is optional: its module creates it
+    # when the state brings it.
+    optional = {f"{name}.{b}" if name else b for name, m in model.named_modules() for b, v in m._buffers.items()
+                if v is None}
     missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    unexpected = sorted(set(state) - set(own) - optional)
     if missing or unexpected:
         raise KeyError(
             f"{source} does not match {type(model).__name__}: "
@@ -166,4 +170,4 @@ def load_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source:
         raise ValueError(
             f"{source}: shape mismatch for {', '.join(f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in bad[:5])}."
         )
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    model.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()})

@@ -58,6 +58,14 @@ class ModulatedConv2d(nn.Module):
     ``forward(x (N, in, H, W), w (N, w_dim)) -> (N, out, H', W')`` with ``H' = 2H`` when ``up``.
     The child ``conv`` is a bias-free ``nn.Conv2d`` whose input is the (upsampled) modulated activation:
     the layer's keys. Everything after it is the nonlinear rest of the layer.
+
+    Demodulation divides each output channel by the norm of its style-scaled weights, so it reads the weight
+    itself: a rewrite ``W₀ + ΔW`` would rescale that channel at every location, whatever the key. Before its
+    first rewrite, :meth:`memory_hold` fixes the demodulation at the current weight (the ``demod_reference``
+    buffer, ``(out, in)``: squared weight norms per channel pair); in eval mode the layer then demodulates by
+    it, so an edit acts only through ``ΔW k`` and keys outside the edit keep their values. Training mode
+    always demodulates by the live weight. The buffer is saved with the weights, so an exported edit reloads
+    as the same function.
     """
 
     memory_key_module = "conv"
@@ -92,6 +100,25 @@ class ModulatedConv2d(nn.Module):
             self.register_buffer("noise_const", torch.randn(1, 1, resolution, resolution, generator=gen))
         else:
             self.noise_strength = None
+        self.register_buffer("demod_reference", None)  # set by memory_hold()
+
+    def _weight_norms(self) -> torch.Tensor:
+        """Squared norms of ``conv.weight`` over its kernel: ``(out, in)``."""
+        return self.conv.weight.square().sum(dim=(2, 3))
+
+    def memory_hold(self) -> None:
+        """Fix the demodulation at the current weight (once; later calls keep the first reference)."""
+        if self.demodulate and self.demod_reference is None:
+            self.demod_reference = self._weight_norms().detach().clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        # A held layer's weights carry their reference; plain weights bring none, and loading them releases a hold.
+        held = prefix + "demod_reference" in state_dict
+        if held and self.demod_reference is None:
+            self.demod_reference = torch.empty_like(self._weight_norms().detach())
+        elif not held:
+            self.demod_reference = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "const") -> torch.Tensor:
         styles = self.affine(w) * self.weight_gain  # (N, in)
@@ -99,7 +126,8 @@ class ModulatedConv2d(nn.Module):
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         x = self.conv(x * styles[:, :, None, None])
         if self.demodulate:
-            wsq = self.conv.weight.square().sum(dim=(2, 3))  # (out, in)
+            held = self.demod_reference is not None and not self.training
+            wsq = self.demod_reference if held else self._weight_norms()  # (out, in)
             x = x * torch.rsqrt(styles.square() @ wsq.t() + 1e-8)[:, :, None, None]
         if self.noise_strength is not None and noise_mode != "none":
             if noise_mode == "const":

@@ -9,7 +9,7 @@ Two edits, built from fixed request seeds (disjoint from the metric seeds and fr
                      unconstrained fine-tuning of the whole weight on the same constraint. Figures: prevalence
                      (share of images where the segmenter sees a watermark, the library's presence rule) and
                      collateral (mean |Δ pixel| in [0, 1] units outside the base images' watermark regions).
-  spire -> tree      copy a tree, paste it on a spire, context from several spires (rank r). Figures: share of the
+  spire -> tree      copy a tree, paste it onto a spire, context from several spires (rank r). Figures: share of the
                      unedited model's spire pixels that the segmenter labels tree after the edit (the paper's
                      "correct modification"); collateral outside spire regions; beside fine-tuning.
   speed              seconds per edit against the authors' procedure, implemented here as the reference: Adam on the
@@ -117,7 +117,8 @@ def _compactness(mask: Tensor) -> Tensor:
 
 
 def spire_to_tree_request(sampler, pool: Rendered, seeds: Sequence[int], n_ctx: int, rank: int) -> tuple[Paste, Context]:
-    """Copy the most compact single tree of the pool, paste it on a spire, context from ``n_ctx`` spires."""
+    """Copy the most compact single tree of the pool, paste it onto a spire (the paste's region is that spire,
+    grown by a pixel), context from ``n_ctx`` other spires."""
     tree = pool.labels == TREE
     count = tree.sum((1, 2))
     score = torch.where(count >= 30, _compactness(tree), torch.zeros(()))
@@ -130,7 +131,8 @@ def spire_to_tree_request(sampler, pool: Rendered, seeds: Sequence[int], n_ctx: 
     ys, xs = (pool.labels[target] == SPIRE).nonzero(as_tuple=True)
     position = (int(ys.float().mean()), int(xs.float().mean()))
     copy_req = Copy(sampler([seeds[src]]), dilate(tree[src : src + 1])[0].float(), seeds=[seeds[src]])
-    paste = Paste(sampler([seeds[target]]), copy_req, position=position, seeds=[seeds[target]])
+    region = dilate(pool.labels[target : target + 1] == SPIRE)[0].float()
+    paste = Paste(sampler([seeds[target]]), copy_req, position=position, seeds=[seeds[target]], region=region)
     ctx_idx = spires[1:]
     ctx_seeds = [seeds[i] for i in ctx_idx.tolist()]
     context = Context(sampler(ctx_seeds), dilate(pool.labels[ctx_idx] == SPIRE).float(), rank=rank, seeds=ctx_seeds)

@@ -75,12 +75,16 @@ class Paste:
 
     The constraint is the target's keys over the pasted box, mapped to the blended values
     ``alpha · copied + (1 - alpha) · own``. ``position=None`` keeps the copied box where it was.
+    ``region (H, W)``: paste *onto* this part of the target image only (a mask like the copy's; the constraint
+    keeps the box's locations where it is > 0). Pasting a tree onto a spire, the region is the spire: the sky
+    around it then need not turn into tree, which would take a far larger edit than the rule itself.
     """
 
     inputs: Inputs
     copy: Copy
     position: tuple[int, ...] | None = None
     seeds: list[int] | None = None
+    region: Tensor | None = None
 
 
 @dataclass
@@ -213,6 +217,11 @@ def _paste_constraint(memory: LayerMemory, paste: Paste) -> tuple[Constraint, Co
     weights = _shift(_box(alpha), offsets)
     if weights.sum() == 0:
         raise ValueError(f"Paste position {paste.position} puts the copied region outside the image.")
+    if paste.region is not None:
+        weights = weights * (memory.mask_weights(paste.region[None], paste.inputs, rec.values) > 0)
+        if weights.sum() == 0:
+            raise ValueError("The paste region does not meet the pasted copy: draw the region where the copy lands, "
+                             "or move the paste position onto it.")
     moved = lambda v: _shift(channels_last(v, cd), offsets).movedim(-1, cd)  # noqa: E731
     c = Constraint(
         rec,

@@ -111,6 +111,25 @@ def test_single_key_on_a_1x1_conv_stores_the_value_exactly_where_it_is_pasted():
     assert not torch.allclose(before[0, :, 6, 4], wanted, atol=1e-2)
 
 
+def test_a_paste_region_limits_the_constraint_to_where_the_copy_lands_on_it():
+    model = _convnet(kernel=3)
+    x = torch.randn(16, 3, 12, 12)
+    memory = _fit(LayerMemory(model, "2"), x)
+    copy = Copy(x[:1], _box_mask(12, 2, 2, 4, 6))
+    whole, _ = constraint(memory, Paste(x[1:2], copy))
+    region = _box_mask(12, 0, 5, 12, 7)  # the right part of the image: columns 5-11
+    part, _ = constraint(memory, Paste(x[1:2], copy, region=region))
+    expected = whole.weights.clone()
+    expected[..., :5] = 0
+    assert torch.equal(part.weights, expected) and part.weights.sum() == 4 * 3
+    w0 = memory.weight.detach().clone()
+    for bad, message in ((_box_mask(12, 8, 0, 4, 4), "does not meet the pasted copy"),
+                         (torch.ones(6, 6), "shape")):
+        with pytest.raises(ValueError, match=message):
+            Rewriter(model).rewrite(memory, Paste(x[1:2], copy, region=bad))
+        assert torch.equal(memory.weight, w0)
+
+
 def test_3x3_conv_reaches_the_least_squares_optimum():
     model = _convnet(kernel=3)
     x = torch.randn(24, 3, 12, 12)

@@ -3,8 +3,8 @@
     python benchmarks/quick_erase.py synthesis.b16.conv1 synthesis.b32.conv0 synthesis.b32.conv1
 
 Context: the first three of seeds 0-59 on which the segmenter sees a watermark, each masked by the watermark's
-bounding box; Erase with the top 30 units zeroed; ranks 4 and 16. The figure is watermark prevalence on the
-dashboard's 200 measure seeds. The comparison with the paper's baselines is eval_edits.py.
+bounding box; Erase with the dashboard's default units zeroed (DEFAULT_UNITS); ranks 4 and 16. The figure is
+watermark prevalence on the dashboard's 200 measure seeds. The comparison with the paper's baselines is eval_edits.py.
 """
 
 import sys
@@ -21,7 +21,7 @@ from dissect.rewrite import Context, Erase, Rewriter, solve
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the dashboard's measure seeds and stats size
 from eval_edits import bounding_boxes, prevalence, render  # noqa: E402
 
-from dashboard.defaults import MEASURE_SEEDS, STATS_SAMPLES  # noqa: E402
+from dashboard.defaults import DEFAULT_UNITS, MEASURE_SEEDS, STATS_SAMPLES  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
         memory.fit_moment(sampler, STATS_SAMPLES)
         for rank in (4, 16):
             rewriter = Rewriter(G)
-            rewriter.apply(solve(memory, Erase(z, masks, units=30), Context(z, masks, rank)))
+            rewriter.apply(solve(memory, Erase(z, masks, units=DEFAULT_UNITS), Context(z, masks, rank)))
             print(f"quick_erase: layer={layer} rank={rank} watermark_after={watermarks():.3f}", flush=True)
             rewriter.undo()
 

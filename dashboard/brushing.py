@@ -24,7 +24,8 @@ STROKES = {CONTEXT: "rgba(255, 210, 0, 0.55)", COPY: "rgba(0, 200, 255, 0.55)", 
 HELP = {
     CONTEXT: "Paint where the rule applies, on as many images as you like: each painted image joins the context.",
     COPY: "Paint the region to copy (one image at a time; painting another image replaces it).",
-    PASTE: "Click or paint on the target image: the copied region is pasted centred there.",
+    PASTE: "Click or paint on the target image: the copied region is pasted centred there (with *Paste: only "
+           "onto the painted region*, onto what you painted).",
 }
 
 

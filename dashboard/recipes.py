@@ -83,7 +83,8 @@ def shown_in(ws: Workspace, seeds: list[int], name: str) -> list[int]:
 
 def spire_tree(ws: Workspace, seeds: list[int], settings: Settings) -> None:
     st.markdown("1. **Copy a tree**: on the Images page, brush over a tree in *Copy* mode.\n2. **Paste it on a "
-                "spire**: in *Paste* mode, click on a spire of another image.\n3. **Context**: brush several spires "
+                "spire**: in *Paste* mode, paint over a spire of another image, with *Paste: only onto the painted "
+                "region* ticked in the sidebar.\n3. **Context**: brush several spires "
                 "in *Context* mode, so the rule reaches every spire.\n4. **Apply**, then check how much of the "
                 "spires the segmenter now calls tree.")
     trees, spires = shown_in(ws, seeds, "tree"), shown_in(ws, seeds, "spire")

@@ -28,6 +28,7 @@ class Settings:
     refine: bool  # after the closed form, L-BFGS through the layer's nonlinear rest…
     iterations: int  # …for at most this many iterations
     units: int  # erase: key channels zeroed in the target values
+    onto_region: bool = False  # paste: constrain only where the user painted in Paste mode
 
 
 def context(ws: Workspace, rank: int) -> Context:
@@ -64,6 +65,7 @@ def paste(ws: Workspace, settings: Settings) -> tuple[Paste, Context | None]:
         raise NeedsInput("Choose where to paste: in *Paste* mode, click or brush on the target image.")
     (src, mask), (dst, where) = ws.brush.copied, ws.brush.paste
     copied = Copy(ws.inputs([src]), mask, seeds=[src])
-    request = Paste(ws.inputs([dst]), copied, position=mask_centre(where), seeds=[dst])
+    request = Paste(ws.inputs([dst]), copied, position=mask_centre(where), seeds=[dst],
+                    region=where if settings.onto_region else None)
     has_context = ws.brush.cluster is not None or bool(ws.brush.context)
     return request, context(ws, settings.rank) if has_context else None

@@ -52,7 +52,11 @@ def _settings(ws: Workspace) -> Settings:
     units = st.number_input("Erase: units zeroed", 1, channels, min(DEFAULT_UNITS, channels), key="units",
                             help="Key channels most aligned with the context that an erase switches off in its "
                                  "target values.")
-    return Settings(int(rank), bool(refine), int(iterations), int(units))
+    onto = st.checkbox("Paste: only onto the painted region", key="onto_region",
+                       help="The copy must appear only where you painted in Paste mode (over a spire, say); the "
+                            "rest of its box may keep its own look. A smaller, more specific edit: the evaluation's "
+                            "spire -> tree rule is pasted this way.")
+    return Settings(int(rank), bool(refine), int(iterations), int(units), bool(onto))
 
 
 REFINE = {True: "Closed form + L-BFGS", False: "Closed form only"}

@@ -39,6 +39,8 @@ def test_watermark_request_masks_the_grown_box_of_the_first_marked_images():
     assert torch.equal(masks, expected)
     with pytest.raises(RuntimeError, match="Only 2 watermarked images"):
         watermark_request(lambda s: torch.zeros(len(s), 1), pool, seeds, 3)
+    _, _, fewer = watermark_request(lambda s: torch.zeros(len(s), 1), pool, seeds, 3, minimum=1)
+    assert fewer == [11, 13]
 
 
 def test_near_duplicate_share_counts_ordered_pairs_over_the_agreement():

@@ -202,6 +202,19 @@ def test_copy_paste_previews_then_applies() -> None:
     assert len(ws.rewriter.history) == 1, messages(at)
 
 
+def test_paste_onto_the_painted_region_sends_it_as_the_paste_region() -> None:
+    at = open_app()
+    brush(at, "Copy", 2, (40, 120, 40, 120))
+    brush(at, "Paste", 5, (160, 200, 160, 200))
+    at.checkbox(key="onto_region").check().run()
+    apply_edit(at, "Paste")
+    ws = ws_of(at)
+    (edit,) = ws.rewriter.history
+    region = edit.request["target"].region
+    assert region is not None and torch.equal(region, ws.brush.paste[1]), messages(at)
+    assert int(region.sum()) == 10 * 10  # the painted 40x40 canvas pixels at image resolution
+
+
 def test_two_sessions_never_see_each_others_edits() -> None:
     a, b = open_app(), open_app()
     wa, wb = ws_of(a), ws_of(b)

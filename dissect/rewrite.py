@@ -288,9 +288,7 @@ def weight_sha256(weight: Tensor) -> str:
 
 def constraint(memory: LayerMemory, target: Paste | Erase, context: Context | None = None) -> tuple[Constraint, Context]:
     """The constraint a request sets, and its context (``context``, or the default: the target's own region at
-    rank 1). :func:`solve` uses this; baselines that fit the same constraint another way can too. Holds the
-    layer first (:meth:`LayerMemory.hold`), so every solver fits the same layer function."""
-    memory.hold()
+    rank 1). :func:`solve` uses this; baselines that fit the same constraint another way can too."""
     if isinstance(target, Paste):
         c, default = _paste_constraint(memory, target)
         return c, context or default
@@ -302,7 +300,11 @@ def constraint(memory: LayerMemory, target: Paste | Erase, context: Context | No
 
 def constraint_loss(memory: LayerMemory, c: Constraint, weight: Tensor, l1: bool = False) -> Tensor:
     """The constraint loss with ``weight`` as the layer's memory (the layer runs alone, model untouched): the
-    weighted mean over locations of the channel-mean squared error (absolute error with ``l1=True``)."""
+    weighted mean over locations of the channel-mean squared error (absolute error with ``l1=True``).
+
+    The layer is held first (:meth:`LayerMemory.hold`; no output changes at the current weight), so every
+    solver, baseline or not, fits the layer as a rewrite will leave it."""
+    memory.hold()
     with eval_mode(memory.module):
         out = functional_call(memory.module, {memory.weight_name: weight}, c.rec.args, c.rec.kwargs)
     diff = channels_last(out - c.target, memory.adapter.channel_dim)
@@ -344,7 +346,8 @@ def _refine(memory: LayerMemory, c: Constraint, directions: Tensor, lam: Tensor,
 
 def solve(memory: LayerMemory, target: Paste | Erase, context: Context | None = None, refine: bool = True,
           max_iter: int = 50) -> Edit:
-    """Solve a rewrite of ``memory``'s layer; the model is not changed (apply the result with :class:`Rewriter`).
+    """Solve a rewrite of ``memory``'s layer; the model's weights and outputs are not changed (apply the result
+    with :class:`Rewriter`), though its layer is held (:meth:`LayerMemory.hold`) once the request is valid.
 
     The closed form fits the layer's linear part (exact for Conv / ConvTranspose / Linear layers). A layer with
     a nonlinear rest is then refined by L-BFGS on Λ through the real layer, started from the closed form, or

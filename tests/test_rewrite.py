@@ -275,6 +275,16 @@ def test_modulated_conv_keys_outside_the_edit_keep_their_values_and_the_export_r
         torch.testing.assert_close(fresh(z), model(z), rtol=0, atol=0)
 
 
+def test_a_refused_request_does_not_hold_the_modulated_layer():
+    model = Modulated().eval()
+    z = torch.randn(32, 6)
+    memory = _fit(LayerMemory(model, "conv1"), z)
+    keys = set(model.state_dict())
+    with pytest.raises(ValueError, match="empty"):
+        solve(memory, Paste(z[1:2], Copy(z[:1], torch.zeros(16, 16))))
+    assert model.conv1.demod_reference is None and set(model.state_dict()) == keys
+
+
 def test_a_closed_form_worse_than_no_edit_is_not_the_starting_point(monkeypatch):
     import dissect.rewrite
 

@@ -111,7 +111,7 @@ class ModulatedConv2d(nn.Module):
         if self.demodulate and self.demod_reference is None:
             self.demod_reference = self._weight_norms().detach().clone()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
         # A held layer's weights carry their reference; plain weights bring none, and loading them releases a hold.
         held = prefix + "demod_reference" in state_dict
         if held and self.demod_reference is None:

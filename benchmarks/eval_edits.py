@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from dissect import stats
 from dissect.hooks import model_device
-from dissect.memory import LayerMemory
+from dissect.memory import LayerMemory, bounding_boxes
 from dissect.models import load
 from dissect.models.segmenter import Segmenter, load_segmenter, present
 from dissect.models.world import CLASSES
@@ -87,17 +87,6 @@ def prevalence(r: Rendered, name: str) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def bounding_boxes(mask: Tensor) -> Tensor:
-    """``mask (N, H, W)`` bool -> float masks filling each row's bounding box (all zero for an empty row)."""
-    rows, cols = mask.any(dim=2), mask.any(dim=1)  # (N, H), (N, W)
-    ys, xs = torch.arange(mask.shape[1]), torch.arange(mask.shape[2])
-    in_rows = (ys >= torch.where(rows, ys, mask.shape[1]).amin(1, keepdim=True)) & (
-        ys <= torch.where(rows, ys, -1).amax(1, keepdim=True))
-    in_cols = (xs >= torch.where(cols, xs, mask.shape[2]).amin(1, keepdim=True)) & (
-        xs <= torch.where(cols, xs, -1).amax(1, keepdim=True))
-    return (in_rows[:, :, None] & in_cols[:, None, :]).float()
-
-
 def watermark_request(sampler, pool: Rendered, seeds: Sequence[int], n_ctx: int,
                       minimum: int | None = None) -> tuple[Tensor, Tensor, list[int]]:
     """Latents and masks ``(n, H, W)`` of the first ``n_ctx`` pool images showing a watermark (at least
@@ -107,7 +96,7 @@ def watermark_request(sampler, pool: Rendered, seeds: Sequence[int], n_ctx: int,
     if len(idx) < (n_ctx if minimum is None else minimum):
         raise RuntimeError(f"Only {len(idx)} watermarked images among {len(seeds)} request seeds.")
     chosen = [seeds[i] for i in idx.tolist()]
-    return sampler(chosen), bounding_boxes(dilate(pool.labels[idx] == WATERMARK)), chosen
+    return sampler(chosen), bounding_boxes(dilate(pool.labels[idx] == WATERMARK).float()), chosen
 
 
 def _compactness(mask: Tensor) -> Tensor:

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from dissect.memory import LayerMemory
+from dissect.memory import LayerMemory, bounding_boxes
 from dissect.models import load
 from dissect.models.segmenter import load_segmenter, present
 from dissect.models.world import CLASSES
 from dissect.rewrite import Context, Erase, Rewriter, solve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the dashboard's measure seeds and stats size
-from eval_edits import bounding_boxes, prevalence, render  # noqa: E402
+from eval_edits import prevalence, render  # noqa: E402
 
 from dashboard.defaults import DEFAULT_UNITS, MEASURE_SEEDS, STATS_SAMPLES  # noqa: E402
 
@@ -30,7 +30,7 @@ def main() -> None:
     with torch.no_grad():
         labels = seg.segment(G(sampler(range(60))))
     marked = present(labels, "watermark").nonzero()[:, 0].tolist()[:3]
-    masks = bounding_boxes(labels[marked] == CLASSES.index("watermark"))
+    masks = bounding_boxes((labels[marked] == CLASSES.index("watermark")).float())
     z = sampler(marked)
     seeds = list(MEASURE_SEEDS)
 

@@ -61,6 +61,7 @@ __all__ = [
     "eval_mode",
     "channels_last",
     "resize_masks",
+    "bounding_boxes",
     "select_rows",
     "num_rows",
     "rank_by_peak",
@@ -185,6 +186,22 @@ def select_rows(inputs: Inputs, index: slice | Tensor) -> Inputs:
 def channels_last(x: Tensor, channel_dim: int) -> Tensor:
     """``(N, C, *grid)`` or ``(N, *grid, C)`` -> ``(N, *grid, C)``."""
     return x.movedim(channel_dim, -1)
+
+
+def bounding_boxes(masks: Tensor) -> Tensor:
+    """``masks (N, *grid)`` -> the indicator of each row's bounding box of ``masks > 0`` (same shape and dtype;
+    all zero for an empty row): the region a rewrite constrains around a soft mask, or a brushed rectangle."""
+    box = torch.ones_like(masks, dtype=torch.bool)
+    for d in range(1, masks.dim()):
+        other = [a for a in range(1, masks.dim()) if a != d]
+        hit = (masks.amax(dim=other) if other else masks) > 0  # (N, g)
+        idx = torch.arange(masks.shape[d], device=masks.device)
+        first = torch.where(hit, idx, masks.shape[d]).amin(dim=1, keepdim=True)
+        last = torch.where(hit, idx, -1).amax(dim=1, keepdim=True)
+        shape = [masks.shape[0]] + [1] * (masks.dim() - 1)
+        shape[d] = masks.shape[d]
+        box &= ((idx >= first) & (idx <= last)).view(shape)
+    return box.to(masks.dtype)
 
 
 def resize_masks(masks: Tensor, grid: Sequence[int]) -> Tensor:

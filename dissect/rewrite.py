@@ -37,6 +37,7 @@ from dissect.memory import (
     KeyClusters,
     LayerMemory,
     Recording,
+    bounding_boxes,
     channels_last,
     eval_mode,
     num_rows,
@@ -160,21 +161,6 @@ def _record(memory: LayerMemory, inputs: Inputs, zero_units: Tensor | None = Non
     return rec
 
 
-def _box(alpha: Tensor) -> Tensor:
-    """``(N, *grid)`` indicator of each row's bounding box of ``alpha > 0``."""
-    box = torch.ones_like(alpha, dtype=torch.bool)
-    for d in range(1, alpha.dim()):
-        other = [a for a in range(1, alpha.dim()) if a != d]
-        hit = (alpha.amax(dim=other) if other else alpha) > 0  # (N, g)
-        idx = torch.arange(alpha.shape[d], device=alpha.device)
-        first = torch.where(hit, idx, alpha.shape[d]).amin(dim=1, keepdim=True)
-        last = torch.where(hit, idx, -1).amax(dim=1, keepdim=True)
-        shape = [alpha.shape[0]] + [1] * (alpha.dim() - 1)
-        shape[d] = alpha.shape[d]
-        box &= ((idx >= first) & (idx <= last)).view(shape)
-    return box.to(alpha.dtype)
-
-
 def _shift(x: Tensor, offsets: Sequence[int]) -> Tensor:
     """``x (N, *grid, ...)`` moved by ``offsets`` cells along the grid axes, zero-filled."""
     out = torch.zeros_like(x)
@@ -208,13 +194,13 @@ def _paste_constraint(memory: LayerMemory, paste: Paste) -> tuple[Constraint, Co
         size = memory.mask_size(paste.inputs, grid)
         if len(paste.position) != len(grid):
             raise ValueError(f"Paste position must be {len(grid)} image coordinates, got {paste.position}.")
-        box_idx = _box(alpha)[0].nonzero().float()
+        box_idx = bounding_boxes(alpha)[0].nonzero().float()
         centre = (box_idx.amin(0) + box_idx.amax(0) + 1) / 2
         offsets = [round((p + 0.5) * g / s - c) for p, g, s, c in zip(paste.position, grid, size, centre.tolist())]
         # The same move at image resolution, for the default context (exact when the image is a multiple of the grid).
         ctx_mask = _shift(paste.copy.mask[None], [round(o * s / g) for o, s, g in zip(offsets, size, grid)])[0]
     alpha_t = _shift(alpha, offsets)
-    weights = _shift(_box(alpha), offsets)
+    weights = _shift(bounding_boxes(alpha), offsets)
     if weights.sum() == 0:
         raise ValueError(f"Paste position {paste.position} puts the copied region outside the image.")
     if paste.region is not None:
@@ -244,7 +230,7 @@ def _erase_constraint(memory: LayerMemory, erase: Erase, context: Context) -> Co
         rec,
         linear_target=_blend(alpha, erased.linear, rec.linear, cd),
         target=_blend(alpha, erased.values, rec.values, cd),
-        weights=_box(alpha),
+        weights=bounding_boxes(alpha),
     )
 
 

@@ -8,19 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from diversity import near_duplicate_share  # noqa: E402
-from eval_edits import WATERMARK, Rendered, bounding_boxes, watermark_request  # noqa: E402
-
-
-def test_bounding_boxes_fill_each_rows_box_and_leave_empty_rows_empty():
-    mask = torch.zeros(3, 8, 10, dtype=torch.bool)
-    mask[0, 2, 3] = mask[0, 5, 7] = True  # two corners of a 4x5 box
-    mask[1, 0, 0] = True
-    boxes = bounding_boxes(mask)
-    expected = torch.zeros(3, 8, 10)
-    expected[0, 2:6, 3:8] = 1
-    expected[1, 0, 0] = 1
-    assert boxes.dtype == torch.float32
-    assert torch.equal(boxes, expected)
+from eval_edits import WATERMARK, Rendered, watermark_request  # noqa: E402
 
 
 def test_watermark_request_masks_the_grown_box_of_the_first_marked_images():

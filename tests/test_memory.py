@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dissect.memory import KeyClusters, LayerMemory, MemoryAdapter, register_adapter
+from dissect.memory import KeyClusters, LayerMemory, MemoryAdapter, bounding_boxes, register_adapter
 from dissect.models.stylegan import ModulatedConv2d
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
@@ -359,3 +359,16 @@ def test_ablate_zeroes_key_units_in_every_forward_and_restores():
     hidden[:, units] = 0
     torch.testing.assert_close(ablated, model[2](hidden))
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_bounding_boxes_fill_each_rows_box_keep_the_dtype_and_leave_empty_rows_empty():
+    mask = torch.zeros(3, 8, 10)
+    mask[0, 2, 3] = mask[0, 5, 7] = 0.5  # two corners of a 4x5 box
+    mask[1, 0, 0] = 1.0
+    expected = torch.zeros(3, 8, 10)
+    expected[0, 2:6, 3:8] = 1
+    expected[1, 0, 0] = 1
+    assert torch.equal(bounding_boxes(mask), expected)
+    assert torch.equal(bounding_boxes(mask > 0), expected > 0)  # bool in, bool out
+    tokens = torch.tensor([[0.0, 0.2, 0.0, 0.7, 0.0]])  # a 1-D grid (Linear over tokens)
+    assert bounding_boxes(tokens).tolist() == [[0.0, 1.0, 1.0, 1.0, 0.0]]

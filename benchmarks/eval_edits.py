@@ -213,9 +213,8 @@ def erase_in_passes(G: nn.Module, memory: LayerMemory, sampler, seg: Segmenter, 
     """Erase as a user iterates: each pass draws its request from the pool images the model *now* marks (up to
     ``n_ctx``; after the first pass, however few remain), adds ``make_delta(z, masks, seeds)`` to the weight and
     measures. The weight is restored bitwise at the end."""
-    saved = memory.weight.detach().clone()
     results = []
-    try:
+    with contextlib.ExitStack() as passes_applied:
         for p in range(passes):
             try:
                 now = render(G, sampler, seg, pool_seeds)
@@ -223,13 +222,8 @@ def erase_in_passes(G: nn.Module, memory: LayerMemory, sampler, seg: Segmenter, 
             except RuntimeError as err:  # too few watermarks left to draw a request from
                 print(f"pass {p + 1} skipped: {err}")
                 break
-            delta = make_delta(z, masks, chosen)
-            with torch.no_grad():
-                memory.weight.add_(delta)
+            passes_applied.enter_context(weight_delta(memory, make_delta(z, masks, chosen)))
             results.append(measure())
-    finally:
-        with torch.no_grad():
-            memory.weight.copy_(saved)
     return results
 
 

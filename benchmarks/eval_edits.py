@@ -339,12 +339,11 @@ def main() -> None:
     def tuned(z: Tensor, masks: Tensor, chosen: list[int]) -> Tensor:
         return fine_tune(m, Erase(z, masks, units=args.units), Context(z, masks, rank_wm))
 
-    last = {}
     for name, make_delta in ((f"rewrite erase (rank {rank_wm})", ours), ("fine-tune whole layer", tuned)):
         passes = erase_in_passes(G, m, sampler, seg, pool_seeds, args.ctx, args.passes, make_delta, measure)
         rows += [(f"{name}, pass {p + 1}" if args.passes > 1 else name, r) for p, r in enumerate(passes)]
-        last[make_delta] = rows[-1][0]
-    erase_name = last[ours]
+        if make_delta is ours:
+            erase_name = rows[-1][0]  # the summary reports our last pass
     for k in (30, 60):
         units = dissection_units(m, sampler, pool_seeds, pool, k)
         with m.ablate(units):

@@ -282,8 +282,8 @@ def main() -> None:
             memories[layer] = m
         return memories[layer]
 
-    def erase_edit(m: LayerMemory, rank: int):
-        return solve(m, Erase(wm_z, wm_masks, units=args.units, seeds=wm_seeds), Context(wm_z, wm_masks, rank, wm_seeds))
+    def erase_edit(m: LayerMemory, rank: int, z: Tensor = wm_z, masks: Tensor = wm_masks, seeds: list[int] = wm_seeds):
+        return solve(m, Erase(z, masks, units=args.units, seeds=seeds), Context(z, masks, rank, seeds))
 
     def tree_edit(m: LayerMemory, rank: int):
         paste, ctx = spire_to_tree_request(sampler, pool, pool_seeds, args.ctx, rank)
@@ -333,7 +333,7 @@ def main() -> None:
     rows = [("unchanged", base)]
 
     def ours(z: Tensor, masks: Tensor, chosen: list[int]) -> Tensor:
-        edit = solve(m, Erase(z, masks, units=args.units, seeds=chosen), Context(z, masks, rank_wm, chosen))
+        edit = erase_edit(m, rank_wm, z, masks, chosen)
         return m.delta(edit.lam, edit.directions)
 
     def tuned(z: Tensor, masks: Tensor, chosen: list[int]) -> Tensor:

@@ -115,7 +115,7 @@ class ModulatedConv2d(nn.Module):
         # A held layer's weights carry their reference; plain weights bring none, and loading them releases a hold.
         held = prefix + "demod_reference" in state_dict
         if held and self.demod_reference is None:
-            self.demod_reference = torch.empty_like(self._weight_norms().detach())
+            self.demod_reference = self.conv.weight.new_empty(self.conv.weight.shape[:2])  # (out, in), filled by the load
         elif not held:
             self.demod_reference = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -244,8 +245,10 @@ class Edit:
     """A solved rewrite: ``W₁ = W₀ + Λ D`` at ``layer``'s memory weight.
 
     ``lam (out, r, *kernel)``, ``directions (r, C)``; losses are the weighted mean squared error of the layer's
-    output on the constraint, before (``Λ = 0``), after the closed form, and final; ``base_sha256`` names the
-    weight it was solved against (see :func:`weight_sha256`); ``request`` holds the requests that made it.
+    output on the constraint, before (``Λ = 0``), after the closed form, and final (of the solve, at strength 1);
+    ``base_sha256`` names the weight it was solved against (see :func:`weight_sha256`); ``request`` holds the
+    requests that made it; ``pointwise``: ``Λ`` was confined to the kernel's centre; ``strength``: the factor
+    :meth:`scaled` has already multiplied ``lam`` by.
     """
 
     layer: str
@@ -258,10 +261,23 @@ class Edit:
     loss_after: float
     seconds: float = 0.0
     request: dict[str, Any] = field(default_factory=dict)
+    pointwise: bool = False
+    strength: float = 1.0
 
     @property
     def rank(self) -> int:
         return self.directions.shape[0]
+
+    def scaled(self, factor: float) -> "Edit":
+        """The same rule at ``factor`` times its strength (``Λ`` scaled; ``D`` and the base are unchanged).
+
+        The solve fits the request's own keys; another key in the context changes by ``Λ D k``, less where it
+        projects less onto ``D``. A factor above 1 carries the rule to those weaker matches, at proportionally
+        more change everywhere else; below 1 it tones the edit down.
+        """
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"An edit's strength factor must be a positive number, got {factor}.")
+        return dataclasses.replace(self, lam=self.lam * factor, strength=self.strength * factor)
 
 
 def weight_sha256(weight: Tensor) -> str:
@@ -298,22 +314,40 @@ def constraint_loss(memory: LayerMemory, c: Constraint, weight: Tensor, l1: bool
     return (err * c.weights).sum() / c.weights.sum()
 
 
-def _closed_form(memory: LayerMemory, c: Constraint, directions: Tensor) -> Tensor:
-    """Least-squares ``Λ (out, r, *kernel)`` for the linear output on the constraint (float64, CPU, gelsd)."""
+def _taps(memory: LayerMemory, pointwise: bool) -> Tensor:
+    """Which kernel positions ``Λ`` may use: ``(*kernel)`` of 0 / 1; with ``pointwise`` the centre alone."""
+    kernel = memory.kernel_shape
+    taps = torch.ones(kernel, dtype=memory.weight.dtype, device=memory.weight.device)
+    if pointwise and kernel:
+        if any(k % 2 == 0 for k in kernel):
+            raise ValueError(f"Layer {memory.layer!r} has an even {kernel} kernel, without a centre: solve it with "
+                             f"pointwise=False.")
+        taps.zero_()[tuple(k // 2 for k in kernel)] = 1
+    return taps
+
+
+def _closed_form(memory: LayerMemory, c: Constraint, directions: Tensor, taps: Tensor) -> Tensor:
+    """Least-squares ``Λ (out, r, *kernel)`` for the linear output on the constraint (float64, CPU, gelsd), zero
+    outside ``taps``."""
     cd = memory.adapter.channel_dim
     u = memory.design(c.rec.keys, directions)
-    u = channels_last(u, cd).reshape(-1, u.shape[cd])  # (L, J)
+    u = channels_last(u, cd).reshape(-1, u.shape[cd])  # (L, J): J = (r, kernel position)
     res = channels_last(c.linear_target - c.rec.linear, cd).reshape(-1, c.rec.linear.shape[cd])  # (L, out)
     w = c.weights.reshape(-1)
     used = w > 0
+    cols = (taps.reshape(1, -1) > 0).expand(directions.shape[0], -1).reshape(-1).cpu()
     root = w[used].double().sqrt().cpu()[:, None]
-    sol = torch.linalg.lstsq(u[used].double().cpu() * root, res[used].double().cpu() * root, driver="gelsd").solution
-    return sol.T.reshape(memory.out_channels, directions.shape[0], *memory.kernel_shape).to(memory.weight)
+    sol = torch.linalg.lstsq(u[used][:, cols.to(u.device)].double().cpu() * root, res[used].double().cpu() * root,
+                             driver="gelsd").solution
+    lam = torch.zeros(memory.out_channels, len(cols), dtype=torch.float64)
+    lam[:, cols] = sol.T
+    return lam.reshape(memory.out_channels, directions.shape[0], *memory.kernel_shape).to(memory.weight)
 
 
-def _refine(memory: LayerMemory, c: Constraint, directions: Tensor, lam: Tensor, base: Tensor,
+def _refine(memory: LayerMemory, c: Constraint, directions: Tensor, lam: Tensor, base: Tensor, taps: Tensor,
             max_iter: int) -> Tensor:
-    """L-BFGS on ``Λ`` alone through the real layer, from ``lam``; ``W = W₀ + Λ D`` by construction."""
+    """L-BFGS on ``Λ`` alone (within ``taps``) through the real layer, from ``lam``; ``W = W₀ + Λ D`` by
+    construction."""
     with torch.no_grad():
         scale = constraint_loss(memory, c, base + memory.delta(lam, directions)).clamp_min(1e-30)
     lam = lam.detach().clone().requires_grad_(True)
@@ -321,17 +355,17 @@ def _refine(memory: LayerMemory, c: Constraint, directions: Tensor, lam: Tensor,
                             tolerance_grad=1e-10, tolerance_change=1e-12)
 
     def closure() -> Tensor:
-        loss = constraint_loss(memory, c, base + memory.delta(lam, directions)) / scale
+        loss = constraint_loss(memory, c, base + memory.delta(lam * taps, directions)) / scale
         (grad,) = torch.autograd.grad(loss, lam)  # grads of Λ only: the model's .grad stay untouched
         lam.grad = grad.contiguous()
         return loss
 
     opt.step(closure)
-    return lam.detach()
+    return (lam * taps).detach()
 
 
 def solve(memory: LayerMemory, target: Paste | Erase, context: Context | None = None, refine: bool = True,
-          max_iter: int = 50) -> Edit:
+          max_iter: int = 50, pointwise: bool = False) -> Edit:
     """Solve a rewrite of ``memory``'s layer; the model's weights and outputs are not changed (apply the result
     with :class:`Rewriter`), though its layer is held (:meth:`LayerMemory.hold`) once the request is valid.
 
@@ -345,14 +379,19 @@ def solve(memory: LayerMemory, target: Paste | Erase, context: Context | None = 
         context: where the rule applies; default: the target's own region at rank 1.
         refine: run L-BFGS for a layer with a nonlinear rest.
         max_iter: L-BFGS iterations.
+        pointwise: for a convolution, change only the kernel's centre, so that each location's new value depends
+            on its own key alone (``ΔW k`` exactly as in the key → value view) instead of on its neighbours' keys
+            too. Fewer unknowns: a paste onto a small object then generalises by what the other objects' keys
+            are, not by how their neighbourhoods happen to resemble the target's.
     """
     start = time.perf_counter()
     c, context = constraint(memory, target, context)
+    taps = _taps(memory, pointwise)
     directions = memory.directions(context.inputs, context.masks, context.rank)
     base = memory.weight.detach()
     with torch.no_grad():
         before = float(constraint_loss(memory, c, base))
-        lam = _closed_form(memory, c, directions)
+        lam = _closed_form(memory, c, directions, taps)
         closed = float(constraint_loss(memory, c, base + memory.delta(lam, directions)))
     after, solver = closed, "closed_form"
     if refine and memory.key_layer != memory.layer:
@@ -360,7 +399,7 @@ def solve(memory: LayerMemory, target: Paste | Erase, context: Context | None = 
         # L-BFGS starts from Λ = 0 instead.
         if closed > before:
             lam, after, solver = torch.zeros_like(lam), before, "lbfgs"
-        refined = _refine(memory, c, directions, lam, base, max_iter)
+        refined = _refine(memory, c, directions, lam, base, taps, max_iter)
         with torch.no_grad():
             refined_loss = float(constraint_loss(memory, c, base + memory.delta(refined, directions)))
         if refined_loss < after:
@@ -370,7 +409,7 @@ def solve(memory: LayerMemory, target: Paste | Erase, context: Context | None = 
     return Edit(
         layer=memory.layer, lam=lam, directions=directions, solver=solver, base_sha256=weight_sha256(base),
         loss_before=before, loss_closed_form=closed, loss_after=after, seconds=time.perf_counter() - start,
-        request={"target": target, "context": context},
+        request={"target": target, "context": context}, pointwise=pointwise,
     )
 
 
@@ -501,7 +540,8 @@ class Rewriter:
                 "layer": e.layer, "rank": e.rank, "solver": e.solver, "base_sha256": e.base_sha256,
                 "weight_dtype": str(a.before.dtype), "weight_shape": list(a.before.shape),
                 "loss_before": e.loss_before, "loss_closed_form": e.loss_closed_form, "loss_after": e.loss_after,
-                "seconds": e.seconds, "request": _encode(e.request, f"{prefix}.request", tensors),
+                "seconds": e.seconds, "pointwise": e.pointwise, "strength": e.strength,
+                "request": _encode(e.request, f"{prefix}.request", tensors),
             })
         meta = {"format": FORMAT, "version": dissect.__version__, "edits": edits}
         save_file(tensors, path, metadata={"dissect": json.dumps(meta)})
@@ -524,7 +564,8 @@ def read_edits(path: str) -> list[Edit]:
         Edit(layer=e["layer"], lam=tensors[f"edits.{i}.lambda"], directions=tensors[f"edits.{i}.directions"],
              solver=e["solver"], base_sha256=e["base_sha256"], loss_before=e["loss_before"],
              loss_closed_form=e["loss_closed_form"], loss_after=e["loss_after"], seconds=e["seconds"],
-             request=_decode(e["request"], tensors))
+             request=_decode(e["request"], tensors), pointwise=e.get("pointwise", False),
+             strength=e.get("strength", 1.0))
         for i, e in enumerate(meta["edits"])
     ]
 

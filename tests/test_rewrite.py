@@ -158,6 +158,73 @@ def test_3x3_conv_reaches_the_least_squares_optimum():
     torch.testing.assert_close(edit.lam.double().reshape(4, -1), torch.from_numpy(lam.T), rtol=1e-4, atol=1e-6)
 
 
+def test_pointwise_edit_changes_each_value_by_its_own_key_alone():
+    model = _convnet(kernel=3)
+    x = torch.randn(24, 3, 12, 12)
+    memory = _fit(LayerMemory(model, "2"), x)
+    mask = _box_mask(12, 3, 2, 6, 7)
+    context = Context(x[2:5], torch.stack([mask] * 3), rank=2)
+    edit = solve(memory, Paste(x[1:2], Copy(x[:1], mask)), context, pointwise=True)
+    assert edit.pointwise and edit.lam[:, :, 1, 1].abs().sum() > 0
+    outside = edit.lam.clone()
+    outside[:, :, 1, 1] = 0
+    assert torch.equal(outside, torch.zeros_like(outside))
+
+    # The least-squares optimum over the centre tap alone: unknowns Λ (out, r) act on D k at each location.
+    d = edit.directions.double()
+    proj = torch.einsum("ri,nihw->nrhw", d, memory.keys(x[1:2]).double())[0].reshape(2, -1)  # (r, H·W)
+    inside = mask.reshape(-1) > 0
+    residual = (memory.values(x[:1]) - memory.values(x[1:2])).double()[0].reshape(4, -1)
+    lam, *_ = np.linalg.lstsq(proj[:, inside].T.numpy(), residual[:, inside].T.numpy(), rcond=None)
+    torch.testing.assert_close(edit.lam[:, :, 1, 1].double(), torch.from_numpy(lam.T), rtol=1e-4, atol=1e-6)
+
+    # So every location's value moves by Λ D k of its own key, whatever its neighbours' keys are.
+    probe = torch.randn(3, 3, 12, 12)
+    keys, before = memory.keys(probe), memory.values(probe)
+    Rewriter(model).apply(edit)
+    expected = torch.einsum("or,ri,nihw->nohw", edit.lam[:, :, 1, 1], edit.directions, keys)
+    torch.testing.assert_close(memory.values(probe) - before, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+def test_pointwise_needs_a_kernel_with_a_centre():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 2, padding="same"))
+    x = torch.randn(8, 3, 8, 8)
+    memory = _fit(LayerMemory(model, "2"), x)
+    state = _state(model)
+    with pytest.raises(ValueError, match="without a centre"):
+        solve(memory, Paste(x[1:2], Copy(x[:1], _box_mask(8, 2, 2, 3, 3))), pointwise=True)
+    assert _same(model, state)
+
+
+def test_a_scaled_edit_multiplies_lambda_and_keeps_its_strength_through_save_and_load(tmp_path):
+    model = _convnet(kernel=3)
+    x = torch.randn(16, 3, 8, 8)
+    original = _state(model)
+    memory = _fit(LayerMemory(model, "2"), x)
+    mask = _box_mask(8, 2, 2, 3, 3)
+    edit = solve(memory, Paste(x[1:2], Copy(x[:1], mask)), Context(x[2:4], torch.stack([mask] * 2)), pointwise=True)
+    strong = edit.scaled(2.5)
+    assert strong.strength == 2.5 and edit.strength == 1.0
+    torch.testing.assert_close(strong.lam, 2.5 * edit.lam)
+    assert torch.equal(strong.directions, edit.directions) and strong.loss_after == edit.loss_after
+    assert strong.scaled(0.4).strength == pytest.approx(1.0)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive number"):
+            edit.scaled(bad)
+    w0 = memory.weight.detach().clone()
+    rewriter = Rewriter(model)
+    rewriter.apply(strong)
+    torch.testing.assert_close(memory.weight.detach() - w0, 2.5 * memory.delta(edit.lam, edit.directions))
+    path = tmp_path / "edits.safetensors"
+    rewriter.save(str(path))
+    fresh = _convnet(kernel=3)
+    assert _same(fresh, original)
+    loaded = load(str(path), fresh).history[0]
+    assert loaded.strength == 2.5 and loaded.pointwise and _same(fresh, _state(model))
+
+
 def test_update_has_rank_r_and_lies_in_the_span_of_d():
     model = _convnet(kernel=3)
     x = torch.randn(24, 3, 12, 12)

@@ -37,7 +37,9 @@ def show_flashes() -> None:
 def solve_request(ws: Workspace, kind: str, settings: Settings) -> Edit:
     """Solve (never apply) the session's current request at the chosen layer."""
     target, context = requests.erase(ws, settings) if kind == ERASE else requests.paste(ws, settings)
-    return solve(ws.memory(), target, context, refine=settings.refine, max_iter=settings.iterations)
+    edit = solve(ws.memory(), target, context, refine=settings.refine, max_iter=settings.iterations,
+                 pointwise=settings.pointwise)
+    return edit.scaled(settings.strength)
 
 
 def apply(ws: Workspace, kind: str, settings: Settings,
@@ -51,8 +53,8 @@ def apply(ws: Workspace, kind: str, settings: Settings,
     report(0.85, "Writing the new weights…")
     ws.rewriter.apply(edit)
     ws.weights_changed()
-    report(1.0, f"Applied: rank {edit.rank}, {edit.solver}, {edit.seconds:.2f} s; constraint loss "
-                f"{edit.loss_before:.3g} → {edit.loss_after:.3g}.")
+    report(1.0, f"Applied: rank {edit.rank}, {edit.solver}, strength {edit.strength:g}, {edit.seconds:.2f} s; "
+                f"constraint loss {edit.loss_before:.3g} → {edit.loss_after:.3g} (at strength 1).")
     return edit
 
 
@@ -132,7 +134,8 @@ def load_edit_file(ws: Workspace, data: bytes) -> int:
 def _history_table(history: list[Edit]) -> pd.DataFrame:
     return pd.DataFrame([
         {"#": i + 1, "request": type(e.request.get("target")).__name__ if e.request else "loaded", "layer": e.layer,
-         "rank": e.rank, "solver": e.solver, "loss before": e.loss_before, "loss after": e.loss_after,
+         "rank": e.rank, "solver": e.solver + (", pointwise" if e.pointwise else ""), "strength": e.strength,
+         "loss before": e.loss_before, "loss after": e.loss_after,
          "seconds": round(e.seconds, 2)}
         for i, e in enumerate(history)
     ])

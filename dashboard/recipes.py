@@ -85,8 +85,10 @@ def spire_tree(ws: Workspace, seeds: list[int], settings: Settings) -> None:
     st.markdown("1. **Copy a tree**: on the Images page, brush over a tree in *Copy* mode.\n2. **Paste it on a "
                 "spire**: in *Paste* mode, paint over a spire of another image, with *Paste: only onto the painted "
                 "region* ticked in the sidebar.\n3. **Context**: brush several spires "
-                "in *Context* mode, so the rule reaches every spire.\n4. **Apply**, then check how much of the "
-                "spires the segmenter now calls tree.")
+                "in *Context* mode, so the rule reaches every spire.\n4. **Solve** at rank 1 with *Pointwise* "
+                "ticked, **apply**, and check how much of the spires the segmenter now calls tree; undo and raise "
+                "the *Strength* (the evaluation settles near 2.5) until more stops helping. A second paste onto a "
+                "spire that stayed reaches the next kind of spire.")
     trees, spires = shown_in(ws, seeds, "tree"), shown_in(ws, seeds, "spire")
     if derived.segmenter() is not None:
         st.caption(f"In the grid the segmenter sees a tree on seeds {', '.join(map(str, trees)) or 'none'} and a "

@@ -29,6 +29,8 @@ class Settings:
     iterations: int  # …for at most this many iterations
     units: int  # erase: key channels zeroed in the target values
     onto_region: bool = False  # paste: constrain only where the user painted in Paste mode
+    pointwise: bool = False  # change only the kernel's centre (each value by its own key)
+    strength: float = 1.0  # the solved edit's Λ times this
 
 
 def context(ws: Workspace, rank: int) -> Context:

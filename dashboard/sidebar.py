@@ -56,7 +56,14 @@ def _settings(ws: Workspace) -> Settings:
                        help="The copy must appear only where you painted in Paste mode (over a spire, say); the "
                             "rest of its box may keep its own look. A smaller, more specific edit: the evaluation's "
                             "spire -> tree rule is pasted this way.")
-    return Settings(int(rank), bool(refine), int(iterations), int(units), bool(onto))
+    pointwise = st.checkbox("Pointwise (kernel centre only)", key="pointwise",
+                            help="Each location's value changes by its own key alone, not its neighbours'. A paste "
+                                 "onto a small object (a spire) then reaches the other objects of its kind.")
+    strength = st.slider("Strength", 0.25, 5.0, 1.0, 0.25, key="strength",
+                         help="Scales the solved change. The solve fits the request's own keys; other keys of the "
+                              "context change less where they match less. Raise it until more stops helping; "
+                              "everything else changes proportionally more.")
+    return Settings(int(rank), bool(refine), int(iterations), int(units), bool(onto), bool(pointwise), float(strength))
 
 
 REFINE = {True: "Closed form + L-BFGS", False: "Closed form only"}

@@ -123,6 +123,8 @@ A request is a JSON object, or a list of them applied in order:
 
 Regions are a "box" in image pixels (end exclusive) or a "mask": a grayscale PNG at image resolution
 (white = inside), relative to the JSON file. "context" is optional (default: the target's own region, rank 1).
+Optional on any request: "pointwise": true (change only the kernel's centre) and "strength": 2.5 (scale the
+solved change; see dissect.rewrite.Edit.scaled).
 C is collected (and cached) over seeds 0 .. --stats-n - 1 first."""
 
 
@@ -190,6 +192,16 @@ def _request(
     return target, context
 
 
+def _solver_options(spec: dict, what: str) -> tuple[bool, float]:
+    """A request's optional ``pointwise`` and ``strength``."""
+    pointwise, strength = spec.get("pointwise", False), spec.get("strength", 1.0)
+    if not isinstance(pointwise, bool):
+        raise CliError(f"{what}: 'pointwise' is true or false, got {pointwise!r}.")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength < float("inf"):
+        raise CliError(f"{what}: 'strength' is a positive number (1 = the solved edit), got {strength!r}.")
+    return pointwise, float(strength)
+
+
 def _apply_edits(model: nn.Module, sampler: _OnDevice, args: argparse.Namespace) -> rewrite.Rewriter:
     """Apply ``args.edit`` to ``model``: an edit file saved by dissect, or a request JSON solved here."""
     path = Path(args.edit)
@@ -207,19 +219,21 @@ def _apply_edits(model: nn.Module, sampler: _OnDevice, args: argparse.Namespace)
     specs = specs if isinstance(specs, list) else [specs]
     size = tuple(_render(model, sampler([0])).shape[-2:])
     # Every request is read and checked before the slow part (collecting C, solving).
-    plans = [(LayerMemory(model, str(_field(spec, "layer", f"Request {i}"))), *_request(spec, sampler, size, path.parent))
-             for i, spec in enumerate(specs)]
+    plans = [(LayerMemory(model, str(_field(spec, "layer", f"Request {i}"))), *_request(spec, sampler, size, path.parent),
+              *_solver_options(spec, f"Request {i}")) for i, spec in enumerate(specs)]
     rewriter = rewrite.Rewriter(model)
-    for memory, target, context in plans:
+    for memory, target, context, pointwise, strength in plans:
         _fit_moment(memory, sampler, args)
-        rewriter.rewrite(memory, target, context, refine=not args.no_refine)
+        edit = rewrite.solve(memory, target, context, refine=not args.no_refine, pointwise=pointwise)
+        rewriter.apply(edit.scaled(strength))
     return rewriter
 
 
 def _describe(rewriter: rewrite.Rewriter) -> None:
     for edit in rewriter.history:
-        print(f"{edit.layer}: rank {edit.rank}, {edit.solver}; constraint loss {edit.loss_before:.4g} -> "
-              f"{edit.loss_after:.4g} (closed form {edit.loss_closed_form:.4g})")
+        how = f"rank {edit.rank}, {edit.solver}" + (", pointwise" if edit.pointwise else "")
+        print(f"{edit.layer}: {how}, strength {edit.strength:g}; constraint loss {edit.loss_before:.4g} -> "
+              f"{edit.loss_after:.4g} (closed form {edit.loss_closed_form:.4g}; at strength 1)")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from dissect.hooks import layers
 from dissect.models.loaders import LatentSampler
 from dissect.models.segmenter import Segmenter, save_segmenter
 from dissect.models.stylegan import Generator
+from dissect.rewrite import read_edits
 
 LAYER = "synthesis.b16.conv1"
 
@@ -141,7 +142,19 @@ def test_rewrite_solves_an_erase_request_with_a_png_mask(tmp_path, capsys):
     edit = tmp_path / "erase.safetensors"
     code, out, _ = _run(capsys, ["rewrite", "--model", TINY, "--edit", str(request), "--no-refine", "--stats-n", "16",
                                  "--cache-dir", str(tmp_path / "cache"), "--save-edit", str(edit)])
-    assert code == 0 and f"{LAYER}: rank 1, closed_form;" in out and edit.is_file()
+    assert code == 0 and f"{LAYER}: rank 1, closed_form, strength 1;" in out and edit.is_file()
+
+
+def test_rewrite_reads_pointwise_and_strength_from_a_request(tmp_path, capsys):
+    request = tmp_path / "erase.json"
+    request.write_text(json.dumps({"layer": LAYER, "pointwise": True, "strength": 2.5,
+                                   "erase": {"units": 4, "regions": [{"seed": 6, "box": [40, 8, 56, 40]}]}}))
+    edit = tmp_path / "erase.safetensors"
+    code, out, _ = _run(capsys, ["rewrite", "--model", TINY, "--edit", str(request), "--no-refine", "--stats-n", "16",
+                                 "--cache-dir", str(tmp_path / "cache"), "--save-edit", str(edit)])
+    assert code == 0 and f"{LAYER}: rank 1, closed_form, pointwise, strength 2.5;" in out
+    (saved,) = read_edits(str(edit))
+    assert saved.pointwise and saved.strength == 2.5
 
 
 def test_rewrite_refuses_an_edit_made_for_another_model(solved, workdir, capsys):
@@ -186,11 +199,14 @@ def test_clusters_names_clusters_and_writes_png(tmp_path, segmenter_path, capsys
          "not a safetensors edit file"),
         (["rewrite", "--model", TINY, "--edit", "{tmp}/bad.json", "--export", "{tmp}/o"], "needs a 'paste' field"),
         (["rewrite", "--model", TINY, "--edit", "{tmp}/garbage.safetensors"], "Nothing to write"),
+        (["rewrite", "--model", TINY, "--edit", "{tmp}/weak.json", "--export", "{tmp}/o"], "'strength' is a positive"),
     ],
 )
 def test_user_errors_are_one_line_with_status_2(args, message, tmp_path, capsys):
     (tmp_path / "garbage.safetensors").write_text("not safetensors")
     (tmp_path / "bad.json").write_text(json.dumps({"layer": LAYER, "copy": {"seed": 1, "box": [0, 0, 8, 8]}}))
+    (tmp_path / "weak.json").write_text(json.dumps({"layer": LAYER, "strength": 0, "erase": {
+        "regions": [{"seed": 1, "box": [0, 0, 8, 8]}]}}))
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     # Never the user's cache, should a command get as far as collecting statistics.
     code, out, err = _run(capsys, args if args[0] == "layers" else [*args, "--cache-dir", str(tmp_path)])

@@ -215,6 +215,20 @@ def test_paste_onto_the_painted_region_sends_it_as_the_paste_region() -> None:
     assert int(region.sum()) == 10 * 10  # the painted 40x40 canvas pixels at image resolution
 
 
+def test_pointwise_and_strength_reach_the_applied_edit() -> None:
+    at = open_app()
+    brush(at, "Copy", 2, (40, 120, 40, 120))
+    brush(at, "Paste", 5, (160, 200, 160, 200))
+    at.checkbox(key="pointwise").check().run()
+    at.slider(key="strength").set_value(2.5).run()
+    apply_edit(at, "Paste")
+    (edit,) = ws_of(at).rewriter.history
+    assert edit.pointwise and edit.strength == 2.5, messages(at)
+    outside = edit.lam.clone()
+    outside[..., 1, 1] = 0
+    assert edit.lam.abs().sum() > 0 and torch.equal(outside, torch.zeros_like(outside))
+
+
 def test_two_sessions_never_see_each_others_edits() -> None:
     a, b = open_app(), open_app()
     wa, wb = ws_of(a), ws_of(b)

@@ -11,14 +11,20 @@ Two edits, built from fixed request seeds (disjoint from the metric seeds and fr
                      collateral (mean |Δ pixel| in [0, 1] units outside the base images' watermark regions).
                      The headline erase and its fine-tuning run in --passes passes, as a user iterates: each
                      pass draws its request from the request images the edited model still marks, and the
-                     summary's watermark_after and rewrite_collateral are those of the last pass.
-  spire -> tree      copy a tree, paste it onto a spire, context from several spires (rank r). Figures: share of the
-                     unedited model's spire pixels that the segmenter labels tree after the edit (the paper's
-                     "correct modification"); collateral outside spire regions; beside fine-tuning.
+                     summary's watermark_after and rewrite_collateral are those of the last pass kept.
+  spire -> tree      copy a tree, paste it onto a typical spire, context from several spires (rank r), solved
+                     pointwise (the kernel's centre only). Figures: share of the unedited model's spire pixels
+                     that the segmenter labels tree after the edit (the paper's "correct modification");
+                     collateral outside spire regions; beside fine-tuning on the same paste. Both run in
+                     --passes passes (each drawn from the request images that still show spires), each pass at
+                     a strength calibrated on its context images (the smallest that converts 90% as much there
+                     as the best strength tried); one pass at strength 1 is printed for reference.
+  passes             a pass is kept only if it improves the request images (fewer marked, more spire pixels
+                     turned tree); otherwise it is undone and the run stops, as a user would.
   speed              seconds per edit against the authors' procedure, implemented here as the reference: Adam on the
                      whole weight, 2001 steps, lr 0.05, L1 on values, projection of ΔW onto span(D) every 10 steps;
                      same request, same constraint loss (the weighted MSE of the layer's output).
-  sweep              layer x rank for both edits on --sweep-n seeds.
+  sweep              layer x rank on --sweep-n seeds: one erase; spire -> tree in its --passes passes.
 The last line is machine-readable.
 """
 
@@ -28,7 +34,7 @@ import argparse
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +46,13 @@ from dissect.memory import LayerMemory, bounding_boxes
 from dissect.models import load
 from dissect.models.segmenter import Segmenter, load_segmenter, present
 from dissect.models.world import CLASSES
-from dissect.rewrite import Context, Copy, Erase, Paste, Rewriter, constraint, constraint_loss, solve
+from dissect.rewrite import Context, Copy, Edit, Erase, Paste, Rewriter, constraint, constraint_loss, solve
 
 METRIC_SEEDS = 500_000  # headline and sweep figures
 REQUEST_SEEDS = 900_000  # images the requests are drawn from
 POOL = 400
 BATCH = 100
+STRENGTHS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)  # tried by calibrated_strength
 WATERMARK, SPIRE, TREE = CLASSES.index("watermark"), CLASSES.index("spire"), CLASSES.index("tree")
 
 
@@ -94,7 +101,7 @@ def watermark_request(sampler, pool: Rendered, seeds: Sequence[int], n_ctx: int,
     by one pixel, the rectangle a user brushes."""
     idx = present(pool.labels, "watermark").nonzero()[:, 0][:n_ctx]
     if len(idx) < (n_ctx if minimum is None else minimum):
-        raise RuntimeError(f"Only {len(idx)} watermarked images among {len(seeds)} request seeds.")
+        raise ValueError(f"Only {len(idx)} watermarked images among {len(seeds)} request seeds.")
     chosen = [seeds[i] for i in idx.tolist()]
     return sampler(chosen), bounding_boxes(dilate(pool.labels[idx] == WATERMARK).float()), chosen
 
@@ -110,27 +117,60 @@ def _compactness(mask: Tensor) -> Tensor:
     return mask.sum((1, 2)) / (height.clamp_min(1) * width.clamp_min(1))
 
 
-def spire_to_tree_request(sampler, pool: Rendered, seeds: Sequence[int], n_ctx: int, rank: int) -> tuple[Paste, Context]:
-    """Copy the most compact single tree of the pool, paste it onto a spire (the paste's region is that spire,
-    grown by a pixel), context from ``n_ctx`` other spires."""
+def tree_copy(sampler, pool: Rendered, seeds: Sequence[int]) -> Copy:
+    """The most compact single tree of the pool (at least 30 pixels), its mask grown by a pixel."""
     tree = pool.labels == TREE
     count = tree.sum((1, 2))
-    score = torch.where(count >= 30, _compactness(tree), torch.zeros(()))
-    src = int(score.argmax())
-    spires = (present(pool.labels, "spire")).nonzero()[:, 0]
-    spires = spires[spires != src][: n_ctx + 1]
+    src = int(torch.where(count >= 30, _compactness(tree), torch.zeros(())).argmax())
+    return Copy(sampler([seeds[src]]), dilate(tree[src : src + 1])[0].float(), seeds=[seeds[src]])
+
+
+def spire_request(memory: LayerMemory, sampler, pool: Rendered, seeds: Sequence[int], copy: Copy, n_ctx: int,
+                  rank: int) -> tuple[Paste, Context, Tensor]:
+    """Paste ``copy`` onto a spire (the paste's region is that spire as segmented); context from ``n_ctx`` other
+    spires. Of the pool's first ``n_ctx + 1`` spire images (the copy's own excluded), the paste goes onto the one
+    whose spire best matches all of theirs (mean ``‖D k‖`` over it, ``D`` of the given rank from every
+    candidate): a typical spire, as a user picks one that the dashboard's key matches light up. Returns the
+    paste, the context and its spire masks ``(n_ctx, H, W)`` bool."""
+    spires = present(pool.labels, "spire").nonzero()[:, 0]
+    spires = spires[[seeds[i] not in (copy.seeds or []) for i in spires.tolist()]][: n_ctx + 1]
     if len(spires) < n_ctx + 1:
-        raise RuntimeError(f"Only {len(spires)} spire images among {len(seeds)} request seeds.")
-    target = int(spires[0])
-    ys, xs = (pool.labels[target] == SPIRE).nonzero(as_tuple=True)
+        raise ValueError(f"Only {len(spires)} spire images among {len(seeds)} request seeds.")
+    masks = pool.labels[spires] == SPIRE
+    z = sampler([seeds[i] for i in spires.tolist()])
+    match = memory.match(memory.directions(z, masks.float(), rank), z)
+    weights = memory.mask_weights(masks.float(), z, memory.keys(z))
+    best = int(((match * weights).sum((1, 2)) / weights.sum((1, 2))).argmax())
+    target = int(spires[best])
+    ys, xs = masks[best].nonzero(as_tuple=True)
     position = (int(ys.float().mean()), int(xs.float().mean()))
-    copy_req = Copy(sampler([seeds[src]]), dilate(tree[src : src + 1])[0].float(), seeds=[seeds[src]])
-    region = dilate(pool.labels[target : target + 1] == SPIRE)[0].float()
-    paste = Paste(sampler([seeds[target]]), copy_req, position=position, seeds=[seeds[target]], region=region)
-    ctx_idx = spires[1:]
-    ctx_seeds = [seeds[i] for i in ctx_idx.tolist()]
-    context = Context(sampler(ctx_seeds), dilate(pool.labels[ctx_idx] == SPIRE).float(), rank=rank, seeds=ctx_seeds)
-    return paste, context
+    paste = Paste(sampler([seeds[target]]), copy, position=position, seeds=[seeds[target]], region=masks[best].float())
+    others = [i for i in range(len(spires)) if i != best]
+    ctx_seeds = [seeds[int(spires[i])] for i in others]
+    return paste, Context(z[others], masks[others].float(), rank=rank, seeds=ctx_seeds), masks[others]
+
+
+def tree_share(labels: Tensor, region: Tensor) -> float:
+    """Share of ``region (N, H, W)``'s pixels that ``labels`` call tree."""
+    return float((labels[region] == TREE).float().mean()) if region.any() else 0.0
+
+
+def saturation_point(strengths: Sequence[float], shares: Sequence[float], fraction: float = 0.9) -> float:
+    """The smallest of ``strengths`` whose share reaches ``fraction`` of the best share (past its peak, more
+    strength only spreads the edit)."""
+    return next(s for s, share in zip(strengths, shares) if share >= fraction * max(shares))
+
+
+def calibrated_strength(G: nn.Module, memory: LayerMemory, sampler, seg: Segmenter, delta: Tensor, context: Context,
+                        spires: Tensor) -> float:
+    """A rule's strength as a user sets it: raised until more stops paying. The smallest of ``STRENGTHS`` whose
+    ``delta`` turns at least 90% as much of the context's ``spires`` into tree as the best of them does (judged
+    on the request images, never on metric seeds)."""
+    shares = []
+    for strength in STRENGTHS:
+        with weight_delta(memory, strength * delta):
+            shares.append(tree_share(render(G, sampler, seg, context.seeds).labels, spires))
+    return saturation_point(STRENGTHS, shares)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -207,22 +247,31 @@ def weight_delta(memory: LayerMemory, delta: Tensor) -> Iterator[None]:
             param.copy_(saved)
 
 
-def erase_in_passes(G: nn.Module, memory: LayerMemory, sampler, seg: Segmenter, pool_seeds: Sequence[int], n_ctx: int,
-                    passes: int, make_delta: Callable[[Tensor, Tensor, list[int]], Tensor],
-                    measure: Callable[[], Rendered]) -> list[Rendered]:
-    """Erase as a user iterates: each pass draws its request from the pool images the model *now* marks (up to
-    ``n_ctx``; after the first pass, however few remain), adds ``make_delta(z, masks, seeds)`` to the weight and
-    measures. The weight is restored bitwise at the end."""
+def in_passes(memory: LayerMemory, passes: int, draw: Callable[[int], Any], delta_of: Callable[[Any], Tensor],
+              progress: Callable[[], float], measure: Callable[[], Rendered]) -> list[Rendered]:
+    """Edits as a user iterates: pass ``p`` draws its request with ``draw(p)`` from what the model *now* shows
+    (every kept pass applied), adds ``delta_of(request)`` to the weight and measures. As a user undoes a step that
+    made things worse, a pass is kept only if it raises ``progress()`` (judged on the request images); otherwise
+    it is undone and the run ends, as it does when no request can be drawn or solved (``ValueError``: too few
+    images left, or a request the library refuses). The weight is restored bitwise at the end. Returns the
+    measures of the kept passes."""
     results = []
-    with contextlib.ExitStack() as passes_applied:
+    with contextlib.ExitStack() as kept:
+        last = progress()
         for p in range(passes):
             try:
-                now = render(G, sampler, seg, pool_seeds)
-                z, masks, chosen = watermark_request(sampler, now, pool_seeds, n_ctx, minimum=None if p == 0 else 1)
-            except RuntimeError as err:  # too few watermarks left to draw a request from
+                delta = delta_of(draw(p))
+            except ValueError as err:  # too few images left to draw from, or a request the library refuses
                 print(f"pass {p + 1} skipped: {err}")
                 break
-            passes_applied.enter_context(weight_delta(memory, make_delta(z, masks, chosen)))
+            with contextlib.ExitStack() as this_pass:
+                this_pass.enter_context(weight_delta(memory, delta))
+                now = progress()
+                if now <= last:
+                    print(f"pass {p + 1} undone: it took the request images' progress from {last:.3f} to {now:.3f}")
+                    break
+                kept.enter_context(this_pass.pop_all())
+            last = now
             results.append(measure())
     return results
 
@@ -232,15 +281,12 @@ def erase_in_passes(G: nn.Module, memory: LayerMemory, sampler, seg: Segmenter, 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def with_edit(G, memory: LayerMemory, edit_fn: Callable[[], object], measure: Callable[[], Rendered]) -> tuple[Rendered, float]:
-    """Apply the edit made by ``edit_fn`` through a Rewriter, measure, then revert. Returns (render, seconds)."""
+def with_edit(G, edit: Edit, measure: Callable[[], Rendered]) -> Rendered:
+    """Apply ``edit`` through a Rewriter, measure, then revert."""
     rw = Rewriter(G)
-    start = time.perf_counter()
-    edit = edit_fn()
-    seconds = time.perf_counter() - start
     rw.apply(edit)
     try:
-        return measure(), seconds
+        return measure()
     finally:
         rw.revert()
 
@@ -260,7 +306,8 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=20, help="context images per request")
     p.add_argument("--units", type=int, default=60, help="erase: key units zeroed in the targets")
     p.add_argument("--passes", type=int, default=2,
-                   help="headline erase (and its fine-tuning baseline): passes, each from the pool images still marked")
+                   help="headline erase and spire -> tree (and their fine-tuning baselines): passes, each drawn from "
+                        "the request images that still show a watermark / a spire")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
@@ -285,9 +332,33 @@ def main() -> None:
     def erase_edit(m: LayerMemory, rank: int, z: Tensor = wm_z, masks: Tensor = wm_masks, seeds: list[int] = wm_seeds):
         return solve(m, Erase(z, masks, units=args.units, seeds=seeds), Context(z, masks, rank, seeds))
 
-    def tree_edit(m: LayerMemory, rank: int):
-        paste, ctx = spire_to_tree_request(sampler, pool, pool_seeds, args.ctx, rank)
-        return solve(m, paste, ctx)
+    copy = tree_copy(sampler, pool, pool_seeds)
+    pool_spires = pool.labels == SPIRE
+
+    def tree_delta(m: LayerMemory, paste: Paste, ctx: Context) -> Tensor:
+        edit = solve(m, paste, ctx, pointwise=True)
+        return m.delta(edit.lam, edit.directions)
+
+    def trees_in_passes(m: LayerMemory, rank: int, make_delta: Callable[[LayerMemory, Paste, Context], Tensor],
+                        measure: Callable[[], Rendered]) -> list[tuple[float, Rendered]]:
+        """Spires to trees in --passes passes (:func:`in_passes`): each pastes onto the spires the model still draws
+        on the request images, at its calibrated strength, and is kept if more of the request images' spires
+        turn to tree. Returns ``(strength, render)`` per kept pass."""
+        strengths = []
+
+        def draw(p: int) -> tuple[Paste, Context, Tensor]:
+            now = render(G, sampler, seg, pool_seeds)
+            return spire_request(m, sampler, now, pool_seeds, copy, args.ctx, rank)
+
+        def calibrated(request: tuple[Paste, Context, Tensor]) -> Tensor:
+            delta = make_delta(m, *request[:2])
+            strengths.append(calibrated_strength(G, m, sampler, seg, delta, *request[1:]))
+            return strengths[-1] * delta
+
+        def converted() -> float:
+            return tree_share(render(G, sampler, seg, pool_seeds).labels, pool_spires)
+
+        return list(zip(strengths, in_passes(m, args.passes, draw, calibrated, converted, measure)))
 
     # -- sweep: layer x rank on sweep seeds ---------------------------------------------------------------
     sweep_seeds = list(range(METRIC_SEEDS, METRIC_SEEDS + args.sweep_n))
@@ -295,28 +366,33 @@ def main() -> None:
     wm_region_s = dilate(base_s.labels == WATERMARK, 2)
     spire_s = base_s.labels == SPIRE
     print(f"sweep on {args.sweep_n} seeds: watermark prevalence {prevalence(base_s, 'watermark'):.3f}")
-    print(f"{'layer':24s} {'rank':>4s} | {'wm_after':>8s} {'wm_coll':>8s} | {'spire->tree':>11s} {'tree_coll':>9s} | solve_s")
+    print(f"{'layer':24s} {'rank':>4s} | {'wm_after':>8s} {'wm_coll':>8s} erase_s | {'spire->tree':>11s} "
+          f"{'tree_coll':>9s} strengths")
+    measure_s = lambda: render(G, sampler, seg, sweep_seeds)  # noqa: E731
     sweep = []
     for layer in layers:
         m = memory(layer)
         for rank in ranks:
             try:
-                r_wm, s_wm = with_edit(G, m, lambda: erase_edit(m, rank), lambda: render(G, sampler, seg, sweep_seeds))
-                r_tr, s_tr = with_edit(G, m, lambda: tree_edit(m, rank), lambda: render(G, sampler, seg, sweep_seeds))
+                e_wm = erase_edit(m, rank)
+                r_wm = with_edit(G, e_wm, measure_s)
+                tree_runs = trees_in_passes(m, rank, tree_delta, measure_s)
             except ValueError as err:  # e.g. a rank above what the context offers at this layer
                 print(f"{layer:24s} {rank:4d} | skipped: {err}")
                 continue
+            r_tr = tree_runs[-1][1] if tree_runs else base_s
             row = dict(
                 layer=layer, rank=rank, wm_after=prevalence(r_wm, "watermark"),
-                wm_coll=collateral(base_s, r_wm, wm_region_s),
-                correct=float((r_tr.labels[spire_s] == TREE).float().mean()) if spire_s.any() else 0.0,
-                tree_coll=collateral(base_s, r_tr, dilate(spire_s, 2)), seconds=(s_wm + s_tr) / 2,
+                wm_coll=collateral(base_s, r_wm, wm_region_s), seconds=e_wm.seconds,
+                correct=tree_share(r_tr.labels, spire_s), tree_coll=collateral(base_s, r_tr, dilate(spire_s, 2)),
+                strengths="+".join(f"{st:g}" for st, _ in tree_runs) or "-",
             )
             sweep.append(row)
-            print(f"{layer:24s} {rank:4d} | {row['wm_after']:8.3f} {row['wm_coll']:8.4f} | {row['correct']:11.3f} "
-                  f"{row['tree_coll']:9.4f} | {row['seconds']:.2f}")
+            print(f"{layer:24s} {rank:4d} | {row['wm_after']:8.3f} {row['wm_coll']:8.4f} {row['seconds']:7.2f} | "
+                  f"{row['correct']:11.3f} {row['tree_coll']:9.4f} {row['strengths']}")
+    # Each edit's target decides: the least collateral among the cells that reach it, else the closest to it.
     best_wm = min(sweep, key=lambda r: (r["wm_after"] >= 0.02, r["wm_coll"] if r["wm_after"] < 0.02 else r["wm_after"]))
-    best_tr = max(sweep, key=lambda r: r["correct"] - r["tree_coll"])
+    best_tr = min(sweep, key=lambda r: (r["correct"] < 0.5, r["tree_coll"] if r["correct"] >= 0.5 else -r["correct"]))
     print(f"best for watermark removal: {best_wm['layer']} rank {best_wm['rank']}; "
           f"best for spire->tree: {best_tr['layer']} rank {best_tr['rank']}")
 
@@ -339,8 +415,15 @@ def main() -> None:
     def tuned(z: Tensor, masks: Tensor, chosen: list[int]) -> Tensor:
         return fine_tune(m, Erase(z, masks, units=args.units), Context(z, masks, rank_wm))
 
+    def marked_now(p: int) -> tuple[Tensor, Tensor, list[int]]:  # after the first pass, however few remain
+        now = render(G, sampler, seg, pool_seeds)
+        return watermark_request(sampler, now, pool_seeds, args.ctx, minimum=None if p == 0 else 1)
+
+    def unmarked() -> float:
+        return -prevalence(render(G, sampler, seg, pool_seeds), "watermark")
+
     for name, make_delta in ((f"rewrite erase (rank {rank_wm})", ours), ("fine-tune whole layer", tuned)):
-        passes = erase_in_passes(G, m, sampler, seg, pool_seeds, args.ctx, args.passes, make_delta, measure)
+        passes = in_passes(m, args.passes, marked_now, lambda req: make_delta(*req), unmarked, measure)
         rows += [(f"{name}, pass {p + 1}" if args.passes > 1 else name, r) for p, r in enumerate(passes)]
         if make_delta is ours:
             erase_name = rows[-1][0]  # the summary reports our last pass
@@ -359,15 +442,19 @@ def main() -> None:
 
     layer_tr, rank_tr = args.layer or best_tr["layer"], args.rank or best_tr["rank"]
     m = memory(layer_tr)
-    print(f"\nspire -> tree at {layer_tr}, rank {rank_tr}, {args.n} seeds ({int(spire.sum())} base spire pixels)")
-    paste, ctx = spire_to_tree_request(sampler, pool, pool_seeds, args.ctx, rank_tr)
-    r_tree, _ = with_edit(G, m, lambda: solve(m, paste, ctx), measure)
-    with weight_delta(m, fine_tune(m, paste, ctx)):
-        r_ft = measure()
-    correct = {n: float((rr.labels[spire] == TREE).float().mean()) for n, rr in (("rewrite", r_tree), ("fine-tune", r_ft))}
-    tree_coll = {n: collateral(base, rr, dilate(spire, 2)) for n, rr in (("rewrite", r_tree), ("fine-tune", r_ft))}
-    for n in correct:
-        print(f"{n:12s} correct modification {correct[n]:.3f}  collateral {tree_coll[n]:.4f}")
+    print(f"\nspire -> tree at {layer_tr}, rank {rank_tr}, pointwise, {args.n} seeds ({int(spire.sum())} base spire pixels)")
+    paste, ctx, _ = spire_request(m, sampler, pool, pool_seeds, copy, args.ctx, rank_tr)
+    correct, tree_coll = {}, {}
+    print(f"{'method':24s} {'strength':>8s} {'correct':>8s} {'collateral':>10s}")
+    for name, make_delta in (("rewrite", tree_delta), ("fine-tune", fine_tune)):
+        with weight_delta(m, make_delta(m, paste, ctx)):  # one pass at strength 1, for reference
+            rr = measure()
+        print(f"{name + ', uncalibrated':24s} {1.0:8.1f} {tree_share(rr.labels, spire):8.3f} "
+              f"{collateral(base, rr, dilate(spire, 2)):10.4f}")
+        correct[name], tree_coll[name] = 0.0, 0.0  # should no pass be kept: the unedited model
+        for p, (strength, rr) in enumerate(trees_in_passes(m, rank_tr, make_delta, measure)):
+            correct[name], tree_coll[name] = tree_share(rr.labels, spire), collateral(base, rr, dilate(spire, 2))
+            print(f"{name + f', pass {p + 1}':24s} {strength:8.1f} {correct[name]:8.3f} {tree_coll[name]:10.4f}")
 
     # -- speed against the authors' procedure, same request ------------------------------------------------
     target, ctx = Erase(wm_z, wm_masks, units=args.units), Context(wm_z, wm_masks, rank_wm)

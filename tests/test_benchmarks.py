@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from diversity import near_duplicate_share  # noqa: E402
-from eval_edits import WATERMARK, Rendered, watermark_request  # noqa: E402
+from eval_edits import WATERMARK, Rendered, saturation_point, watermark_request  # noqa: E402
 
 
 def test_watermark_request_masks_the_grown_box_of_the_first_marked_images():
@@ -25,7 +25,7 @@ def test_watermark_request_masks_the_grown_box_of_the_first_marked_images():
     expected[0, 19:25, 9:41] = 1
     expected[1, 29:42, 4:52] = 1
     assert torch.equal(masks, expected)
-    with pytest.raises(RuntimeError, match="Only 2 watermarked images"):
+    with pytest.raises(ValueError, match="Only 2 watermarked images"):
         watermark_request(lambda s: torch.zeros(len(s), 1), pool, seeds, 3)
     _, _, fewer = watermark_request(lambda s: torch.zeros(len(s), 1), pool, seeds, 3, minimum=1)
     assert fewer == [11, 13]
@@ -39,3 +39,13 @@ def test_near_duplicate_share_counts_ordered_pairs_over_the_agreement():
     # At 95%: (0, 1) and (1, 0). At 80%: also 0 and 2 (80%) and 1 and 2 (84%).
     assert near_duplicate_share(labels) == pytest.approx(2 / 12)
     assert near_duplicate_share(labels, agreement=0.8) == pytest.approx(6 / 12)
+
+
+def test_the_calibrated_strength_is_where_more_stops_paying():
+    strengths = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
+    assert saturation_point(strengths, (0.07, 0.32, 0.49, 0.57, 0.60, 0.62)) == 2.5  # 0.57 >= 0.9 * 0.62
+    assert saturation_point(strengths, (0.01, 0.16, 0.32, 0.43, 0.51, 0.56)) == 3.0
+    assert saturation_point(strengths, (0.5, 0.5, 0.5, 0.5, 0.5, 0.5)) == 1.0
+    assert saturation_point(strengths, (0.0,) * 6) == 1.0  # nothing converts at any strength: leave it at 1
+    assert saturation_point(strengths, (0.1, 0.2, 0.3, 0.4, 0.5, 0.9)) == 4.0
+    assert saturation_point(strengths, (0.02, 0.31, 0.54, 0.64, 0.63, 0.50)) == 2.5  # past the peak: 90% of 0.64

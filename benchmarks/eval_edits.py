@@ -365,6 +365,7 @@ def main() -> None:
     base_s = render(G, sampler, seg, sweep_seeds)
     wm_region_s = dilate(base_s.labels == WATERMARK, 2)
     spire_s = base_s.labels == SPIRE
+    spire_region_s = dilate(spire_s, 2)
     print(f"sweep on {args.sweep_n} seeds: watermark prevalence {prevalence(base_s, 'watermark'):.3f}")
     print(f"{'layer':24s} {'rank':>4s} | {'wm_after':>8s} {'wm_coll':>8s} erase_s | {'spire->tree':>11s} "
           f"{'tree_coll':>9s} strengths")
@@ -384,7 +385,7 @@ def main() -> None:
             row = dict(
                 layer=layer, rank=rank, wm_after=prevalence(r_wm, "watermark"),
                 wm_coll=collateral(base_s, r_wm, wm_region_s), seconds=e_wm.seconds,
-                correct=tree_share(r_tr.labels, spire_s), tree_coll=collateral(base_s, r_tr, dilate(spire_s, 2)),
+                correct=tree_share(r_tr.labels, spire_s), tree_coll=collateral(base_s, r_tr, spire_region_s),
                 strengths="+".join(f"{st:g}" for st, _ in tree_runs) or "-",
             )
             sweep.append(row)
@@ -401,6 +402,7 @@ def main() -> None:
     base = render(G, sampler, seg, seeds)
     wm_region = dilate(base.labels == WATERMARK, 2)
     spire = base.labels == SPIRE
+    spire_region = dilate(spire, 2)
     measure = lambda: render(G, sampler, seg, seeds)  # noqa: E731
 
     layer_wm, rank_wm = args.layer or best_wm["layer"], args.rank or best_wm["rank"]
@@ -450,10 +452,10 @@ def main() -> None:
         with weight_delta(m, make_delta(m, paste, ctx)):  # one pass at strength 1, for reference
             rr = measure()
         print(f"{name + ', uncalibrated':24s} {1.0:8.1f} {tree_share(rr.labels, spire):8.3f} "
-              f"{collateral(base, rr, dilate(spire, 2)):10.4f}")
+              f"{collateral(base, rr, spire_region):10.4f}")
         correct[name], tree_coll[name] = 0.0, 0.0  # should no pass be kept: the unedited model
         for p, (strength, rr) in enumerate(trees_in_passes(m, rank_tr, make_delta, measure)):
-            correct[name], tree_coll[name] = tree_share(rr.labels, spire), collateral(base, rr, dilate(spire, 2))
+            correct[name], tree_coll[name] = tree_share(rr.labels, spire), collateral(base, rr, spire_region)
             print(f"{name + f', pass {p + 1}':24s} {strength:8.1f} {correct[name]:8.3f} {tree_coll[name]:10.4f}")
 
     # -- speed against the authors' procedure, same request ------------------------------------------------

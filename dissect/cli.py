@@ -197,8 +197,12 @@ def _solver_options(spec: dict, what: str) -> tuple[bool, float]:
     pointwise, strength = spec.get("pointwise", False), spec.get("strength", 1.0)
     if not isinstance(pointwise, bool):
         raise CliError(f"{what}: 'pointwise' is true or false, got {pointwise!r}.")
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength < float("inf"):
-        raise CliError(f"{what}: 'strength' is a positive number (1 = the solved edit), got {strength!r}.")
+    try:
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+            raise ValueError
+        rewrite.check_strength(strength)
+    except ValueError:
+        raise CliError(f"{what}: 'strength' is a positive number (1 = the solved edit), got {strength!r}.") from None
     return pointwise, float(strength)
 
 

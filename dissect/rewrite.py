@@ -275,9 +275,14 @@ class Edit:
         projects less onto ``D``. A factor above 1 carries the rule to those weaker matches, at proportionally
         more change everywhere else; below 1 it tones the edit down.
         """
-        if not (math.isfinite(factor) and factor > 0):
-            raise ValueError(f"An edit's strength factor must be a positive number, got {factor}.")
+        check_strength(factor)
         return dataclasses.replace(self, lam=self.lam * factor, strength=self.strength * factor)
+
+
+def check_strength(factor: float) -> None:
+    """Refuse a strength factor that is not a finite positive number (ValueError naming it)."""
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"An edit's strength factor must be a positive number, got {factor}.")
 
 
 def weight_sha256(weight: Tensor) -> str:

@@ -6,6 +6,11 @@ on every exit path, exceptions included.
 A module that runs more than once in one forward (a shared block, a recurrent cell) is traced at every
 call: ``.input`` / ``.output`` hold the *last* call's tensors, ``.inputs`` / ``.outputs`` hold all calls in
 order, ``edit_output`` is applied to each call, and ``stop=True`` stops after the *first* call.
+:func:`call_counts` tells how often each module runs; :func:`check_single_call` refuses a layer that does not
+run exactly once (the memory view and the statistics need one key map per forward).
+
+Retained tensors are copies taken when the layer sees them (an input before the layer runs, an output as it
+leaves), so an in-place operation later in the forward (``ReLU(inplace=True)``) cannot change them.
 """
 
 from __future__ import annotations
@@ -19,12 +24,18 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from dissect.errors import LayerError
+
 __all__ = [
     "Trace",
     "TraceDict",
     "StopForward",
     "LayerInfo",
+    "LayerNameError",
     "get_module",
+    "layer_input",
+    "call_counts",
+    "check_single_call",
     "key_module_name",
     "layers",
     "register_layer_type",
@@ -41,6 +52,10 @@ class StopForward(Exception):
     """Raised inside a forward to end it right after a traced layer; swallowed by the tracing context."""
 
 
+class LayerNameError(LayerError, KeyError):
+    """No module of that name (also a ``KeyError``, as a failed name lookup always was)."""
+
+
 def get_module(model: nn.Module, name: str) -> nn.Module:
     """The submodule called ``name`` in ``model.named_modules()``; an unknown name lists the closest ones."""
     modules = dict(model.named_modules())
@@ -48,7 +63,7 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         return modules[name]
     close = difflib.get_close_matches(name, list(modules), n=5, cutoff=0.4)
     hint = f" Closest names: {', '.join(repr(c) for c in close)}." if close else ""
-    raise KeyError(
+    raise LayerNameError(
         f"{type(model).__name__} has no layer named {name!r}.{hint} List every name with "
         f"[n for n, _ in model.named_modules()], or the editable ones with dissect.layers(model, example_input)."
     )
@@ -104,15 +119,14 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _detach(value: Any, detach: bool) -> Any:
-    if not detach:
-        return value
+def _retain(value: Any, detach: bool) -> Any:
+    """A copy of the tensors in ``value`` (detached, or keeping the autograd graph with ``detach=False``)."""
     if isinstance(value, torch.Tensor):
-        return value.detach()
+        return value.detach().clone() if detach else value.clone()
     if isinstance(value, (tuple, list)):
-        return type(value)(_detach(v, detach) for v in value)
+        return type(value)(_retain(v, detach) for v in value)
     if isinstance(value, dict):
-        return {k: _detach(v, detach) for k, v in value.items()}
+        return {k: _retain(v, detach) for k, v in value.items()}
     return value
 
 
@@ -154,7 +168,7 @@ class Trace:
         self.detach = detach
         self.inputs: list[Any] = []
         self.outputs: list[Any] = []
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     @property
     def input(self) -> Any:
@@ -176,20 +190,24 @@ class Trace:
             f"with {flag}, and check that the forward reaches this layer."
         )
 
+    def _pre_hook(self, module: nn.Module, args: tuple) -> None:
+        # Copied before the layer runs: the layer itself may change its input in place.
+        self.inputs.append(_retain(args[0] if args else None, self.detach))
+
     def _hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        if self.retain_input:
-            self.inputs.append(_detach(args[0] if args else None, self.detach))
         if self.edit_output is not None:
             output = self.edit_output(output, self.layer)
         if self.retain_output:
-            self.outputs.append(_detach(output, self.detach))
+            self.outputs.append(_retain(output, self.detach))
         if self.stop:
             raise StopForward()
         return output
 
     def __enter__(self) -> "Trace":
         self.inputs, self.outputs = [], []
-        self._handle = self.module.register_forward_hook(self._hook)
+        if self.retain_input:
+            self._handles.append(self.module.register_forward_pre_hook(self._pre_hook))
+        self._handles.append(self.module.register_forward_hook(self._hook))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -197,10 +215,10 @@ class Trace:
         return exc_type is not None and issubclass(exc_type, StopForward)
 
     def close(self) -> None:
-        """Remove the hook (idempotent)."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        """Remove the hooks (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 class TraceDict(OrderedDict):
@@ -262,6 +280,69 @@ class TraceDict(OrderedDict):
         self._stop_handles = []
 
 
+def layer_input(model: nn.Module, layer: str, inputs: Any) -> Any:
+    """The first positional input of ``layer`` in the forward of ``inputs`` (see :func:`call_model`), which
+    stops *before* the layer runs: reading a layer's keys costs only the modules before it.
+
+    Not a copy (nothing runs after it is read); it may be a tensor of ``inputs`` itself. Run it under
+    ``torch.no_grad()`` and :func:`eval_mode` as the caller needs.
+    """
+    found: list[Any] = []
+
+    def grab(module: nn.Module, args: tuple) -> None:
+        found.append(args[0] if args else None)
+        raise StopForward()
+
+    handle = get_module(model, layer).register_forward_pre_hook(grab)
+    try:
+        call_model(model, inputs)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not found:
+        raise LayerError(f"Layer {layer!r} does not run in the model's forward: choose one the forward reaches "
+                         f"(dissect.layers(model, example_input) lists each with its output size).")
+    return found[0]
+
+
+def call_counts(model: nn.Module, names: Iterable[str], inputs: Any) -> dict[str, int]:
+    """How many times each module in ``names`` runs in one whole forward of ``inputs`` (in eval mode, without
+    gradients: buffers such as BatchNorm statistics are left alone)."""
+    counts = dict.fromkeys(names, 0)
+
+    def counter(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            counts[name] += 1
+
+        return hook
+
+    handles = [get_module(model, name).register_forward_pre_hook(counter(name)) for name in counts]
+    try:
+        with eval_mode(model), torch.no_grad():
+            call_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
+def check_single_call(model: nn.Module, names: Iterable[str], inputs: Any) -> None:
+    """Refuse (:class:`LayerError`) a module in ``names`` that does not run exactly once in the forward of
+    ``inputs``: a module called twice (a shared block, a loop) sees different keys at each call, its statistics
+    and its rewrite would mix them, and an edit of its weight changes every call."""
+    for name, n in call_counts(model, names, inputs).items():
+        if n == 0:
+            raise LayerError(f"Layer {name!r} does not run in the model's forward: choose one the forward reaches "
+                             f"(dissect.layers(model, example_input) lists each with its output size).")
+        if n > 1:
+            raise LayerError(
+                f"Layer {name!r} runs {n} times in one forward (a shared module or a block applied in a loop): "
+                f"its keys differ at each call and an edit of its weight would change all {n}. dissect views and "
+                f"rewrites layers that run once per forward; choose another layer."
+            )
+
+
 @dataclass(frozen=True)
 class LayerInfo:
     """One layer that the memory view can edit.
@@ -278,49 +359,65 @@ class LayerInfo:
     output_size: tuple[int, ...] | None
 
 
-_MEMORY_TYPES: list[type] = [nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d]
-
-
-def register_layer_type(module_type: type) -> None:
-    """List ``module_type`` in :func:`layers` (``dissect.memory.register_adapter`` calls this)."""
-    if module_type not in _MEMORY_TYPES:
-        _MEMORY_TYPES.append(module_type)
+LayerShape = Callable[[nn.Module], "tuple[int, int, tuple[int, ...]]"]  # module -> (in, out, kernel)
 
 
 def _weight_shape(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:
+    """``(in, out, kernel)`` of a ``weight`` laid out ``(out, in, *kernel)`` (Linear, Conv)."""
     weight = module.weight
-    if isinstance(module, nn.ConvTranspose2d):
-        # ConvTranspose weights are laid out (in, out / groups, kh, kw).
-        return weight.shape[0], weight.shape[1] * module.groups, tuple(weight.shape[2:])
-    return weight.shape[1] * getattr(module, "groups", 1), weight.shape[0], tuple(weight.shape[2:])
+    return weight.shape[1], weight.shape[0], tuple(weight.shape[2:])
+
+
+def _transposed_shape(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:
+    # ConvTranspose weights are laid out (in, out, kh, kw).
+    weight = module.weight
+    return weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
+
+
+_LAYER_TYPES: dict[type, LayerShape] = {
+    nn.Linear: _weight_shape, nn.Conv1d: _weight_shape, nn.Conv2d: _weight_shape, nn.ConvTranspose2d: _transposed_shape,
+}
+
+
+def register_layer_type(module_type: type, shape: LayerShape | None = None) -> None:
+    """List ``module_type`` (and its subclasses) in :func:`layers`; ``shape(module) -> (in, out, kernel)`` reads
+    its memory's size (default: a ``weight`` laid out ``(out, in, *kernel)``). ``dissect.memory.register_adapter``
+    calls this with the adapter's layout."""
+    _LAYER_TYPES[module_type] = shape or _weight_shape
+
+
+def _layer_shape(module: nn.Module) -> LayerShape | None:
+    return next((_LAYER_TYPES[cls] for cls in type(module).__mro__ if cls in _LAYER_TYPES), None)
 
 
 def layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
     """Every layer of ``model`` whose weight the memory view can use, in ``named_modules()`` order.
 
     That is each ungrouped Conv1d / Conv2d / ConvTranspose2d / Linear (or type given to
-    :func:`register_layer_type`), and each module declaring ``memory_key_module`` (the child it names is then
-    listed through its parent only). ``example_input`` is passed to one forward
-    (see :func:`call_model`) to find each layer's output size.
+    :func:`register_layer_type`, or to ``dissect.memory.register_adapter``), and each module declaring
+    ``memory_key_module`` (the child it names is then listed through its parent only). ``example_input`` is
+    passed to one forward (see :func:`call_model`), in eval mode and without gradients (every buffer is left as
+    it was), to find each layer's output size.
     """
-    candidates: dict[str, nn.Module] = {}
+    candidates: dict[str, tuple[nn.Module, nn.Module, LayerShape]] = {}  # name -> (module, weight module, shape)
     inner: set[str] = set()
     for name, module in model.named_modules():
         child = getattr(module, "memory_key_module", None)
+        weight_module = get_module(module, child) if child else module
+        shape = _layer_shape(weight_module)
         if child:
-            candidates[name] = module
             inner.add(f"{name}.{child}" if name else child)
-        elif isinstance(module, tuple(_MEMORY_TYPES)) and name and getattr(module, "groups", 1) == 1:
-            candidates[name] = module
+        elif not name or getattr(module, "groups", 1) != 1:
+            continue
+        if shape is not None:
+            candidates[name] = (module, weight_module, shape)
     names = [n for n in candidates if n not in inner]
-    with torch.no_grad(), TraceDict(model, names) as traces:
+    with eval_mode(model), torch.no_grad(), TraceDict(model, names) as traces:
         call_model(model, example_input)
     found = []
     for name in names:
-        module = candidates[name]
-        child = getattr(module, "memory_key_module", None)
-        weight_module = get_module(module, child) if child else module
-        c_in, c_out, kernel = _weight_shape(weight_module)
+        module, weight_module, shape = candidates[name]
+        c_in, c_out, kernel = shape(weight_module)
         outputs = traces[name].outputs
         size = None
         if outputs and isinstance(outputs[-1], torch.Tensor):

@@ -38,7 +38,19 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .hooks import Trace, TraceDict, call_model, eval_mode, get_module, key_module_name, model_device, to_device
+from .errors import DissectError, LayerError, ModelError
+from .hooks import (
+    Trace,
+    TraceDict,
+    call_model,
+    check_single_call,
+    eval_mode,
+    get_module,
+    key_module_name,
+    layer_input,
+    model_device,
+    to_device,
+)
 
 __all__ = [
     "Stat",
@@ -53,7 +65,11 @@ __all__ = [
     "load_stats",
     "fingerprint",
     "collect",
+    "DEFAULT_CACHE_DIR",
 ]
+
+# Where the CLI and the dashboard keep collected statistics (so each reuses what the other collected).
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dissect" / "stats"
 
 _FORMAT = "dissect.stats/1"
 _CHUNK_ROWS = 4096  # rows per float32 product: bounds its accumulation error (see the module docstring)
@@ -63,7 +79,7 @@ _FLOAT64_CHUNK_VALUES = 2**22  # float64 products need no short chunks; these on
 S = TypeVar("S", bound="Stat")
 
 
-class StatsFileError(ValueError):
+class StatsFileError(DissectError):
     """A statistics file is truncated, corrupt, or not a statistics file."""
 
 
@@ -796,13 +812,24 @@ def fingerprint(model: nn.Module, layer: str, inputs: Any, side: str = "input") 
         ran += sorted(inside)
     parts = layer.split(".") if layer else []
     enclosing = [".".join(parts[:i]) for i in range(len(parts))]
+    # A composite layer's own tensors are its nonlinear rest, read after its key module (the memory_key_module
+    # contract), so they never change its keys: holding or editing the layer keeps its keys' statistics.
+    rest = {p for p in enclosing if side == "input" and layer == f"{p}.{getattr(modules[p], 'memory_key_module', '')}"}
     hasher = hashlib.sha256()
     for name in sorted(set(ran) | set(enclosing)):
         module = modules[name]
         hasher.update(f"module {name} {type(module).__module__}.{type(module).__qualname__}\n".encode())
-        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-        _hash_tensors(hasher, ((f"{name}.{k}", t) for k, t in tensors if t is not None))
+        if name not in rest:
+            _hash_tensors(hasher, ((f"{name}.{k}", t) for k, t in _own_tensors(module)))
     return hasher.hexdigest()
+
+
+def _own_tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
+    """A module's own parameters and buffers as they decide its function: ``module.fingerprint_tensors()`` when
+    it defines one (a held buffer equal to what the module would compute without it then counts as absent)."""
+    own = getattr(module, "fingerprint_tensors", None)
+    tensors = own() if callable(own) else [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+    return [(k, t) for k, t in tensors if t is not None]
 
 
 def _writable_dir(cache_dir: str | os.PathLike) -> Path:
@@ -835,10 +862,12 @@ def collect(
 
     Each batch ``sampler(seeds)`` is moved to ``device`` (default: the model's) and run through ``model``
     (a tuple is unpacked into arguments, a dict into keywords), under ``torch.no_grad`` and in eval mode
-    (restored after); the forward stops right after the module carrying the keys
-    (:func:`dissect.hooks.key_module_name`: ``layer`` itself, or its ``memory_key_module`` child). Its input
-    (``side="input"``, the keys) or output (``side="output"``, what the memory writes) is flattened by
-    :func:`rows` (channels last for ``nn.Linear``, else in dim 1) and added to every statistic.
+    (restored after), up to the module carrying the keys (:func:`dissect.hooks.key_module_name`: ``layer``
+    itself, or its ``memory_key_module`` child): for ``side="input"`` (the keys) the forward stops *before* that
+    module runs, for ``side="output"`` (what the memory writes) right after it. The keys or outputs are
+    flattened by :func:`rows` (channels last for ``nn.Linear``, else in dim 1) and added to every statistic.
+    A key module that does not run exactly once per forward is refused (:class:`~dissect.errors.LayerError`,
+    one forward of sample 0 checks it), since its statistics would mix different calls.
 
     ``stats`` is a fresh statistic or a sequence of them. With ``cache_dir``, the result is stored in a
     file keyed by the SHA-256 of: the :func:`fingerprint` of the weights the keys depend on, ``layer``,
@@ -866,16 +895,20 @@ def collect(
             path = _cache_path(cache_dir, model, layer, key_name, sampler, n, side, stat_list, device)
             if _load_cached(path, stat_list, device):
                 return stats
+        check_single_call(model, [key_name], to_device(sampler([0]), device))
         with tqdm(total=n, unit="sample", desc=f"collect {layer}", disable=not progress) as bar:
             for start in range(0, n, batch_size):
                 seeds = list(range(start, min(n, start + batch_size)))
-                with Trace(
-                    model, key_name, retain_input=side == "input", retain_output=side == "output", stop=True
-                ) as trace:
-                    call_model(model, to_device(sampler(seeds), device))
-                keys = trace.input if side == "input" else trace.output
+                inputs = to_device(sampler(seeds), device)
+                if side == "input":
+                    keys = layer_input(model, key_name, inputs)
+                else:
+                    with Trace(model, key_name, stop=True) as trace:
+                        call_model(model, inputs)
+                    keys = trace.output
                 if not isinstance(keys, Tensor):
-                    raise TypeError(f"the {side} of {key_name!r} is a {type(keys).__name__}, not a tensor.")
+                    raise LayerError(f"The {side} of {key_name!r} is a {type(keys).__name__}, not a tensor: collect "
+                                     f"statistics of a layer that takes and returns one tensor.")
                 x = rows(keys, channels_last)
                 for stat in stat_list:
                     stat.add(x)
@@ -898,7 +931,7 @@ def _cache_path(
 ) -> Path:
     description = getattr(sampler, "description", None)
     if not isinstance(description, str) or not description:
-        raise ValueError(
+        raise ModelError(
             "caching statistics needs sampler.description, a stable text naming the sampler's distribution "
             "(see the Sampler contract in docs/ARCHITECTURE.md); set it, or pass cache_dir=None."
         )

@@ -40,9 +40,17 @@ class Images:
         return ran
 
 
-class Boom(nn.Module):
+class Rows(nn.Identity):
+    """Records how many rows each of its calls saw: only the one-row probe that checks the key module runs
+    once per forward should reach a module after the keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise AssertionError("the forward should have stopped before this module")
+        self.seen.append(len(x))
+        return x
 
 
 def conv_net(after: nn.Module | None = None) -> nn.Module:
@@ -80,8 +88,10 @@ def test_stopped_collect_equals_keys_of_a_full_pass():
     assert (moment.moment() - ref).norm() <= 1e-6 * ref.norm()
     values, ids = topk.topk()
     assert torch.equal(every.gather(0, ids), values)  # row id = sample * H*W + y * W + x
-    # The forward ends at the layer: a head that would raise never runs.
-    collect(conv_net(after=Boom()), "features.2", Images(), 5, Mean(), batch_size=5, progress=False)
+    # The forward ends at the layer: the head sees the one-row probe only.
+    head = Rows()
+    collect(conv_net(after=head), "features.2", Images(), 5, Mean(), batch_size=5, progress=False)
+    assert head.seen == [1]
 
 
 def test_output_side_and_eval_mode_restored():
@@ -107,7 +117,7 @@ def test_runs_in_eval_mode():
 
     model = nn.Sequential(Probe(), nn.Conv2d(3, 4, 1)).train()
     collect(model, "1", Images(), 3, Mean(), progress=False)
-    assert Probe.seen == [False] and model[0].training
+    assert Probe.seen == [False, False] and model[0].training  # the one-row probe, then the batch
 
 
 class Scaled(nn.Module):
@@ -124,8 +134,9 @@ class Scaled(nn.Module):
 
 
 def test_keys_of_a_memory_key_module_are_its_childs_input():
-    model = nn.Sequential(Scaled(), Boom())
+    model = nn.Sequential(Scaled(), Rows())
     mean = collect(model, "0", Images(), 6, Mean(), progress=False)
+    assert model[1].seen == [1]
     assert torch.allclose(mean.mean(), 2 * rows(Images()(list(range(6)))).double().mean(0), atol=1e-6)
 
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dissect.errors import LayerError, NonFiniteError, RequestError
 from dissect.memory import KeyClusters, LayerMemory, MemoryAdapter, bounding_boxes, register_adapter
 from dissect.models.stylegan import ModulatedConv2d
 
@@ -265,7 +266,7 @@ def test_masks_are_checked_and_resized_as_soft_weights():
         (torch.ones(1, 16, 16), ValueError, "whole image"),
         (torch.zeros(1, 8, 8) + 0.5, ValueError, r"\(1, 16, 16\)"),
         (good * 2, ValueError, r"\[0, 1\]"),
-        (good.bool(), TypeError, "float"),
+        (good.bool(), RequestError, "float"),
         (torch.cat([good, good]), ValueError, "one per input row"),
     ]
     for bad, error, match in cases:

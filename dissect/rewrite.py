@@ -9,30 +9,44 @@ target values. Requests say what to store:
   watermark removal);
 * :class:`Context`: where the rule applies (images + masks, or a key cluster), giving ``D`` of rank r.
 
-:func:`solve` finds ``Λ`` without touching the model: the layer's linear part in closed form (weighted least
-squares, exact within span(D)), then, for a layer with a nonlinear rest (demodulation, noise, bias, activation),
-L-BFGS on ``Λ`` alone through the real layer, started from the closed form (or from no edit, if that fits
-better), so ``W = W₀ + Λ D`` holds throughout. :class:`Rewriter` applies edits with bitwise undo / redo / revert
-and saves them as safetensors (``Λ``, ``D``, the requests, and JSON metadata).
+Every target request subclasses :class:`Request` and turns itself into a :class:`Constraint`; a new kind is one
+subclass in one file (it registers itself, for edit files and the CLI's JSON).
+
+:func:`solve` finds ``Λ`` without touching the model. It minimises the paper's objective
+``L_constraint + μ · L_smooth``: ``L_smooth = E_k ‖ΔW k‖²`` over the data, which for ``D C Dᵀ = I`` is ``‖Λ‖²``
+(per kernel tap), so a rule that needs a huge change everywhere to fit a few request locations is not stored.
+``μ`` is chosen by a budget on what users see change: the smallest ``μ`` whose ``E‖ΔW k‖²`` is at most
+``budget`` of the layer's own output energy ``E‖W k‖²``. The layer's linear part is solved in closed form (ridge
+least squares); a layer with a nonlinear rest (demodulation, noise, bias, activation) is then refined by L-BFGS on
+``Λ`` alone through the real layer, on the same objective. :class:`Rewriter` applies edits with bitwise undo /
+redo / revert, trials, and saves them as checksummed safetensors (``Λ``, ``D``, the requests, JSON metadata).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
+import operator
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from pathlib import Path
+from typing import IO, Any, ClassVar, Iterator, Protocol, Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from safetensors.torch import save_model
 from torch import Tensor, nn
 from torch.func import functional_call
 
 import dissect
+from dissect.errors import EditFileError, LayerError, NonFiniteError, RequestError
 from dissect.memory import (
     Inputs,
     KeyClusters,
@@ -46,11 +60,51 @@ from dissect.memory import (
 )
 
 __all__ = [
-    "Copy", "Paste", "Context", "Erase", "Constraint", "Edit", "constraint", "constraint_loss", "solve", "Rewriter",
-    "load", "read_edits", "weight_sha256",
+    "Request", "Copy", "Paste", "Context", "Erase", "Constraint", "Edit", "constraint", "constraint_loss", "solve",
+    "Rewriter", "load", "read_edits", "weight_sha256", "check_rank", "check_strength", "DEFAULT_BUDGET", "SpecReader",
 ]
 
-FORMAT = "dissect-edits/1"
+FORMAT = "dissect-edits/2"  # /2: every tensor carries a SHA-256 in the metadata
+MAX_STRENGTH = 20.0  # beyond this a "rule" is a blow-up of the weight, not a stronger rule
+# An edit may change the layer's output, averaged over the data, by at most this share of its energy E‖W k‖².
+# Measured on held-out dashboard requests (benchmarks/eval_user.py): see benchmarks/RESULTS.md.
+DEFAULT_BUDGET = 0.02
+
+_PARTS: dict[str, type] = {}  # every dataclass a saved request may hold, by class name
+
+
+def _part(cls: type) -> type:
+    _PARTS[cls.__name__] = cls
+    return cls
+
+
+def check_rank(rank: Any) -> int:
+    """``rank`` as an int, or :class:`RequestError` for anything but a positive whole number."""
+    try:
+        if isinstance(rank, bool) or (isinstance(rank, float) and not rank.is_integer()):
+            raise TypeError
+        value = operator.index(rank) if not isinstance(rank, float) else int(rank)
+    except TypeError:
+        raise RequestError(f"A context's rank is a whole number of directions (1, 2, 4, …), got {rank!r}.") from None
+    if value < 1:
+        raise RequestError(f"A context's rank must be at least 1 (one direction), got {value}.")
+    return value
+
+
+def check_strength(factor: Any) -> float:
+    """``factor`` as a float, or :class:`RequestError` unless it is a number in (0, MAX_STRENGTH]."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (
+        math.isfinite(factor) and 0 < factor <= MAX_STRENGTH
+    ):
+        raise RequestError(f"An edit's strength factor must be a positive number up to {MAX_STRENGTH:g} (1 = the "
+                           f"solved edit), got {factor!r}.")
+    return float(factor)
+
+
+def _check_finite(what: str, x: Tensor) -> None:
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(f"{what} holds NaN or Inf values; nothing was solved. Check the model's weights and "
+                             f"inputs (a diverged checkpoint, a sampler returning NaN).")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -58,6 +112,16 @@ FORMAT = "dissect-edits/1"
 # ----------------------------------------------------------------------------------------------------------
 
 
+class SpecReader(Protocol):
+    """What a request kind needs to read itself from a JSON request (the CLI implements it)."""
+
+    def inputs(self, seeds: list[int]) -> Inputs: ...
+    def seed(self, entry: Any, what: str) -> int: ...
+    def mask(self, entry: Any, what: str) -> Tensor: ...
+    def regions(self, entry: Any, what: str) -> tuple[list[int], Tensor]: ...
+
+
+@_part
 @dataclass
 class Copy:
     """A region of one source image: its values, cropped to the mask's bounding box, with the mask as alpha.
@@ -71,24 +135,7 @@ class Copy:
     seeds: list[int] | None = None
 
 
-@dataclass
-class Paste:
-    """Paste a :class:`Copy` into one target image with its centre at ``position (y, x)`` in image pixels.
-
-    The constraint is the target's keys over the pasted box, mapped to the blended values
-    ``alpha · copied + (1 - alpha) · own``. ``position=None`` keeps the copied box where it was.
-    ``region (H, W)``: paste *onto* this part of the target image only (a mask like the copy's; the constraint
-    keeps the box's locations where it is > 0). Pasting a tree onto a spire, the region is the spire: the sky
-    around it then need not turn into tree, which would take a far larger edit than the rule itself.
-    """
-
-    inputs: Inputs
-    copy: Copy
-    position: tuple[int, ...] | None = None
-    seeds: list[int] | None = None
-    region: Tensor | None = None
-
-
+@_part
 @dataclass
 class Context:
     """Where a rule applies: images and masks ``(N, H, W)``, giving rank-``rank`` directions ``D``."""
@@ -98,6 +145,9 @@ class Context:
     rank: int = 1
     seeds: list[int] | None = None
 
+    def __post_init__(self) -> None:
+        self.rank = check_rank(self.rank)
+
     @classmethod
     def from_cluster(cls, clusters: KeyClusters, cluster: int, inputs: Inputs, rank: int = 1,
                      seeds: list[int] | None = None) -> "Context":
@@ -106,32 +156,50 @@ class Context:
         cover = masks.reshape(masks.shape[0], -1).mean(dim=1)
         keep = ((cover > 0) & (cover < 1)).nonzero()[:, 0].cpu()
         if len(keep) == 0:
-            raise ValueError(f"Cluster {cluster} covers none (or all) of every image given: pass other images.")
+            raise RequestError(f"Cluster {cluster} covers none (or all) of every image given: pass other images.")
         kept_seeds = [seeds[int(i)] for i in keep] if seeds is not None else None
         return cls(select_rows(inputs, keep), masks[keep], rank, kept_seeds)
 
-
-@dataclass
-class Erase:
-    """Remove what the masked regions show (the authors' watermark removal).
-
-    Target values are the layer's output with the ``units`` key channels most aligned with the context zeroed in
-    the keys (blended by the mask over each mask's bounding box); the rank-r insert through ``D`` generalises the
-    removal to every key in the context subspace.
-    """
-
-    inputs: Inputs
-    masks: Tensor | None
-    units: int = 30
-    seeds: list[int] | None = None
+    @classmethod
+    def from_json(cls, spec: Any, reader: SpecReader) -> "Context":
+        seeds, masks = reader.regions(spec, "context")
+        return cls(reader.inputs(seeds), masks, rank=spec.get("rank", 1), seeds=seeds)
 
 
-_REQUESTS = {cls.__name__: cls for cls in (Copy, Paste, Context, Erase)}
+class Request:
+    """A target request: what a rewrite should store. Subclasses are dataclasses that implement
+    :meth:`constraint`; defining one registers it (``Request.kinds``), so edit files can hold it, and a class
+    with ``json_key`` can be read from the CLI's JSON by :meth:`from_json`."""
 
+    kinds: ClassVar[dict[str, type["Request"]]] = {}
+    json_key: ClassVar[str | None] = None  # the key that names this kind in a JSON request
 
-# ----------------------------------------------------------------------------------------------------------
-# Constraints: what the solver fits
-# ----------------------------------------------------------------------------------------------------------
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        Request.kinds[cls.__name__] = cls
+        _PARTS[cls.__name__] = cls
+
+    def constraint(self, memory: LayerMemory, context: Context | None) -> tuple["Constraint", Context]:
+        """The constraint this request sets at ``memory``'s layer, and its context (``context``, or this kind's
+        default)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_json(cls, spec: dict, reader: SpecReader) -> "Request":
+        raise NotImplementedError(f"{cls.__name__} cannot be read from a JSON request.")
+
+    @staticmethod
+    def from_spec(spec: dict, reader: SpecReader) -> tuple["Request", Context | None]:
+        """The target and optional context that one JSON request describes (the kind is the one registered key
+        it holds: ``"erase"``, ``"paste"``, …)."""
+        kinds = [k for k in Request.kinds.values() if k.json_key and k.json_key in spec]
+        if len(kinds) != 1:
+            keys = ", ".join(repr(k.json_key) for k in Request.kinds.values() if k.json_key)
+            raise RequestError(f"A request names exactly one kind, one of the keys {keys}; got "
+                               f"{sorted(spec) if isinstance(spec, dict) else spec!r}.")
+        target = kinds[0].from_json(spec, reader)
+        context = Context.from_json(spec["context"], reader) if "context" in spec else None
+        return target, context
 
 
 @dataclass
@@ -147,15 +215,15 @@ class Constraint:
 
 def _one_row(inputs: Inputs, what: str) -> None:
     if num_rows(inputs) != 1:
-        raise ValueError(f"{what} takes one image (one row of inputs), got {num_rows(inputs)}.")
+        raise RequestError(f"{what} takes one image (one row of inputs), got {num_rows(inputs)}.")
 
 
 def _record(memory: LayerMemory, inputs: Inputs, zero_units: Tensor | None = None) -> Recording:
     rec = memory.record(inputs, zero_units)
     if not isinstance(rec.values, Tensor):
-        raise TypeError(f"Layer {memory.layer!r} returns {type(rec.values).__name__}; a rewrite needs a tensor output.")
+        raise LayerError(f"Layer {memory.layer!r} returns {type(rec.values).__name__}; a rewrite needs a tensor output.")
     if memory.grid(rec.linear) != memory.grid(rec.values):
-        raise NotImplementedError(
+        raise LayerError(
             f"Layer {memory.layer!r} emits a {memory.grid(rec.values)} grid from a {memory.grid(rec.linear)} grid of "
             f"its weight {memory.key_layer!r}; rewrite the weight's own module instead."
         )
@@ -178,62 +246,121 @@ def _blend(alpha: Tensor, new: Tensor, old: Tensor, channel_dim: int) -> Tensor:
     return a * new + (1 - a) * old
 
 
-def _paste_constraint(memory: LayerMemory, paste: Paste) -> tuple[Constraint, Context]:
-    """The paste's constraint, and its default context: the pasted region of the target image."""
-    _one_row(paste.copy.inputs, "Copy")
-    _one_row(paste.inputs, "Paste")
-    src = _record(memory, paste.copy.inputs)
-    rec = _record(memory, paste.inputs)
-    cd = memory.adapter.channel_dim
-    grid = memory.grid(rec.values)
-    alpha = memory.mask_weights(paste.copy.mask, paste.copy.inputs, src.values)  # (1, *grid)
-    offsets = [0] * len(grid)
-    ctx_mask = paste.copy.mask
-    if paste.position is not None:
-        if not grid:
-            raise ValueError(f"Layer {memory.layer!r} has one key per row: paste with position=None.")
-        size = memory.mask_size(paste.inputs, grid)
-        if len(paste.position) != len(grid):
-            raise ValueError(f"Paste position must be {len(grid)} image coordinates, got {paste.position}.")
-        box_idx = bounding_boxes(alpha)[0].nonzero().float()
-        centre = (box_idx.amin(0) + box_idx.amax(0) + 1) / 2
-        offsets = [round((p + 0.5) * g / s - c) for p, g, s, c in zip(paste.position, grid, size, centre.tolist())]
-        # The same move at image resolution, for the default context (exact when the image is a multiple of the grid).
-        ctx_mask = _shift(paste.copy.mask[None], [round(o * s / g) for o, s, g in zip(offsets, size, grid)])[0]
-    alpha_t = _shift(alpha, offsets)
-    weights = _shift(bounding_boxes(alpha), offsets)
-    if weights.sum() == 0:
-        raise ValueError(f"Paste position {paste.position} puts the copied region outside the image.")
-    if paste.region is not None:
-        weights = weights * (memory.mask_weights(paste.region[None], paste.inputs, rec.values) > 0)
+@dataclass
+class Paste(Request):
+    """Paste a :class:`Copy` into one target image with its centre at ``position (y, x)`` in image pixels.
+
+    The constraint is the target's keys over the pasted box, mapped to the blended values
+    ``alpha · copied + (1 - alpha) · own``. ``position=None`` keeps the copied box where it was.
+    ``region (H, W)``: paste *onto* this part of the target image only (a mask like the copy's; the constraint
+    keeps the box's locations where it is > 0). Pasting a tree onto a spire, the region is the spire: the sky
+    around it then need not turn into tree, which would take a far larger edit than the rule itself.
+    Default context: the pasted region of the target image, rank 1.
+    """
+
+    inputs: Inputs
+    copy: Copy
+    position: tuple[int, ...] | None = None
+    seeds: list[int] | None = None
+    region: Tensor | None = None
+
+    json_key: ClassVar[str] = "paste"
+
+    @classmethod
+    def from_json(cls, spec: dict, reader: SpecReader) -> "Paste":
+        source, dest = spec.get("copy"), spec["paste"]
+        if not isinstance(source, dict):
+            raise RequestError("A paste request needs a 'copy' object: {\"seed\": …, \"box\" or \"mask\": …}.")
+        seed = reader.seed(source, "copy")
+        copied = Copy(reader.inputs([seed]), reader.mask(source, "copy"), seeds=[seed])
+        center = dest.get("center") if isinstance(dest, dict) else None
+        if center is not None and not (isinstance(center, list) and len(center) == 2
+                                       and all(isinstance(v, int) and not isinstance(v, bool) for v in center)):
+            raise RequestError(f"paste: 'center' is [y, x] in integer image pixels, got {center!r}.")
+        seed = reader.seed(dest, "paste")
+        region = reader.mask(dest["region"], "paste region") if isinstance(dest, dict) and "region" in dest else None
+        return cls(reader.inputs([seed]), copied, tuple(center) if center else None, seeds=[seed], region=region)
+
+    def constraint(self, memory: LayerMemory, context: Context | None) -> tuple[Constraint, Context]:
+        _one_row(self.copy.inputs, "Copy")
+        _one_row(self.inputs, "Paste")
+        src = _record(memory, self.copy.inputs)
+        rec = _record(memory, self.inputs)
+        cd = memory.adapter.channel_dim
+        grid = memory.grid(rec.values)
+        alpha = memory.mask_weights(self.copy.mask, self.copy.inputs, src.values)  # (1, *grid)
+        offsets = [0] * len(grid)
+        ctx_mask = self.copy.mask
+        if self.position is not None:
+            if not grid:
+                raise RequestError(f"Layer {memory.layer!r} has one key per row: paste with position=None.")
+            size = memory.mask_size(self.inputs, grid)
+            if len(self.position) != len(grid):
+                raise RequestError(f"Paste position must be {len(grid)} image coordinates, got {self.position}.")
+            box_idx = bounding_boxes(alpha)[0].nonzero().float()
+            centre = (box_idx.amin(0) + box_idx.amax(0) + 1) / 2
+            offsets = [round((p + 0.5) * g / s - c) for p, g, s, c in zip(self.position, grid, size, centre.tolist())]
+            # The same move at image resolution, for the default context (exact when the image is a multiple of the grid).
+            ctx_mask = _shift(self.copy.mask[None], [round(o * s / g) for o, s, g in zip(offsets, size, grid)])[0]
+        alpha_t = _shift(alpha, offsets)
+        weights = _shift(bounding_boxes(alpha), offsets)
         if weights.sum() == 0:
-            raise ValueError("The paste region does not meet the pasted copy: draw the region where the copy lands, "
-                             "or move the paste position onto it.")
-    moved = lambda v: _shift(channels_last(v, cd), offsets).movedim(-1, cd)  # noqa: E731
-    c = Constraint(
-        rec,
-        linear_target=_blend(alpha_t, moved(src.linear), rec.linear, cd),
-        target=_blend(alpha_t, moved(src.values), rec.values, cd),
-        weights=weights,
-    )
-    if ctx_mask is not None and ctx_mask.max() == 0:
-        raise ValueError(f"Paste position {paste.position} moves the copied mask off the image.")
-    return c, Context(paste.inputs, ctx_mask, rank=1, seeds=paste.seeds)
+            raise RequestError(f"Paste position {self.position} puts the copied region outside the image.")
+        if self.region is not None:
+            weights = weights * (memory.mask_weights(self.region[None], self.inputs, rec.values) > 0)
+            if weights.sum() == 0:
+                raise RequestError("The paste region does not meet the pasted copy: draw the region where the copy lands, "
+                                   "or move the paste position onto it.")
+        moved = lambda v: _shift(channels_last(v, cd), offsets).movedim(-1, cd)  # noqa: E731
+        c = Constraint(
+            rec,
+            linear_target=_blend(alpha_t, moved(src.linear), rec.linear, cd),
+            target=_blend(alpha_t, moved(src.values), rec.values, cd),
+            weights=weights,
+        )
+        if ctx_mask is not None and ctx_mask.max() == 0:
+            raise RequestError(f"Paste position {self.position} moves the copied mask off the image.")
+        return c, context or Context(self.inputs, ctx_mask, rank=1, seeds=self.seeds)
 
 
-def _erase_constraint(memory: LayerMemory, erase: Erase, context: Context) -> Constraint:
-    rec = _record(memory, erase.inputs)
-    alpha = memory.mask_weights(erase.masks, erase.inputs, rec.values)
-    units = memory.context_units(context.inputs, context.masks, erase.units)
-    erased = _record(memory, erase.inputs, zero_units=units)
-    cd = memory.adapter.channel_dim
-    return Constraint(
-        rec,
-        linear_target=_blend(alpha, erased.linear, rec.linear, cd),
-        target=_blend(alpha, erased.values, rec.values, cd),
-        weights=bounding_boxes(alpha),
-    )
+@dataclass
+class Erase(Request):
+    """Remove what the masked regions show (the authors' watermark removal).
 
+    Target values are the layer's output with the ``units`` key channels most aligned with the context zeroed in
+    the keys (blended by the mask over each mask's bounding box); the rank-r insert through ``D`` generalises the
+    removal to every key in the context subspace. Default context: the erased regions themselves, rank 1.
+    """
+
+    inputs: Inputs
+    masks: Tensor | None
+    units: int = 30
+    seeds: list[int] | None = None
+
+    json_key: ClassVar[str] = "erase"
+
+    @classmethod
+    def from_json(cls, spec: dict, reader: SpecReader) -> "Erase":
+        seeds, masks = reader.regions(spec["erase"], "erase")
+        units = spec["erase"].get("units", 30)
+        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+            raise RequestError(f"erase: 'units' is a positive whole number of key channels, got {units!r}.")
+        return cls(reader.inputs(seeds), masks, units=units, seeds=seeds)
+
+    def constraint(self, memory: LayerMemory, context: Context | None) -> tuple[Constraint, Context]:
+        context = context or Context(self.inputs, self.masks, rank=1, seeds=self.seeds)
+        rec = _record(memory, self.inputs)
+        alpha = memory.mask_weights(self.masks, self.inputs, rec.values)
+        units = memory.context_units(context.inputs, context.masks, self.units)
+        erased = _record(memory, self.inputs, zero_units=units)
+        cd = memory.adapter.channel_dim
+        c = Constraint(
+            rec,
+            linear_target=_blend(alpha, erased.linear, rec.linear, cd),
+            target=_blend(alpha, erased.values, rec.values, cd),
+            weights=bounding_boxes(alpha),
+        )
+        return c, context
 
 # ----------------------------------------------------------------------------------------------------------
 # Solving
@@ -248,7 +375,8 @@ class Edit:
     output on the constraint, before (``Λ = 0``), after the closed form, and final (of the solve, at strength 1);
     ``base_sha256`` names the weight it was solved against (see :func:`weight_sha256`); ``request`` holds the
     requests that made it; ``pointwise``: ``Λ`` was confined to the kernel's centre; ``strength``: the factor
-    :meth:`scaled` has already multiplied ``lam`` by.
+    :meth:`scaled` has already multiplied ``lam`` by; ``smooth``: the weight μ of ``L_smooth`` in the solve;
+    ``output_energy``: the layer's ``E‖W₀ k‖²`` per output channel, the scale of :attr:`expected_change`.
     """
 
     layer: str
@@ -263,10 +391,20 @@ class Edit:
     request: dict[str, Any] = field(default_factory=dict)
     pointwise: bool = False
     strength: float = 1.0
+    smooth: float = 0.0
+    output_energy: float = 0.0
 
     @property
     def rank(self) -> int:
         return self.directions.shape[0]
+
+    @property
+    def expected_change(self) -> float:
+        """``E‖ΔW k‖² / E‖W₀ k‖²`` over the data the layer's C was fitted on (at this edit's strength): the share of
+        the layer's output energy the edit moves on an average location (``nan`` when unknown)."""
+        if not self.output_energy > 0:
+            return math.nan
+        return float(self.lam.double().square().sum() / self.lam.shape[0] / self.output_energy)
 
     def scaled(self, factor: float) -> "Edit":
         """The same rule at ``factor`` times its strength (``Λ`` scaled; ``D`` and the base are unchanged).
@@ -275,14 +413,11 @@ class Edit:
         projects less onto ``D``. A factor above 1 carries the rule to those weaker matches, at proportionally
         more change everywhere else; below 1 it tones the edit down.
         """
-        check_strength(factor)
+        factor = check_strength(factor)
+        if self.strength * factor > MAX_STRENGTH:
+            raise RequestError(f"This edit is already at strength {self.strength:g}; {factor:g} times that passes "
+                               f"{MAX_STRENGTH:g}.")
         return dataclasses.replace(self, lam=self.lam * factor, strength=self.strength * factor)
-
-
-def check_strength(factor: float) -> None:
-    """Refuse a strength factor that is not a finite positive number (ValueError naming it)."""
-    if not (math.isfinite(factor) and factor > 0):
-        raise ValueError(f"An edit's strength factor must be a positive number, got {factor}.")
 
 
 def weight_sha256(weight: Tensor) -> str:
@@ -293,16 +428,15 @@ def weight_sha256(weight: Tensor) -> str:
     return h.hexdigest()
 
 
-def constraint(memory: LayerMemory, target: Paste | Erase, context: Context | None = None) -> tuple[Constraint, Context]:
-    """The constraint a request sets, and its context (``context``, or the default: the target's own region at
-    rank 1). :func:`solve` uses this; baselines that fit the same constraint another way can too."""
-    if isinstance(target, Paste):
-        c, default = _paste_constraint(memory, target)
-        return c, context or default
-    if isinstance(target, Erase):
-        context = context or Context(target.inputs, target.masks, rank=1, seeds=target.seeds)
-        return _erase_constraint(memory, target, context), context
-    raise TypeError(f"A rewrite target is a Paste or an Erase request, got {type(target).__name__}.")
+def constraint(memory: LayerMemory, target: Request, context: Context | None = None) -> tuple[Constraint, Context]:
+    """The constraint a request sets, and its context (``context``, or the target's default). :func:`solve` uses
+    this; baselines that fit the same constraint another way can too."""
+    if not isinstance(target, Request):
+        kinds = ", ".join(Request.kinds)
+        raise RequestError(f"A rewrite target is a Request ({kinds}), got {type(target).__name__}.")
+    if context is not None and not isinstance(context, Context):
+        raise RequestError(f"A context is a Context request, got {type(context).__name__}.")
+    return target.constraint(memory, context)
 
 
 def constraint_loss(memory: LayerMemory, c: Constraint, weight: Tensor, l1: bool = False) -> Tensor:
@@ -319,21 +453,46 @@ def constraint_loss(memory: LayerMemory, c: Constraint, weight: Tensor, l1: bool
     return (err * c.weights).sum() / c.weights.sum()
 
 
+def output_energy(memory: LayerMemory) -> float:
+    """``E‖W k‖²`` per output channel under C, summed over kernel taps (taps taken as independent): the scale
+    the smoothness budget is a share of."""
+    w = memory.weight.detach().double().cpu().movedim((memory.adapter.out_axis, memory.adapter.key_axis), (0, 1))
+    w = w.reshape(w.shape[0], w.shape[1], -1)  # (out, C, taps)
+    c = memory.moment.double().cpu()
+    return float(torch.einsum("oit,ij,ojt->", w, c, w) / w.shape[0])
+
+
 def _taps(memory: LayerMemory, pointwise: bool) -> Tensor:
     """Which kernel positions ``Λ`` may use: ``(*kernel)`` of 0 / 1; with ``pointwise`` the centre alone."""
     kernel = memory.kernel_shape
     taps = torch.ones(kernel, dtype=memory.weight.dtype, device=memory.weight.device)
     if pointwise and kernel:
         if any(k % 2 == 0 for k in kernel):
-            raise ValueError(f"Layer {memory.layer!r} has an even {kernel} kernel, without a centre: solve it with "
-                             f"pointwise=False.")
+            raise RequestError(f"Layer {memory.layer!r} has an even {kernel} kernel, without a centre: solve it with "
+                               f"pointwise=False.")
         taps.zero_()[tuple(k // 2 for k in kernel)] = 1
     return taps
 
 
-def _closed_form(memory: LayerMemory, c: Constraint, directions: Tensor, taps: Tensor) -> Tensor:
-    """Least-squares ``Λ (out, r, *kernel)`` for the linear output on the constraint (float64, CPU, gelsd), zero
-    outside ``taps``."""
+@dataclass
+class _Normal:
+    """The closed form's normal equations per output channel, eigendecomposed once: ``A = V diag(s) Vᵀ``
+    (``J x J``, the weighted Gram matrix of the design) and ``Vᵀ B`` (``J x out``), so that the ridge solution
+    ``Λ(μ) = V diag(1 / (s + μ)) Vᵀ B`` costs nothing for any μ."""
+
+    s: Tensor
+    v: Tensor
+    vtb: Tensor
+    cols: Tensor  # which of the r · taps unknowns are free
+
+    def solution(self, mu: float) -> Tensor:
+        tol = self.s.max().clamp_min(1e-300) * 1e-12
+        inv = torch.where(self.s > tol, 1 / (self.s + mu), torch.zeros_like(self.s)) if mu == 0 else 1 / (self.s + mu)
+        return self.v @ (inv[:, None] * self.vtb)  # (J, out)
+
+
+def _normal(memory: LayerMemory, c: Constraint, directions: Tensor, taps: Tensor) -> _Normal:
+    """Normal equations of the weighted least squares for the linear output on the constraint (float64, CPU)."""
     cd = memory.adapter.channel_dim
     u = memory.design(c.rec.keys, directions)
     u = channels_last(u, cd).reshape(-1, u.shape[cd])  # (L, J): J = (r, kernel position)
@@ -341,26 +500,52 @@ def _closed_form(memory: LayerMemory, c: Constraint, directions: Tensor, taps: T
     w = c.weights.reshape(-1)
     used = w > 0
     cols = (taps.reshape(1, -1) > 0).expand(directions.shape[0], -1).reshape(-1).cpu()
-    root = w[used].double().sqrt().cpu()[:, None]
-    sol = torch.linalg.lstsq(u[used][:, cols.to(u.device)].double().cpu() * root, res[used].double().cpu() * root,
-                             driver="gelsd").solution
-    lam = torch.zeros(memory.out_channels, len(cols), dtype=torch.float64)
-    lam[:, cols] = sol.T
-    return lam.reshape(memory.out_channels, directions.shape[0], *memory.kernel_shape).to(memory.weight)
+    wu = w[used].double().cpu()[:, None] / w[used].double().sum().cpu()
+    uu = u[used][:, cols.to(u.device)].double().cpu()
+    a = uu.T @ (uu * wu)
+    s, v = torch.linalg.eigh((a + a.T) / 2)
+    return _Normal(s.clamp_min(0), v, v.T @ (uu.T @ (res[used].double().cpu() * wu)), cols)
+
+
+def _lam(memory: LayerMemory, normal: _Normal, mu: float, r: int) -> Tensor:
+    """``Λ (out, r, *kernel)`` float64 for ridge weight ``mu``, zero outside the free taps."""
+    lam = torch.zeros(memory.out_channels, len(normal.cols), dtype=torch.float64)
+    lam[:, normal.cols] = normal.solution(mu).T
+    return lam.reshape(memory.out_channels, r, *memory.kernel_shape)
+
+
+def _choose_smooth(memory: LayerMemory, normal: _Normal, budget: float, energy: float, r: int) -> float:
+    """The smallest μ whose ridge solution changes at most ``budget`` of the output energy (``0`` if the plain
+    least squares already does): bisection in log μ, on which the change decreases monotonically."""
+    change = lambda mu: float(_lam(memory, normal, mu, r).square().sum()) / memory.out_channels / energy  # noqa: E731
+    if change(0.0) <= budget:
+        return 0.0
+    top = float(normal.s.max())
+    lo, hi = top * 1e-12, top * 1e6
+    for _ in range(60):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if change(mid) > budget else (lo, mid)
+    return hi
+
+
+def _objective(memory: LayerMemory, c: Constraint, base: Tensor, lam: Tensor, directions: Tensor, mu: float) -> Tensor:
+    """``L_constraint + μ · L_smooth`` with ``L_smooth = ‖Λ‖² / out`` (``E‖ΔW k‖²`` per channel, ``D C Dᵀ = I``)."""
+    loss = constraint_loss(memory, c, base + memory.delta(lam, directions))
+    return loss + mu * lam.square().sum() / lam.shape[0] if mu else loss
 
 
 def _refine(memory: LayerMemory, c: Constraint, directions: Tensor, lam: Tensor, base: Tensor, taps: Tensor,
-            max_iter: int) -> Tensor:
-    """L-BFGS on ``Λ`` alone (within ``taps``) through the real layer, from ``lam``; ``W = W₀ + Λ D`` by
-    construction."""
+            max_iter: int, mu: float) -> Tensor:
+    """L-BFGS on ``Λ`` alone (within ``taps``) through the real layer, from ``lam``, on the same objective as the
+    closed form; ``W = W₀ + Λ D`` by construction."""
     with torch.no_grad():
-        scale = constraint_loss(memory, c, base + memory.delta(lam, directions)).clamp_min(1e-30)
+        scale = _objective(memory, c, base, lam, directions, mu).clamp_min(1e-30)
     lam = lam.detach().clone().requires_grad_(True)
     opt = torch.optim.LBFGS([lam], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-10, tolerance_change=1e-12)
 
     def closure() -> Tensor:
-        loss = constraint_loss(memory, c, base + memory.delta(lam * taps, directions)) / scale
+        loss = _objective(memory, c, base, lam * taps, directions, mu) / scale
         (grad,) = torch.autograd.grad(loss, lam)  # grads of Λ only: the model's .grad stay untouched
         lam.grad = grad.contiguous()
         return loss
@@ -369,52 +554,71 @@ def _refine(memory: LayerMemory, c: Constraint, directions: Tensor, lam: Tensor,
     return (lam * taps).detach()
 
 
-def solve(memory: LayerMemory, target: Paste | Erase, context: Context | None = None, refine: bool = True,
-          max_iter: int = 50, pointwise: bool = False) -> Edit:
+def solve(memory: LayerMemory, target: Request, context: Context | None = None, refine: bool = True,
+          max_iter: int = 50, pointwise: bool = False, budget: float | None = DEFAULT_BUDGET,
+          smooth: float | None = None) -> Edit:
     """Solve a rewrite of ``memory``'s layer; the model's weights and outputs are not changed (apply the result
     with :class:`Rewriter`), though its layer is held (:meth:`LayerMemory.hold`) once the request is valid.
 
-    The closed form fits the layer's linear part (exact for Conv / ConvTranspose / Linear layers). A layer with
-    a nonlinear rest is then refined by L-BFGS on Λ through the real layer, started from the closed form, or
-    from Λ = 0 where the closed form fits the real layer worse than no edit. ``Edit.solver`` says which ran:
-    ``"closed_form"``, ``"closed_form+lbfgs"`` or ``"lbfgs"``; the final loss is never above either start.
+    Minimises ``L_constraint + μ · L_smooth`` (see the module docstring). The closed form fits the layer's
+    linear part (exact for Conv / ConvTranspose / Linear layers). A layer with a nonlinear rest is then refined by
+    L-BFGS on Λ through the real layer, started from the closed form, or from Λ = 0 where the closed form fits
+    the real layer worse than no edit. ``Edit.solver`` says which ran: ``"closed_form"``, ``"closed_form+lbfgs"``
+    or ``"lbfgs"``; the final objective is never above either start.
 
     Args:
-        target: a :class:`Paste` or an :class:`Erase`.
+        target: a :class:`Request` (:class:`Paste`, :class:`Erase`, or a registered kind).
         context: where the rule applies; default: the target's own region at rank 1.
         refine: run L-BFGS for a layer with a nonlinear rest.
         max_iter: L-BFGS iterations.
         pointwise: for a convolution, change only the kernel's centre, so that each location's new value depends
             on its own key alone (``ΔW k`` exactly as in the key → value view) instead of on its neighbours' keys
-            too. Fewer unknowns: a paste onto a small object then generalises by what the other objects' keys
-            are, not by how their neighbourhoods happen to resemble the target's.
+            too.
+        budget: choose μ as the smallest weight whose edit moves at most this share of the layer's output
+            energy over the data (``Edit.expected_change``); ``None`` with ``smooth=None``: plain least squares.
+        smooth: μ itself (overrides ``budget``); ``0`` for plain least squares.
     """
     start = time.perf_counter()
+    if budget is not None and not (isinstance(budget, (int, float)) and 0 < budget < math.inf):
+        raise RequestError(f"budget is a positive share of the layer's output energy (e.g. 0.02), got {budget!r}.")
+    if smooth is not None and not (isinstance(smooth, (int, float)) and 0 <= smooth < math.inf):
+        raise RequestError(f"smooth (μ) is a non-negative number, got {smooth!r}.")
+    base = memory.weight.detach()
+    _check_finite(f"The weight of layer {memory.layer!r}", base)
+    _check_finite(f"C of layer {memory.layer!r}", memory.moment)
     c, context = constraint(memory, target, context)
+    for what, x in (("keys", c.rec.keys), ("values", c.rec.values), ("target values", c.target)):
+        _check_finite(f"The request's {what} at layer {memory.layer!r}", x)
     taps = _taps(memory, pointwise)
     directions = memory.directions(context.inputs, context.masks, context.rank)
-    base = memory.weight.detach()
+    r = directions.shape[0]
+    energy = output_energy(memory)
     with torch.no_grad():
         before = float(constraint_loss(memory, c, base))
-        lam = _closed_form(memory, c, directions, taps)
+        normal = _normal(memory, c, directions, taps)
+        mu = float(smooth) if smooth is not None else (
+            _choose_smooth(memory, normal, budget, energy, r) if budget is not None else 0.0)
+        lam = _lam(memory, normal, mu, r).to(base)
         closed = float(constraint_loss(memory, c, base + memory.delta(lam, directions)))
+        objective = float(_objective(memory, c, base, lam, directions, mu))
     after, solver = closed, "closed_form"
     if refine and memory.key_layer != memory.layer:
         # A large linear step can fit the real layer worse than no edit (demodulation rescales it): then
         # L-BFGS starts from Λ = 0 instead.
-        if closed > before:
-            lam, after, solver = torch.zeros_like(lam), before, "lbfgs"
-        refined = _refine(memory, c, directions, lam, base, taps, max_iter)
+        if objective > before:
+            lam, after, objective, solver = torch.zeros_like(lam), before, before, "lbfgs"
+        refined = _refine(memory, c, directions, lam, base, taps, max_iter, mu)
         with torch.no_grad():
-            refined_loss = float(constraint_loss(memory, c, base + memory.delta(refined, directions)))
-        if refined_loss < after:
-            lam, after, solver = refined, refined_loss, "closed_form+lbfgs" if solver == "closed_form" else "lbfgs"
+            refined_objective = float(_objective(memory, c, base, refined, directions, mu))
+            if refined_objective < objective:
+                after = float(constraint_loss(memory, c, base + memory.delta(refined, directions)))
+                lam, solver = refined, "closed_form+lbfgs" if solver == "closed_form" else "lbfgs"
     if not (torch.isfinite(lam).all() and torch.isfinite(directions).all()):
-        raise FloatingPointError(f"The rewrite of layer {memory.layer!r} came out non-finite; check the request.")
+        raise NonFiniteError(f"The rewrite of layer {memory.layer!r} came out non-finite; check the request.")
     return Edit(
         layer=memory.layer, lam=lam, directions=directions, solver=solver, base_sha256=weight_sha256(base),
         loss_before=before, loss_closed_form=closed, loss_after=after, seconds=time.perf_counter() - start,
-        request={"target": target, "context": context}, pointwise=pointwise,
+        request={"target": target, "context": context}, pointwise=pointwise, smooth=mu, output_energy=energy,
     )
 
 
@@ -431,11 +635,14 @@ class _Applied:
     after: Tensor
 
 
-class Rewriter:
-    """The edits applied to one model, in order: apply, undo, redo, revert, save, export.
+PathOrFile = str | os.PathLike | IO[bytes]
 
-    Use one Rewriter per model and change weights only through it: undo and redo refuse to run over weights
-    changed behind its back.
+
+class Rewriter:
+    """The edits applied to one model, in order: apply, undo, redo, revert, trial, save, export.
+
+    The Rewriter is the only thing that should change a model's weights: undo and redo refuse to run over
+    weights changed behind its back, and previews use :meth:`trial` instead of copies of the model.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -453,28 +660,49 @@ class Rewriter:
         """The undone edits that :meth:`redo` would apply again, next first."""
         return [a.edit for a in reversed(self._undone)]
 
-    def rewrite(self, memory: LayerMemory, target: Paste | Erase, context: Context | None = None,
-                **solve_args: Any) -> Edit:
+    def rewrite(self, memory: LayerMemory, target: Request, context: Context | None = None, **solve_args: Any) -> Edit:
         """:func:`solve` then :meth:`apply`."""
         if memory.model is not self.model:
-            raise ValueError("This LayerMemory views another model than this Rewriter's.")
+            raise RequestError("This LayerMemory views another model than this Rewriter's.")
         return self.apply(solve(memory, target, context, **solve_args))
 
     def apply(self, edit: Edit) -> Edit:
         """Add ``edit``'s ``Λ D`` to its layer's weight. Checks everything first; on any failure the model is
-        exactly as before."""
+        exactly as before (weights and buffers)."""
+        return self.apply_all([edit])[0]
+
+    def apply_all(self, edits: Sequence[Edit]) -> list[Edit]:
+        """Apply ``edits`` in order, all or none: on any refusal the model (weights, held buffers) and this
+        Rewriter's history are exactly as before."""
+        done, undone = len(self._done), list(self._undone)
+        buffers = {id(m): (m, dict(m._buffers)) for m in self.model.modules()}
+        try:
+            for edit in edits:
+                self._apply_one(edit)
+        except BaseException:
+            while len(self._done) > done:
+                applied = self._done.pop()
+                self._write(applied.parameter, applied.before)
+            self._undone = undone
+            for module, state in buffers.values():
+                module._buffers.clear()
+                module._buffers.update(state)
+            raise
+        return list(edits)
+
+    def _apply_one(self, edit: Edit) -> None:
         memory = LayerMemory(self.model, edit.layer)
         param = memory.weight
         r = edit.directions.shape[0] if edit.directions.dim() == 2 else -1
         want = (memory.out_channels, r, *memory.kernel_shape)
         if edit.directions.shape != (r, memory.key_channels) or tuple(edit.lam.shape) != want:
-            raise ValueError(
+            raise RequestError(
                 f"Edit shapes do not fit layer {edit.layer!r}: Λ {tuple(edit.lam.shape)} and D "
                 f"{tuple(edit.directions.shape)}, expected {want} and ({r}, {memory.key_channels})."
             )
         current = weight_sha256(param)
         if current != edit.base_sha256:
-            raise ValueError(
+            raise RequestError(
                 f"The edit of layer {edit.layer!r} was made for a base weight with sha256 {edit.base_sha256}, but "
                 f"this model's weight there has sha256 {current}: a different model, or one edited since. Solve "
                 f"the edit again on this model, or apply it to the model it was made for."
@@ -483,12 +711,26 @@ class Rewriter:
             before = param.detach().clone()
             after = before + memory.delta(edit.lam.to(param), edit.directions.to(param))
         if not torch.isfinite(after).all():
-            raise FloatingPointError(f"The edit of layer {edit.layer!r} gives non-finite weights; not applied.")
+            raise NonFiniteError(f"The edit of layer {edit.layer!r} gives non-finite weights; not applied.")
         memory.hold()  # as when it was solved: an edit read from a file may meet a fresh model
         self._write(param, after)
         self._done.append(_Applied(edit, param, before, after))
         self._undone.clear()
-        return edit
+
+    @contextlib.contextmanager
+    def trial(self, edits: Sequence[Edit] = ()) -> Iterator["Rewriter"]:
+        """Within the block, ``edits`` are applied on top of this Rewriter's (previews, measurements); after it,
+        whatever happened inside, the weights, the history and the redo stack are bitwise as before."""
+        done, undone = len(self._done), list(self._undone)
+        self.apply_all(edits)
+        try:
+            yield self
+        finally:
+            while len(self._done) > done:
+                self.undo()
+            while len(self._done) < done and self._undone:
+                self.redo()
+            self._undone = undone
 
     @staticmethod
     def _write(param: nn.Parameter, value: Tensor) -> None:
@@ -533,8 +775,9 @@ class Rewriter:
         while self._done:
             self.undo()
 
-    def save(self, path: str) -> None:
-        """The applied edits as safetensors: ``Λ`` and ``D`` per edit, the requests' tensors, and JSON metadata."""
+    def save(self, dest: PathOrFile) -> None:
+        """The applied edits as safetensors: ``Λ`` and ``D`` per edit, the requests' tensors, a SHA-256 of every
+        tensor, and JSON metadata. A path is written atomically (a crash leaves the old file or none)."""
         tensors: dict[str, Tensor] = {}
         edits = []
         for i, a in enumerate(self._done):
@@ -545,50 +788,100 @@ class Rewriter:
                 "layer": e.layer, "rank": e.rank, "solver": e.solver, "base_sha256": e.base_sha256,
                 "weight_dtype": str(a.before.dtype), "weight_shape": list(a.before.shape),
                 "loss_before": e.loss_before, "loss_closed_form": e.loss_closed_form, "loss_after": e.loss_after,
-                "seconds": e.seconds, "pointwise": e.pointwise, "strength": e.strength,
-                "request": _encode(e.request, f"{prefix}.request", tensors),
+                "seconds": e.seconds, "pointwise": e.pointwise, "strength": e.strength, "smooth": e.smooth,
+                "output_energy": e.output_energy, "request": _encode(e.request, f"{prefix}.request", tensors),
             })
-        meta = {"format": FORMAT, "version": dissect.__version__, "edits": edits}
-        save_file(tensors, path, metadata={"dissect": json.dumps(meta)})
+        meta = {"format": FORMAT, "version": dissect.__version__, "edits": edits,
+                "sha256": {k: weight_sha256(t) for k, t in tensors.items()}}
+        _write_bytes(dest, save_safetensors(tensors, metadata={"dissect": json.dumps(meta)}))
 
-    def export(self, path: str) -> None:
+    def export(self, path: str | os.PathLike) -> None:
         """The edited model's weights as a safetensors state_dict (``safetensors.torch.load_model`` reads it)."""
         summary = [{"layer": e.layer, "rank": e.rank, "solver": e.solver} for e in self.history]
-        save_model(self.model, path, metadata={"dissect": json.dumps({"version": dissect.__version__,
-                                                                      "edits": summary})})
+        save_model(self.model, str(path), metadata={"dissect": json.dumps({"version": dissect.__version__,
+                                                                           "edits": summary})})
 
 
-def read_edits(path: str) -> list[Edit]:
-    """The edits saved in ``path``, requests included, without applying them."""
-    with safe_open(path, framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("dissect", "{}"))
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a dissect edit file (format {meta.get('format')!r}, want {FORMAT!r}).")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return [
-        Edit(layer=e["layer"], lam=tensors[f"edits.{i}.lambda"], directions=tensors[f"edits.{i}.directions"],
-             solver=e["solver"], base_sha256=e["base_sha256"], loss_before=e["loss_before"],
-             loss_closed_form=e["loss_closed_form"], loss_after=e["loss_after"], seconds=e["seconds"],
-             request=_decode(e["request"], tensors), pointwise=e.get("pointwise", False),
-             strength=e.get("strength", 1.0))
-        for i, e in enumerate(meta["edits"])
-    ]
+def _write_bytes(dest: PathOrFile, data: bytes) -> None:
+    if hasattr(dest, "write"):
+        dest.write(data)
+        return
+    path = Path(dest)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
-def load(path: str, model: nn.Module) -> Rewriter:
-    """Apply the edits saved in ``path`` to ``model``, refusing a model whose base weight differs.
+def _read_bytes(source: PathOrFile) -> tuple[bytes, str]:
+    """The file's bytes and a name for messages."""
+    if hasattr(source, "read"):
+        return source.read(), str(getattr(source, "name", "the uploaded file"))
+    path = Path(source)
+    if path.is_dir():
+        raise EditFileError(f"{path} is a directory; give the edit file (.safetensors) saved by dissect inside it.")
+    if not path.is_file():
+        raise EditFileError(f"No edit file at {path}.")
+    return path.read_bytes(), str(path)
 
-    On any refusal the model is left exactly as it was.
-    """
+
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+, and torch.save's zip archive
+
+
+def read_edits(source: PathOrFile) -> list[Edit]:
+    """The edits saved in ``source`` (a path or a binary file object), requests included, without applying them.
+
+    Refuses, with :class:`EditFileError` naming the file: a directory or missing file, a pickle or torch.save
+    file (never unpickled), a truncated or non-safetensors file, another format, a missing field, and any
+    tensor whose SHA-256 does not match the one saved with it."""
+    data, name = _read_bytes(source)
+    if data.startswith(_PICKLE_MAGIC):
+        raise EditFileError(f"{name} is a pickle / torch.save file; dissect reads only the safetensors edit files it "
+                            f"saves (and never unpickles).")
+    try:
+        tensors = load_safetensors(data)
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(json.loads(data[8 : 8 + header_len]).get("__metadata__", {}).get("dissect", "{}"))
+    except (SafetensorError, ValueError, UnicodeDecodeError) as err:
+        raise EditFileError(f"{name} is not a complete safetensors edit file (truncated or another format: {err}). "
+                            f"Give a file saved with dissect's Rewriter.save or the dashboard's download.") from err
+    if meta.get("format") != FORMAT:
+        raise EditFileError(f"{name} is not a dissect edit file of format {FORMAT!r} (it says "
+                            f"{meta.get('format')!r}); save it again with this version of dissect.")
+    sums = meta.get("sha256", {})
+    for key, t in tensors.items():
+        if sums.get(key) != weight_sha256(t):
+            raise EditFileError(f"{name}: tensor {key!r} does not match its saved checksum (the file is corrupted "
+                                f"or was changed by hand); nothing was applied.")
+    try:
+        return [
+            Edit(layer=e["layer"], lam=tensors[f"edits.{i}.lambda"], directions=tensors[f"edits.{i}.directions"],
+                 solver=e["solver"], base_sha256=e["base_sha256"], loss_before=e["loss_before"],
+                 loss_closed_form=e["loss_closed_form"], loss_after=e["loss_after"], seconds=e["seconds"],
+                 request=_decode(e["request"], tensors), pointwise=e["pointwise"], strength=e["strength"],
+                 smooth=e["smooth"], output_energy=e["output_energy"])
+            for i, e in enumerate(meta["edits"])
+        ]
+    except KeyError as err:
+        raise EditFileError(f"{name} lacks the field {err.args[0]!r}; it was not saved by this version of "
+                            f"dissect.") from None
+
+
+def load(source: PathOrFile, model: nn.Module) -> Rewriter:
+    """Apply the edits saved in ``source`` to ``model``, all or none, refusing a model whose base weight differs.
+
+    On any refusal the model is left exactly as it was, held buffers included."""
+    edits = read_edits(source)
     rewriter = Rewriter(model)
     try:
-        for edit in read_edits(path):
-            rewriter.apply(edit)
-    except BaseException as err:
-        rewriter.revert()
-        if isinstance(err, ValueError):
-            raise ValueError(f"Cannot load {path}: {err}") from err
-        raise
+        rewriter.apply_all(edits)
+    except RequestError as err:
+        name = str(getattr(source, "name", source))
+        raise EditFileError(f"Cannot load {name}: {err}") from err
     return rewriter
 
 
@@ -621,7 +914,10 @@ def _decode(node: Any, tensors: dict[str, Tensor]) -> Any:
         if "tensor" in node:
             return tensors[node["tensor"]]
         if "request" in node:
-            return _REQUESTS[node["request"]](**{k: _decode(v, tensors) for k, v in node["fields"].items()})
+            if node["request"] not in _PARTS:
+                raise EditFileError(f"The edit file holds a request of kind {node['request']!r}, which this "
+                                    f"dissect does not know; import the module that defines it first.")
+            return _PARTS[node["request"]](**{k: _decode(v, tensors) for k, v in node["fields"].items()})
         if "tuple" in node:
             return tuple(_decode(v, tensors) for v in node["tuple"])
         return {k: _decode(v, tensors) for k, v in node["dict"].items()}

@@ -28,16 +28,20 @@ PRESENCE_PIXELS = {"watermark": 48, "spire": 10, "dome": 10, "tree": 16}
 DEFAULT_PRESENCE_PIXELS = 16
 
 
-def presence_threshold(name: str, pixels: int) -> float:
-    """Fewest pixels of class ``name`` that count as present in an image of ``pixels`` pixels."""
+def presence_threshold(name: str, pixels: int, min_pixels: int | None = None) -> float:
+    """Fewest pixels of class ``name`` that count as present in an image of ``pixels`` pixels; ``min_pixels``,
+    when given, overrides the rule with that many pixels at any size."""
     if name not in CLASSES:
         raise KeyError(f"Unknown class {name!r}; the classes are {', '.join(CLASSES)}.")
+    if min_pixels is not None:
+        return float(min_pixels)
     return PRESENCE_PIXELS.get(name, DEFAULT_PRESENCE_PIXELS) * pixels / 64**2
 
 
-def present(labels: Tensor, name: str) -> Tensor:
-    """``labels (N, H, W) -> (N,)`` bool: the images that show class ``name`` by the presence rule."""
-    threshold = presence_threshold(name, labels[0].numel())
+def present(labels: Tensor, name: str, min_pixels: int | None = None) -> Tensor:
+    """``labels (N, H, W) -> (N,)`` bool: the images that show class ``name`` by the presence rule (the one rule
+    of dissect; :mod:`dissect.measure` re-exports it), or by at least ``min_pixels`` pixels when given."""
+    threshold = presence_threshold(name, labels.shape[-2:].numel(), min_pixels)
     return (labels == CLASSES.index(name)).flatten(1).sum(1) >= threshold
 
 

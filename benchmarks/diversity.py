@@ -5,15 +5,18 @@
 Both sides are segmented by the shipped segmenter (generator seeds and world latents from 7,000,000 on, a range
 no other evaluation uses). A pair of images is a near duplicate when their label maps agree on at least 95% of
 pixels; the figure is the share of such pairs among all n(n-1) ordered pairs. A mode-collapsed generator
-repeats layouts the world almost never repeats. The last line is machine-readable.
+repeats layouts the world almost never repeats. `benchmarks/eval_world.py` reports the same figures with
+these helpers, on its own seeds (0..n-1, so its first page is the dashboard's seeds 0-11). The last line is
+machine-readable.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from dissect.models import load
 from dissect.models.segmenter import load_segmenter
@@ -21,31 +24,57 @@ from dissect.models.world import World
 
 SEEDS = 7_000_000
 AGREEMENT = 0.95
+FIRST_PAGE = 12  # seeds 0-11: the samples a newcomer sees first
+
+
+def near_duplicates(labels: Tensor, agreement: float = AGREEMENT) -> Tensor:
+    """``labels (N, H, W)`` -> ``(N, N)`` bool: maps i and j (i != j) agree on at least ``agreement`` of pixels."""
+    flat = labels.flatten(1)
+    n = flat.shape[0]
+    close = torch.stack([((flat[i : i + 1] == flat).float().mean(1) >= agreement) for i in range(n)])
+    return close & ~torch.eye(n, dtype=torch.bool, device=close.device)
 
 
 def near_duplicate_share(labels: Tensor, agreement: float = AGREEMENT) -> float:
     """Share of ordered pairs of ``labels (N, H, W)`` whose maps agree on at least ``agreement`` of pixels."""
-    flat = labels.flatten(1)
-    n = flat.shape[0]
-    close = torch.stack([((flat[i : i + 1] == flat).float().mean(1) >= agreement) for i in range(n)])
-    return float(close[~torch.eye(n, dtype=torch.bool)].float().mean())
+    n = labels.shape[0]
+    return float(near_duplicates(labels, agreement).sum()) / (n * (n - 1))
+
+
+def near_duplicate_pairs(labels: Tensor, agreement: float = AGREEMENT) -> list[tuple[int, int]]:
+    """The unordered near-duplicate pairs ``(i, j)``, ``i < j``, among ``labels (N, H, W)``."""
+    return [(i, j) for i, j in torch.triu(near_duplicates(labels, agreement)).nonzero().tolist()]
+
+
+def load_model(name: str, device: str = "cpu") -> tuple[nn.Module, Any]:
+    """``loaders.load(name)``, or exit with a message naming ``name`` and why it is not a loadable generator."""
+    try:
+        return load(name, device)
+    except Exception as exc:  # any failure to load is the user's --model, reported as such
+        raise SystemExit(f"--model {name!r} is not a generator that dissect can load: {type(exc).__name__}: {exc}") from exc
 
 
 @torch.no_grad()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="spires")
+    p.add_argument("--model", default="spires", help="loaders.load name, entry point or exported generator file")
     p.add_argument("--n", type=int, default=500)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = p.parse_args()
-    G, sampler = load(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    G, sampler = load_model(args.model)
     seg = load_segmenter()
     seeds = list(range(SEEDS, SEEDS + args.n))
     generated = torch.cat([seg.segment(G(sampler(seeds[s : s + 100])).clamp(-1, 1)) for s in range(0, args.n, 100)])
-    world = seg.segment(World(G(sampler(seeds[:1])).shape[-1]).render(World.sample_latents(seeds))[0])
+    world = seg.segment(World(generated.shape[-1]).render(World.sample_latents(seeds))[0])
     g, w = near_duplicate_share(generated), near_duplicate_share(world)
+    page = near_duplicate_pairs(seg.segment(G(sampler(range(FIRST_PAGE))).clamp(-1, 1)))
     print(f"near-duplicate pairs (label maps agreeing on >= {AGREEMENT:.0%} of pixels), {args.n} images each:")
     print(f"  generator {g:.5f}   world {w:.5f}")
-    print(f"diversity: model={args.model} n={args.n} generator_near_dup={g:.5f} world_near_dup={w:.5f}")
+    print(f"  near-duplicate pairs among seeds 0-{FIRST_PAGE - 1}: {page or 'none'}")
+    print(f"diversity: model={args.model} n={args.n} generator_near_dup={g:.5f} world_near_dup={w:.5f} "
+          f"first_page_near_dup_pairs={len(page)}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ they are compared through the same lens. Figures:
             more than 2 percentage points (0 when none does);
   fd        Fréchet distance between segmenter features of `--fd-n` generator samples and as many world
             images, beside fd_floor, the same distance between two disjoint world sets;
-  seg_*     the segmenter's pixel accuracy and mean IoU on held-out world images (true labels).
+  seg_*     the segmenter's pixel accuracy and mean IoU on held-out world images (true labels);
+  near_dup  the share of ordered sample pairs whose label maps agree on >= 95% of pixels (the helper of
+            `benchmarks/diversity.py`), and first_page_near_dup_pairs, such pairs among seeds 0-11.
 The last line is machine-readable.
 """
 
@@ -27,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
+from diversity import FIRST_PAGE, load_model, near_duplicate_pairs, near_duplicate_share
 from torch import Tensor
 
 from dissect.models.segmenter import (
@@ -53,9 +56,7 @@ def generator_render(model: str, device: str) -> Render:
     if model == "world":
         world = World(64)
         return lambda seeds: world.render(world.sample_latents(seeds).to(device))[0]
-    from dissect.models.loaders import load
-
-    G, sampler = load(model, device)
+    G, sampler = load_model(model, device)
     return lambda seeds: G(sampler(seeds).to(device))
 
 
@@ -74,18 +75,20 @@ def summarise(seg: Segmenter, render: Render, seeds: Sequence[int], n_stats: int
     """Features of every image; labels of the first `n_stats` (when > 0).
 
     Returns: features (N, F) float64, pixels (int, per image) and, when n_stats > 0,
-    counts (n_stats, K) segmenter pixels per class and dusk (n_stats,) bool.
+    counts (n_stats, K) segmenter pixels per class, dusk (n_stats,) bool and labels (n_stats, H, W) uint8.
     """
-    counts, dusk, feats = [], [], []
+    counts, dusk, feats, label_maps = [], [], [], []
     for start, images in zip(range(0, len(seeds), BATCH), batches(render, seeds)):
         feats.append(seg.features(images).double().cpu())
         if start < n_stats:
             labels = seg.segment(images)
             counts.append(class_counts(labels, seg.num_classes))
             dusk.append(is_dusk(images, labels).cpu())
+            label_maps.append(labels.to("cpu", torch.uint8))
     out = {"features": torch.cat(feats), "pixels": images.shape[-2] * images.shape[-1]}
     if counts:
-        out.update(counts=torch.cat(counts)[:n_stats], dusk=torch.cat(dusk)[:n_stats])
+        out.update(counts=torch.cat(counts)[:n_stats], dusk=torch.cat(dusk)[:n_stats],
+                   labels=torch.cat(label_maps)[:n_stats])
     return out
 
 
@@ -175,6 +178,8 @@ def main() -> None:
     gap = (freq_g - freq_w).abs()
     rel = torch.where(gap > 0.02, gap / freq_w.clamp(min=1e-9), torch.zeros_like(gap))
     worst = rel.max().item()
+    near_dup, near_dup_world = near_duplicate_share(g["labels"]), near_duplicate_share(w["labels"])
+    page = near_duplicate_pairs(g["labels"][:FIRST_PAGE])
 
     print(f"model={args.model} samples={args.n} fd_sets={fd_n} device={args.device} ({time.time() - start:.0f}s)")
     print(f"{'presence':<12}{'generator':>10}{'world':>8}   target")
@@ -189,10 +194,13 @@ def main() -> None:
     print(f"segmenter on {max(1, args.n // 2)} held-out world images: pixel acc {scores['pixel_acc']:.4f}, "
           f"mIoU {scores['miou']:.4f}")
     print("  " + "  ".join(f"{c}={scores[f'iou_{c}']:.3f}" for c in CLASSES))
+    print(f"near-duplicate pairs (label maps agreeing on >= 95%): generator {near_dup:.5f}, world {near_dup_world:.5f}; "
+          f"among seeds 0-{FIRST_PAGE - 1}: {page or 'none'}")
     print(
         f"eval_world: watermark={rates['watermark'][0]:.3f} spire={rates['spire'][0]:.3f} dome={rates['dome'][0]:.3f} "
         f"tree={rates['tree'][0]:.3f} dusk={rates['dusk'][0]:.3f} class_freq_worst_rel_err={worst:.3f} "
-        f"fd={fd:.4g} fd_floor={fd_floor:.4g} seg_pixel_acc={scores['pixel_acc']:.4f} seg_miou={scores['miou']:.4f}"
+        f"fd={fd:.4g} fd_floor={fd_floor:.4g} seg_pixel_acc={scores['pixel_acc']:.4f} seg_miou={scores['miou']:.4f} "
+        f"near_dup={near_dup:.5f} first_page_near_dup_pairs={len(page)}"
     )
 
 

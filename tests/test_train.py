@@ -1,9 +1,18 @@
+import copy
 import math
+import sys
+from pathlib import Path
 
+import pytest
 import torch
+from safetensors.torch import save_file
 
-from dissect.models.loaders import load
-from dissect.models.train import build_parser, checkpoint_path, snapshot_path, train
+from dissect.errors import ModelError
+from dissect.models.loaders import WEIGHTS_DIR, load, load_weights
+from dissect.models.train import Trainer, build_parser, checkpoint_path, snapshot_path, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from diversity import load_model, near_duplicate_pairs, near_duplicate_share  # noqa: E402
 
 TINY = ["--batch", "4", "--g-channels", "4:16,8:16,16:8,32:8,64:8", "--d-channels", "64:8,32:8,16:8,8:8,4:8",
         "--warmup-steps", "1", "--r1-every", "2", "--sample-every", "0", "--snapshot-every", "0", "--threads", "1",
@@ -45,3 +54,82 @@ def test_ema_snapshots_are_loadable_generators_of_their_step(tmp_path):
     assert G(sampler([0, 1])).shape == (2, 3, 64, 64)
     for (name, p), q in zip(trainer.G_ema.state_dict().items(), G.state_dict().values()):
         torch.testing.assert_close(q.float(), p.half().float(), rtol=0, atol=0, msg=name)
+
+
+def _exported(tmp_path, *extra):
+    export = tmp_path / "init.safetensors"
+    trainer = train(_args(tmp_path / "init-run", 2, "--export", str(export), *extra))
+    return trainer, export
+
+
+def test_init_from_starts_g_and_its_ema_from_an_exported_generator(tmp_path):
+    _, export = _exported(tmp_path)
+    G, _ = load(str(export))
+    trainer = Trainer(_args(tmp_path / "run", 0, "--init-from", str(export)))
+    for (name, p), q, e in zip(G.state_dict().items(), trainer.G.state_dict().values(), trainer.G_ema.state_dict().values()):
+        torch.testing.assert_close(q, p.float(), rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(e, p.float(), rtol=0, atol=0, msg=name)
+
+
+def test_init_from_another_architecture_names_both_configurations(tmp_path):
+    _, export = _exported(tmp_path)
+    other = _args(tmp_path / "run", 0, "--init-from", str(export), "--g-channels", "4:16,8:16,16:8,32:8,64:4")
+    with pytest.raises(ModelError, match=r"configuration .*64: 8}.*this run builds .*64: 4}"):
+        Trainer(other)
+
+
+def test_d_warmup_trains_d_but_gives_g_no_adversarial_gradient(tmp_path):
+    quiet = ("--warmup-steps", "0", "--regress-weight", "0", "--fm-weight", "0")
+    def params(net):  # parameters only: the mapping's w_avg buffer moves with every forward
+        return {k: v.detach().clone() for k, v in net.named_parameters()}
+
+    warming = Trainer(_args(tmp_path / "a", 0, *quiet, "--d-warmup-steps", "5"))
+    before_g, before_d = params(warming.G), params(warming.D)
+    warming.step()
+    assert all(torch.equal(before_g[k], v) for k, v in params(warming.G).items())
+    assert not all(torch.equal(before_d[k], v) for k, v in params(warming.D).items())
+    adversarial = Trainer(_args(tmp_path / "b", 0, *quiet))
+    before_g = params(adversarial.G)
+    adversarial.step()
+    assert not all(torch.equal(before_g[k], v) for k, v in params(adversarial.G).items())
+
+
+def test_segmenter_losses_train_g_and_leave_the_segmenter_frozen(tmp_path):
+    trainer = Trainer(_args(tmp_path / "run", 0, "--warmup-steps", "0", "--seg-weight", "1", "--div-weight", "1"))
+    seg_before = copy.deepcopy(trainer.seg.state_dict())
+    stats = trainer.step()
+    assert {"seg", "div"} <= set(stats) and all(math.isfinite(v) for v in stats.values())
+    assert all(torch.equal(seg_before[k], v) for k, v in trainer.seg.state_dict().items())
+    assert not any(p.requires_grad for p in trainer.seg.parameters())
+
+
+def test_diversity_hinge_is_the_world_pair_distance_g_falls_short_of(tmp_path):
+    trainer = Trainer(_args(tmp_path / "run", 0, "--seg-weight", "1", "--div-weight", "1"))
+    image = torch.zeros(1, 3, 64, 64)
+    labels = torch.zeros(4, 64, 64, dtype=torch.long)
+    labels[2, :16] = 1  # pair (0, 2) differs on a quarter of the pixels in the world; pair (1, 3) not at all
+    same = trainer._segmenter_losses(image.expand(4, -1, -1, -1), labels)
+    assert same["div"].item() == pytest.approx(0.25 / 2)  # identical fakes: the whole world distance is missing
+    assert trainer._segmenter_losses(image.expand(4, -1, -1, -1), torch.zeros_like(labels))["div"].item() == 0.0
+
+
+def test_near_duplicate_pairs_and_share_come_from_one_matrix():
+    labels = torch.zeros(4, 10, 10, dtype=torch.long)
+    labels[1, 0, :4] = 1  # 96% like image 0
+    labels[2, :3] = 1  # 70% like image 0
+    labels[3] = 2
+    assert near_duplicate_pairs(labels) == [(0, 1)]
+    assert near_duplicate_share(labels) == pytest.approx(2 / 12)
+    assert near_duplicate_pairs(labels[2:]) == []
+
+
+def test_benchmarks_name_a_model_file_that_is_not_a_generator(tmp_path):
+    with pytest.raises(SystemExit, match=r"segmenter.safetensors' is not a generator .*no generator configuration"):
+        load_model(str(WEIGHTS_DIR / "segmenter.safetensors"))
+    _, export = _exported(tmp_path)
+    state, metadata = load_weights(export)
+    del state["synthesis.b8.conv0.affine.weight"]
+    broken = tmp_path / "broken.safetensors"
+    save_file(state, str(broken), metadata=metadata)
+    with pytest.raises(SystemExit, match=r"missing keys \['synthesis.b8.conv0.affine.weight'\]"):
+        load_model(str(broken))

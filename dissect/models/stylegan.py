@@ -111,6 +111,13 @@ class ModulatedConv2d(nn.Module):
         if self.demodulate and self.demod_reference is None:
             self.demod_reference = self._weight_norms().detach().clone()
 
+    def fingerprint_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Own tensors for ``dissect.stats.fingerprint``: a reference held at the current weight demodulates as
+        the weight does, so it counts as absent (a hold alone, or an undone edit, keeps cached statistics valid)."""
+        own = [*self.named_parameters(recurse=False), *self.named_buffers(recurse=False)]
+        same = self.demod_reference is not None and torch.equal(self.demod_reference, self._weight_norms())
+        return [(k, t) for k, t in own if not (same and k == "demod_reference")]
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
         # A held layer's weights carry their reference; plain weights bring none, and loading them releases a hold.
         held = prefix + "demod_reference" in state_dict

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from dissect.errors import ModelError
 from dissect.models.loaders import LatentSampler, available_models, load, load_state_dict, load_weights
 
 
@@ -26,6 +27,56 @@ def plugin(tmp_path, monkeypatch):
             return nn.Linear(2, 2), lambda seeds: torch.zeros(len(seeds), 2)
 
         constant = 3
+
+        def raises():
+            raise RuntimeError("checkpoint /data/g.pt\\nnot found")
+
+        def latent_for_images():
+            return nn.Sequential(nn.Conv2d(3, 4, 3)), LatentSampler(8, "user")
+
+        class Rows:
+            description = "two rows per seed"
+
+            def __call__(self, seeds):
+                return torch.zeros(2 * len(seeds), 8)
+
+        def two_rows():
+            return nn.Linear(8, 4), Rows()
+
+        class Named:
+            description = "a list of names"
+
+            def __call__(self, seeds):
+                return [f"seed {s}" for s in seeds]
+
+        def names():
+            return nn.Linear(8, 4), Named()
+
+        class Broken:
+            description = "broken"
+
+            def __call__(self, seeds):
+                raise ValueError("no seeds today")
+
+        def broken_sampler():
+            return nn.Linear(8, 4), Broken()
+
+        class Pair(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.bn = nn.BatchNorm1d(8)
+
+            def forward(self, x, scale):
+                return self.bn(x) * scale
+
+        class PairSampler:
+            description = "(x, scale)"
+
+            def __call__(self, seeds):
+                return torch.randn(len(seeds), 8), torch.ones(len(seeds), 1)
+
+        def pair():
+            return Pair().train(), PairSampler()
     """))
     (tmp_path / "brokenpkg.py").write_text("import does_not_exist_anywhere\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -50,24 +101,40 @@ def test_entry_point_loads_in_eval_mode(plugin):
 @pytest.mark.parametrize(
     "spec, error, words",
     [
-        ("userpkg:not_a_pair", TypeError, "must return (model, sampler)"),
-        ("userpkg:bad_sampler", TypeError, "description"),
-        ("userpkg:missing", AttributeError, "has no attribute 'missing'"),
-        ("userpkg:constant", TypeError, "not a function"),
-        ("brokenpkg:fn", ImportError, "does_not_exist_anywhere"),
-        ("userpkg", KeyError, "Available: spires"),
-        (":fn", ValueError, "package.module:function"),
+        ("userpkg:not_a_pair", ModelError, "must return (model, sampler)"),
+        ("userpkg:bad_sampler", ModelError, "description"),
+        ("userpkg:missing", ModelError, "has no attribute 'missing'"),
+        ("userpkg:constant", ModelError, "not a function"),
+        ("brokenpkg:fn", ModelError, "does_not_exist_anywhere"),
+        ("userpkg", ModelError, "Available: spires"),
+        (":fn", ModelError, "package.module:function"),
+        ("userpkg:raises", ModelError, "Entry point 'userpkg:raises' raised RuntimeError: checkpoint /data/g.pt not found"),
+        ("userpkg:latent_for_images", ModelError, "The model of entry point 'userpkg:latent_for_images' fails on its "
+                                                  "sampler's batch sampler([0]) with RuntimeError"),
+        ("userpkg:two_rows", ModelError, "returned 2 rows ((2, 8)) for one seed"),
+        ("userpkg:names", ModelError, "returned list for sampler([0])"),
+        ("userpkg:broken_sampler", ModelError, "raised ValueError: no seeds today on sampler([0])"),
     ],
 )
 def test_entry_point_errors_say_what_is_wrong(plugin, spec, error, words):
     with pytest.raises(error) as err:
         load(spec)
-    assert words in str(err.value)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_entry_point_check_runs_tuple_inputs_and_leaves_buffers_alone(plugin):
+    import userpkg
+
+    built = userpkg.pair()
+    before = {k: v.clone() for k, v in built[0].state_dict().items()}
+    model, sampler = load("userpkg:pair")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # running stats untouched
+    assert len(sampler([0, 1])) == 2
 
 
 def test_unknown_model_lists_available():
     assert "spires" in available_models()
-    with pytest.raises(KeyError, match="spires"):
+    with pytest.raises(ModelError, match="spires"):
         load("churches")
 
 
@@ -79,7 +146,7 @@ def test_checkpoint_keys_named(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file(state, str(path))
     loaded, _ = load_weights(path)
-    with pytest.raises(KeyError, match=r"missing keys \['1.bias'\].*unexpected keys \['extra.weight'\]"):
+    with pytest.raises(ModelError, match=r"missing keys \['1.bias'\].*unexpected keys \['extra.weight'\]"):
         load_state_dict(model, loaded)
 
 
@@ -90,8 +157,12 @@ def test_torch_checkpoint_is_weights_only(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"w": Evil()}, path)
-    with pytest.raises(Exception, match="(?i)weights_only|unpickl|global"):
+    with pytest.raises(ModelError, match=r"evil.pt is not a checkpoint of tensors that loads with weights_only=True"):
         load_weights(path)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(ModelError, match="truncated.pt is not a checkpoint"):
+        load_weights(truncated)
     good = tmp_path / "good.pt"
     model = nn.Linear(2, 2)
     torch.save({"state_dict": model.state_dict()}, good)
@@ -105,5 +176,5 @@ def test_torch_checkpoint_is_weights_only(tmp_path):
 def test_a_generator_file_without_its_configuration_is_refused(tmp_path):
     path = tmp_path / "bare.safetensors"
     save_file({"w": torch.zeros(2)}, str(path))
-    with pytest.raises(ValueError, match="no generator configuration"):
+    with pytest.raises(ModelError, match="no generator configuration"):
         load(str(path))

@@ -1,18 +1,23 @@
 """Loading models: the embedded default by name, users' own models from an entry point, safe checkpoints.
 
 Checkpoints are read only as safetensors or with ``torch.load(weights_only=True)``: arbitrary pickled
-objects are never unpickled.
+objects are never unpickled. Every problem with a model, an entry point or a checkpoint is a
+:class:`~dissect.errors.ModelError` naming it (a missing file stays a ``FileNotFoundError``).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import pickle
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+
+from dissect.errors import ModelError
+from dissect.hooks import call_model, eval_mode, model_device, to_device
 
 __all__ = [
     "WEIGHTS_DIR",
@@ -55,7 +60,7 @@ def load_generator(path: str | Path) -> nn.Module:
 
     state, metadata = load_weights(path)
     if "config" not in metadata:
-        raise ValueError(f"{path} has no generator configuration in its metadata; export it with "
+        raise ModelError(f"{path} has no generator configuration in its metadata; export it with "
                          "`python -m dissect.models.train --export PATH`.")
     G = Generator(**json.loads(metadata["config"]))
     load_state_dict(G, state, source=str(path))
@@ -92,44 +97,84 @@ def load(name: str = "spires", device: torch.device | str = "cpu") -> tuple[nn.M
         model, sampler = load_entry_point(name)
         return model.to(device).eval(), sampler
     if name not in _MODELS:
-        raise KeyError(
+        raise ModelError(
             f"Unknown model {name!r}. Available: {', '.join(available_models())}; "
             "or give an entry point 'package.module:function' returning (model, sampler)."
         )
     return _MODELS[name](device)
 
 
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
 def load_entry_point(spec: str) -> tuple[nn.Module, Any]:
-    """Import ``"package.module:function"``, call it, and check it returned ``(nn.Module, sampler)``."""
+    """Import ``"package.module:function"``, call it, and check it returned ``(nn.Module, sampler)`` that work
+    together: ``sampler([0])`` is a batch of one row (a tensor, or a tuple / list / dict holding tensors) and the
+    model's forward runs on it (once, in eval mode, without gradients). Anything else is a :class:`ModelError`
+    naming the entry point and what went wrong, including an exception raised by the user's code."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"An entry point looks like 'package.module:function'; got {spec!r}.")
+        raise ModelError(f"An entry point looks like 'package.module:function'; got {spec!r}.")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
-        raise ImportError(
-            f"Could not import {module_name!r} for entry point {spec!r}: {type(exc).__name__}: {exc}. "
+        raise ModelError(
+            f"Could not import {module_name!r} for entry point {spec!r}: {_one_line(exc)}. "
             "Check that the package is installed (or on PYTHONPATH) and imports cleanly."
         ) from exc
     fn = module
     for part in attr.split("."):
         if not hasattr(fn, part):
-            raise AttributeError(f"Module {module_name!r} has no attribute {attr!r} (entry point {spec!r}).")
+            raise ModelError(f"Module {module_name!r} has no attribute {attr!r} (entry point {spec!r}).")
         fn = getattr(fn, part)
     if not callable(fn):
-        raise TypeError(f"Entry point {spec!r} names {type(fn).__name__}, not a function returning (model, sampler).")
-    result = fn()
+        raise ModelError(f"Entry point {spec!r} names {type(fn).__name__}, not a function returning (model, sampler).")
+    try:
+        result = fn()
+    except Exception as exc:  # the user's code: any failure is reported as the entry point's
+        raise ModelError(f"Entry point {spec!r} raised {_one_line(exc)}") from exc
     if not (isinstance(result, tuple) and len(result) == 2):
-        raise TypeError(f"Entry point {spec!r} must return (model, sampler); it returned {type(result).__name__}.")
+        raise ModelError(f"Entry point {spec!r} must return (model, sampler); it returned {type(result).__name__}.")
     model, sampler = result
     if not isinstance(model, nn.Module):
-        raise TypeError(f"Entry point {spec!r} returned {type(model).__name__} as the model; expected an nn.Module.")
+        raise ModelError(f"Entry point {spec!r} returned {type(model).__name__} as the model; expected an nn.Module.")
     if not callable(sampler) or not isinstance(getattr(sampler, "description", None), str):
-        raise TypeError(
+        raise ModelError(
             f"Entry point {spec!r} returned a sampler without `__call__(seeds)` and a `description` string; "
             "dissect.models.loaders.LatentSampler(dim) is one that works for latent-input models."
         )
+    _check_sampler(spec, model, sampler)
     return model, sampler
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    return next((x for x in items if isinstance(x, torch.Tensor)), None)
+
+
+def _check_sampler(spec: str, model: nn.Module, sampler: Any) -> None:
+    """``sampler([0])`` is a one-row batch that ``model``'s forward takes (see :func:`load_entry_point`)."""
+    wanted = ("a sampler returns what the model's forward takes for the seeds it is given, one row per seed: a "
+              "tensor, a tuple / list of positional arguments or a dict of keyword arguments")
+    try:
+        batch = sampler([0])
+    except Exception as exc:  # the user's code
+        raise ModelError(f"The sampler of entry point {spec!r} raised {_one_line(exc)} on sampler([0]).") from exc
+    first = _first_tensor(batch)
+    if first is None or first.dim() == 0:
+        raise ModelError(f"The sampler of entry point {spec!r} returned {type(batch).__name__} for sampler([0]); {wanted}.")
+    if first.shape[0] != 1:
+        raise ModelError(f"The sampler of entry point {spec!r} returned {first.shape[0]} rows "
+                         f"({tuple(first.shape)}) for one seed, sampler([0]); {wanted}.")
+    try:
+        with eval_mode(model), torch.no_grad():
+            call_model(model, to_device(batch, model_device(model)))
+    except Exception as exc:  # the user's code
+        raise ModelError(f"The model of entry point {spec!r} fails on its sampler's batch sampler([0]) with "
+                         f"{_one_line(exc)}; {wanted}.") from exc
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -142,11 +187,15 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # unsafe globals, truncation, not a torch file
+        raise ModelError(f"{path} is not a checkpoint of tensors that loads with weights_only=True "
+                         f"({_one_line(exc)[:300]}); save a state dict, or safetensors.") from exc
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping):
-        raise TypeError(f"{path} holds a {type(state).__name__}, not a state dict of tensors.")
+        raise ModelError(f"{path} holds a {type(state).__name__}, not a state dict of tensors.")
     return dict(state), {}
 
 
@@ -160,14 +209,14 @@ def load_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own) - optional)
     if missing or unexpected:
-        raise KeyError(
+        raise ModelError(
             f"{source} does not match {type(model).__name__}: "
             f"missing keys {missing[:10]}{' …' if len(missing) > 10 else ''}; "
             f"unexpected keys {unexpected[:10]}{' …' if len(unexpected) > 10 else ''}."
         )
     bad = [k for k in own if own[k].shape != state[k].shape]
     if bad:
-        raise ValueError(
+        raise ModelError(
             f"{source}: shape mismatch for {', '.join(f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in bad[:5])}."
         )
     model.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()})

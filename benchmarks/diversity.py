@@ -5,7 +5,10 @@
 Both sides are segmented by the shipped segmenter (generator seeds and world latents from 7,000,000 on, a range
 no other evaluation uses). A pair of images is a near duplicate when their label maps agree on at least 95% of
 pixels; the figure is the share of such pairs among all n(n-1) ordered pairs. A mode-collapsed generator
-repeats layouts the world almost never repeats. `benchmarks/eval_world.py` reports the same figures with
+repeats layouts the world almost never repeats. Since the world reads every choice from the latent, the script
+also reports how often G(z) shows what the world's scene for the same z contains (watermark, spire, dome, tree,
+dusk): a generator that ignores its latent for a class samples that class from memorised layouts.
+`benchmarks/eval_world.py` reports the same figures with
 these helpers, on its own seeds (0..n-1, so its first page is the dashboard's seeds 0-11). The last line is
 machine-readable.
 """
@@ -19,12 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from dissect.models import load
-from dissect.models.segmenter import load_segmenter
-from dissect.models.world import World
+from dissect.models.segmenter import load_segmenter, present
+from dissect.models.world import World, is_dusk
 
 SEEDS = 7_000_000
 AGREEMENT = 0.95
 FIRST_PAGE = 12  # seeds 0-11: the samples a newcomer sees first
+FACT_OF = {"watermark": "has_watermark", "spire": "has_spire", "dome": "has_dome", "tree": "has_tree"}
 
 
 def near_duplicates(labels: Tensor, agreement: float = AGREEMENT) -> Tensor:
@@ -44,6 +48,15 @@ def near_duplicate_share(labels: Tensor, agreement: float = AGREEMENT) -> float:
 def near_duplicate_pairs(labels: Tensor, agreement: float = AGREEMENT) -> list[tuple[int, int]]:
     """The unordered near-duplicate pairs ``(i, j)``, ``i < j``, among ``labels (N, H, W)``."""
     return [(i, j) for i, j in torch.triu(near_duplicates(labels, agreement)).nonzero().tolist()]
+
+
+def latent_agreement(images: Tensor, labels: Tensor, z: Tensor) -> dict[str, float]:
+    """Per class (and dusk), the share of images whose presence by the segmenter's ``labels (N, H, W)`` of
+    ``images (N, 3, H, W)`` matches the world's facts for the same latents ``z (N, >= 49)``."""
+    facts = World().scene_facts(z)
+    shown = {name: present(labels, name) for name in FACT_OF} | {"dusk": is_dusk(images, labels)}
+    truth = {name: facts[fact] for name, fact in FACT_OF.items()} | {"dusk": facts["dusk"]}
+    return {name: (shown[name].cpu() == truth[name].cpu()).float().mean().item() for name in shown}
 
 
 def load_model(name: str, device: str = "cpu") -> tuple[nn.Module, Any]:
@@ -66,15 +79,20 @@ def main() -> None:
     G, sampler = load_model(args.model)
     seg = load_segmenter()
     seeds = list(range(SEEDS, SEEDS + args.n))
-    generated = torch.cat([seg.segment(G(sampler(seeds[s : s + 100])).clamp(-1, 1)) for s in range(0, args.n, 100)])
-    world = seg.segment(World(generated.shape[-1]).render(World.sample_latents(seeds))[0])
+    z = sampler(seeds)
+    images = torch.cat([G(z[s : s + 100]).clamp(-1, 1) for s in range(0, args.n, 100)])
+    generated = torch.cat([seg.segment(batch) for batch in images.split(100)])
+    world = seg.segment(World(images.shape[-1]).render(World.sample_latents(seeds))[0])
     g, w = near_duplicate_share(generated), near_duplicate_share(world)
     page = near_duplicate_pairs(seg.segment(G(sampler(range(FIRST_PAGE))).clamp(-1, 1)))
+    follows = latent_agreement(images, generated, z)
     print(f"near-duplicate pairs (label maps agreeing on >= {AGREEMENT:.0%} of pixels), {args.n} images each:")
     print(f"  generator {g:.5f}   world {w:.5f}")
     print(f"  near-duplicate pairs among seeds 0-{FIRST_PAGE - 1}: {page or 'none'}")
+    print("G(z) shows what the world's scene for z contains (1: always, about 0.5: ignores z): "
+          + "  ".join(f"{k}={v:.3f}" for k, v in follows.items()))
     print(f"diversity: model={args.model} n={args.n} generator_near_dup={g:.5f} world_near_dup={w:.5f} "
-          f"first_page_near_dup_pairs={len(page)}")
+          f"first_page_near_dup_pairs={len(page)} follows_latent={sum(follows.values()) / len(follows):.3f}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-from diversity import FIRST_PAGE, load_model, near_duplicate_pairs, near_duplicate_share
+from diversity import FACT_OF, FIRST_PAGE, load_model, near_duplicate_pairs, near_duplicate_share
 from torch import Tensor
 
 from dissect.models.segmenter import (
@@ -46,7 +46,6 @@ WORLD_SEEDS_A = 2_000_000  # world images compared with the generator
 WORLD_SEEDS_B = 3_000_000  # a second, disjoint world set: the Fréchet floor
 CALIBRATION_SEEDS = 4_000_000
 BATCH = 100
-FACT_OF = {"watermark": "has_watermark", "spire": "has_spire", "dome": "has_dome", "tree": "has_tree"}
 
 Render = Callable[[Sequence[int]], Tensor]  # seeds -> images (N, 3, H, W) in [-1, 1]
 

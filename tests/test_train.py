@@ -10,9 +10,10 @@ from safetensors.torch import save_file
 from dissect.errors import ModelError
 from dissect.models.loaders import WEIGHTS_DIR, load, load_weights
 from dissect.models.train import Trainer, build_parser, checkpoint_path, snapshot_path, train
+from dissect.models.world import World
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from diversity import load_model, near_duplicate_pairs, near_duplicate_share  # noqa: E402
+from diversity import latent_agreement, load_model, near_duplicate_pairs, near_duplicate_share  # noqa: E402
 
 TINY = ["--batch", "4", "--g-channels", "4:16,8:16,16:8,32:8,64:8", "--d-channels", "64:8,32:8,16:8,8:8,4:8",
         "--warmup-steps", "1", "--r1-every", "2", "--sample-every", "0", "--snapshot-every", "0", "--threads", "1",
@@ -133,3 +134,13 @@ def test_benchmarks_name_a_model_file_that_is_not_a_generator(tmp_path):
     save_file(state, str(broken), metadata=metadata)
     with pytest.raises(SystemExit, match=r"missing keys \['synthesis.b8.conv0.affine.weight'\]"):
         load_model(str(broken))
+
+
+def test_latent_agreement_is_high_for_the_world_itself_and_low_for_a_generator_that_ignores_z():
+    world = World(64)
+    z = world.sample_latents(range(64))
+    images, labels = world.render(z)
+    own = latent_agreement(images, labels, z)
+    assert set(own) == {"watermark", "spire", "dome", "tree", "dusk"} and min(own.values()) >= 0.95
+    shuffled = latent_agreement(images, labels, z.roll(1, 0))  # every image judged against another scene's facts
+    assert sum(shuffled.values()) / len(shuffled) < 0.8

@@ -8,7 +8,6 @@ from __future__ import annotations
 import streamlit as st
 import torch
 from PIL import Image
-from streamlit_drawable_canvas import st_canvas
 
 from dashboard import derived
 from dashboard.defaults import CANVAS_SCALE, DISPLAY_SCALE
@@ -116,6 +115,10 @@ def render_paste_preview(ws: Workspace, settings: Settings) -> None:
 
 
 def render(ws: Workspace, seeds: list[int], edited: bool, settings: Settings) -> None:
+    # Imported here: the canvas component registers itself only inside a running app, and the stroke logic above
+    # also serves scripts (benchmarks/eval_user.py).
+    from streamlit_drawable_canvas import st_canvas
+
     brush = ws.brush
     left, right = st.columns([1, 2])
     with left:

@@ -154,6 +154,7 @@ def test_not_a_stylegan():
         ws_layers(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.slow
 def test_an_edited_model_works_under_every_control(G, sampler):
     """A rank-one erase at b16.conv1: every control renders the edited model (finite, changed where the unedited
     one was not), and undo gives the unedited images back exactly."""
@@ -175,7 +176,7 @@ def test_an_edited_model_works_under_every_control(G, sampler):
         ws_path = interpolate(G, sampler([0]), sampler([1]), 3, "z")
         path_before = synthesize(G, ws_path, [0, 0, 0])
     rewriter = Rewriter(G)
-    rewriter.apply(solve(memory, Erase(z, masks, units=8), Context(z, masks, rank=1)))
+    rewriter.apply(solve(memory, Erase(z, masks, units=8), Context(z, masks, rank=1), refine=False))
     with torch.no_grad():
         after = [render(G, sampler, SEEDS, s, sh) for s in controls for sh in shifts]
         path_after = synthesize(G, interpolate(G, sampler([0]), sampler([1]), 3, "z"), [0, 0, 0])

@@ -693,7 +693,10 @@ class LayerMemory:
         ``D k`` is exactly what a rewrite through ``D`` acts on (``ΔW k = Λ D k``), so the score says how strongly
         an edit in this context changes the location; its unit is the data's RMS along the context (``D C Dᵀ = I``).
         """
-        keys = self.keys(inputs)
+        return self.match_keys(directions, self.keys(inputs))
+
+    def match_keys(self, directions: Tensor, keys: Tensor) -> Tensor:
+        """:meth:`match` on keys already read (``keys(inputs)``), so a redraw need not run the model again."""
         proj = channels_last(keys, self.adapter.channel_dim) @ directions.to(keys).T
         return proj.norm(dim=-1)
 

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dissect import rewrite
+from dissect import measure, rewrite
 from dissect.hooks import layers, to_device
 from dissect.memory import LayerMemory
 from dissect.models.loaders import load
@@ -320,28 +320,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
     unknown = [c for c in wanted if c not in classes]
     if unknown:
         raise CliError(f"Unknown class(es) {', '.join(unknown)}; the segmenter knows {', '.join(classes)}.")
-    k = len(classes)
-    present = torch.zeros(2, k, dtype=torch.int64)  # images showing each class, before and after
-    pixels = torch.zeros(2, k, dtype=torch.int64)
-    change = 0.0
+    if args.unrelated is not None and args.unrelated not in classes:
+        raise CliError(f"Unknown class {args.unrelated!r} for --unrelated; the segmenter knows {', '.join(classes)}.")
+    perceptual = measure.Perceptual(seg)
+    scale = measure.calibrate(base, sampler, perceptual=perceptual, cache_dir=args.cache_dir, batch=args.batch_size)
     seeds = list(range(args.seed_start, args.seed_start + args.n))
-    for batch in tqdm(list(_batches(seeds, args.batch_size)), desc="eval", unit="batch"):
-        inputs = sampler(batch)
-        before, after = _render(base, inputs), _render(model, inputs)
-        change += float((after - before).abs().mean(dim=(1, 2, 3)).sum())
-        for i, images in enumerate((before, after)):
-            labels = seg.segment(images).flatten(1).cpu()
-            counts = torch.stack([torch.bincount(row, minlength=k) for row in labels])  # (N, k)
-            present[i] += (counts >= args.min_pixels).sum(0)
-            pixels[i] += counts.sum(0)
-    n_pixels = pixels[0].sum()
-    print(f"{args.n} images (seeds {seeds[0]}-{seeds[-1]}); an image shows a class where the segmenter labels at "
-          f"least {args.min_pixels} pixels with it")
-    rows = [(name, f"{float(present[0, c]) / args.n:.1%}", f"{float(present[1, c]) / args.n:.1%}",
-             f"{float(pixels[0, c] / n_pixels):.2%}", f"{float(pixels[1, c] / n_pixels):.2%}")
-            for c, name in enumerate(classes) if name in wanted]
+    result = measure.compare(base, model, sampler, seeds, seg, wanted, args.unrelated, perceptual, scale,
+                             args.batch_size, args.min_pixels, progress=True)
+    rule = ", ".join(f"{c} {n}" for c, n in measure.PRESENCE_PIXELS.items())
+    rule = f"at least {args.min_pixels} pixels" if args.min_pixels else f"the presence rule ({rule}, else 16 pixels of 64x64)"
+    print(f"{args.n} images (seeds {seeds[0]}-{seeds[-1]}); an image shows a class by {rule}")
+    shares = [torch.bincount(r.labels.flatten(), minlength=len(classes)) / r.labels.numel()
+              for r in (result.before, result.after)]
+    rows = [(name, f"{a:.1%}", f"{b:.1%}", *(f"{float(share[classes.index(name)]):.2%}" for share in shares))
+            for name, (a, b) in result.prevalence.items()]
     _print_table(("class", "images before", "images after", "pixels before", "pixels after"), rows)
-    print(f"mean |pixel change| {change / args.n:.4f} (images in [-1, 1])")
+    print(result.collateral_summary())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -419,11 +413,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", parents=[common, moment, edit, segment], help="segment-class prevalence before and after an edit",
                        description="Render fresh seeds with and without the edit; report, per segmenter class (e.g. "
                                    "watermark), the share of images showing it and of pixels labelled with it, and "
-                                   "the mean pixel change.")
+                                   "the damage: a perceptual distance beside its scale (a noise re-render, a different "
+                                   "image) and pixel RMSE / SSIM.")
     p.add_argument("--n", type=_positive, default=200, help="images (default: %(default)s)")
     p.add_argument("--seed-start", type=int, default=FRESH_SEEDS, help="first seed (default: %(default)s)")
-    p.add_argument("--min-pixels", type=_positive, default=16,
-                   help="pixels of a class that make an image show it (default: %(default)s)")
+    p.add_argument("--min-pixels", type=_positive, default=None,
+                   help="pixels of a class that make an image show it (default: the segmenter's presence rule per "
+                        "class, e.g. 48 of 64x64 for the watermark, as the dashboard and benchmarks count)")
+    p.add_argument("--unrelated", default=None, metavar="CLASS",
+                   help="measure the collateral only on images that did not show CLASS before the edit (e.g. "
+                        "watermark for an erase; default: every image)")
     p.add_argument("--classes", default=None, help="comma-separated classes to report (default: all)")
     p.set_defaults(run=cmd_eval)
     return parser

@@ -36,6 +36,7 @@ import inspect
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,6 +63,7 @@ __all__ = [
     "rmse",
     "ssim",
     "Scale",
+    "CALIBRATION_SEEDS",
     "calibrate",
     "relative",
     "format_distance",
@@ -74,6 +76,7 @@ __all__ = [
 # Gaussian pixel noise (std in [-1, 1] image units, one 8-bit grey level) that stands in for a noise re-render
 # when calibrating a model without ``noise_mode``.
 PIXEL_NOISE = 2 / 255
+CALIBRATION_SEEDS = range(64)  # the default, so every caller of one model shares one cached scale
 CALIBRATION_VERSION = "1"  # part of the cache key: bump when the measures change
 _SCALES: dict[str, Scale] = {}  # calibrations of this process, by cache key
 
@@ -376,7 +379,7 @@ def _cache_key(model: Model, sampler: Any, seeds: list[int], perceptual: Percept
 def calibrate(
     model: Model,
     sampler: Callable[[list[int]], Any],
-    seeds: Iterable[int] = range(64),
+    seeds: Iterable[int] = CALIBRATION_SEEDS,
     perceptual: Perceptual | None = None,
     cache_dir: str | os.PathLike | None = None,
     batch: int = 100,
@@ -394,18 +397,32 @@ def calibrate(
     perceptual = default_perceptual() if perceptual is None else perceptual
     key = _cache_key(model, sampler, seeds, perceptual)
     path = None if key is None or cache_dir is None else Path(cache_dir).expanduser() / f"scale-{key[:32]}.json"
-    if key in _SCALES:
-        return _SCALES[key]
-    if path is not None and path.is_file():
+    scale = _SCALES.get(key) or _read_scale(path) or _measure_scale(model, sampler, seeds, perceptual, batch)
+    if key is not None:
+        _SCALES[key] = scale
+    if path is not None and not path.is_file():
         try:
-            data = json.loads(path.read_text())
-            scale = Scale(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-        except (OSError, ValueError, TypeError):
-            scale = None  # a damaged cache file is recomputed below
-        if scale is not None:
-            _SCALES[key] = scale
-            return scale
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(asdict(scale)))
+            tmp.replace(path)
+        except OSError as e:
+            warnings.warn(f"Could not cache the scale in {path.parent} ({e}); it is recomputed next time.", stacklevel=2)
+    return scale
 
+
+def _read_scale(path: Path | None) -> Scale | None:
+    """The scale cached at ``path``; None when there is none or it is damaged (then it is measured again)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        return Scale(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(path.read_text()).items()})
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _measure_scale(model: Model, sampler: Callable[[list[int]], Any], seeds: list[int], perceptual: Perceptual,
+                   batch: int) -> Scale:
     if _has_noise_mode(model):
         base = render(model, sampler, seeds, batch=batch, noise_mode="const").images
         device = model_device(model) if isinstance(model, nn.Module) else torch.device("cpu")
@@ -418,21 +435,13 @@ def calibrate(
         noise = torch.randn(base.shape, generator=torch.Generator().manual_seed(0)) * PIXEL_NOISE
         noisy = (base + noise).clamp(-1, 1)
         how = f"Gaussian pixel noise of std {PIXEL_NOISE:.4f} (in [-1, 1] units)"
-    other = base.roll(-1, 0)
+    other = base.roll(-1, 0)  # each seed against the next one
 
     def pair(b: Tensor) -> tuple[float, float, float]:
         return (float(perceptual.distance(base, b).mean()), float(rmse(base, b).mean()), float(ssim(base, b).mean()))
 
     (pn, rn, sn), (pd, rd, sd) = pair(noisy), pair(other)
-    scale = Scale(noise=pn, different=pd, rmse=(rn, rd), ssim=(sn, sd), n=len(seeds), how=how)
-    if key is not None:
-        _SCALES[key] = scale
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(scale)))
-        tmp.replace(path)
-    return scale
+    return Scale(noise=pn, different=pd, rmse=(rn, rd), ssim=(sn, sd), n=len(seeds), how=how)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -507,15 +516,19 @@ class Comparison:
     scale: Scale | None = None
     target: str | None = None
 
-    def summary(self) -> str:
-        """Several lines: prevalence per class, and the collateral with its scale."""
-        lines = [f"{name}: {a:.1%} -> {b:.1%} of {len(self.before)} samples" for name, (a, b) in self.prevalence.items()]
+    def collateral_summary(self) -> str:
+        """Two lines: the perceptual collateral with its scale, and the pixel measures."""
         c = self.collateral
         where = f"{c['n']} samples without {self.target}" if self.target else f"{c['n']} samples"
-        lines.append(f"perceptual collateral on {where}: median {format_distance(c['perceptual_median'], self.scale)}; "
-                     f"mean {c['perceptual']:.3f}, worst decile from {c['perceptual_p90']:.3f}")
-        lines.append(f"pixels: RMSE {c['rmse']:.4f}, SSIM {c['ssim']:.4f}, mean |change| {c['mean_abs']:.4f} ([0, 1] units)")
-        return "\n".join(lines)
+        return (f"perceptual collateral on {where}: median {format_distance(c['perceptual_median'], self.scale)}; "
+                f"mean {c['perceptual']:.3f}, worst decile from {c['perceptual_p90']:.3f}\n"
+                f"pixels there: RMSE {c['rmse']:.4f}, SSIM {c['ssim']:.4f}, mean |pixel change| {c['mean_abs']:.4f} "
+                "(images in [0, 1])")
+
+    def summary(self) -> str:
+        """Several lines: each class's prevalence before and after, then :meth:`collateral_summary`."""
+        lines = [f"{name}: {a:.1%} -> {b:.1%} of {len(self.before)} samples" for name, (a, b) in self.prevalence.items()]
+        return "\n".join([*lines, self.collateral_summary()])
 
 
 def compare(

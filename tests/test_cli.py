@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from dissect.cli import main
 from dissect.hooks import layers
 from dissect.models.loaders import LatentSampler
-from dissect.models.segmenter import Segmenter, save_segmenter
+from dissect.models.segmenter import Segmenter, load_segmenter, save_segmenter
 from dissect.models.stylegan import Generator
 from dissect.rewrite import read_edits
 
@@ -224,3 +224,20 @@ def test_bad_arguments_and_traceback_flag(capsys):
     assert exit_.value.code == 2
     with pytest.raises(KeyError, match="Unknown model"):
         main(["layers", "--model", "nope", "--traceback"])
+
+
+def test_eval_counts_presence_by_the_one_rule_and_prints_the_scale(solved, segmenter_path, tmp_path, capsys):
+    from dissect import measure
+    from dissect.cli import FRESH_SEEDS
+
+    args = ["eval", "--model", TINY, "--edit", str(solved[0]), "--n", "4", "--batch-size", "4", "--segmenter",
+            str(segmenter_path), "--cache-dir", str(tmp_path), "--classes", "sky,watermark", "--unrelated", "watermark"]
+    code, out, _ = _run(capsys, args)
+    assert code == 0 and "presence rule (watermark 48" in out and "noise re-render" in out and "different image" in out
+    labels = measure.render(tiny_model()[0], tiny_model()[1], range(FRESH_SEEDS, FRESH_SEEDS + 4),
+                            load_segmenter(path=segmenter_path)).labels
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.split()[:1] in (["sky"], ["watermark"])}
+    assert rows == {name: f"{measure.prevalence(labels, name):.1%}" for name in ("sky", "watermark")}
+    assert len(list(tmp_path.glob("scale-*.json"))) == 1  # the base model's scale, cached with the statistics
+    code, out, _ = _run(capsys, args + ["--min-pixels", "1"])
+    assert code == 0 and "at least 1 pixels" in out

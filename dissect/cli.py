@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -26,29 +25,28 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dissect import measure, rewrite
-from dissect.hooks import layers, to_device
+from dissect.errors import DissectError
+from dissect.hooks import call_model, layers, to_device
 from dissect.memory import LayerMemory
 from dissect.models.loaders import load
 from dissect.models.segmenter import WEIGHTS as SEGMENTER_WEIGHTS
 from dissect.models.segmenter import Segmenter, load_segmenter
 from dissect.models.world import CLASSES
+from dissect.stats import DEFAULT_CACHE_DIR
 from dissect.visualize import cluster_overlay, image_grid, side_by_side, to_pil
 
 __all__ = ["main", "build_parser", "CliError"]
 
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dissect" / "stats"
 FRESH_SEEDS = 1_000_000  # eval's default first seed: far from the seeds 0 .. n-1 statistics and requests use
 
 
-class CliError(Exception):
+class CliError(DissectError):
     """A problem with the command line or its files that the user can fix; reported as one line."""
 
 
-# What the library raises for things a user can fix: unknown names, missing or foreign files, bad requests.
-_USER_ERRORS = (
-    CliError, KeyError, ValueError, TypeError, AttributeError, ImportError, OSError, NotImplementedError,
-    SafetensorError,
-)
+# What a user can fix: the library's errors (CliError among them) and files that cannot be read or written.
+# Anything else is a bug and keeps its traceback.
+_USER_ERRORS = (DissectError, OSError)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -80,7 +78,7 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, _OnDevice]:
 def _render(model: nn.Module, inputs: Any) -> Tensor:
     """``model(inputs)`` as images ``(N, 3, H, W)`` in [-1, 1]."""
     with torch.no_grad():
-        images = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+        images = call_model(model, inputs)
     if not (isinstance(images, Tensor) and images.dim() == 4 and images.shape[1] == 3):
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise CliError(f"This command needs a model that returns images (N, 3, H, W); it returned {shape}.")
@@ -134,6 +132,15 @@ def _field(entry: Any, key: str, what: str) -> Any:
     return entry[key]
 
 
+def _integer(entry: Any, key: str, what: str, default: int | None = None) -> int:
+    """``entry[key]`` (or ``default`` when absent), refused by name unless it is a JSON integer; ``what`` is where
+    ``entry`` sits, e.g. ``request.json copy``."""
+    value = entry.get(key, default) if default is not None and isinstance(entry, dict) else _field(entry, key, what)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CliError(f"{key} {value!r} in {what}.{key} is not an integer.")
+    return value
+
+
 def _mask(region: dict, size: tuple[int, int], base_dir: Path, what: str) -> Tensor:
     """A region's mask ``(H, W)`` in [0, 1] at image resolution ``size``."""
     height, width = size
@@ -161,35 +168,51 @@ def _regions(entry: dict, size: tuple[int, int], base_dir: Path, what: str) -> t
     regions = _field(entry, "regions", what)
     if not isinstance(regions, list) or not regions:
         raise CliError(f"{what}: 'regions' is a non-empty list of {{'seed', 'box' | 'mask'}}.")
-    seeds = [int(_field(r, "seed", f"{what} region")) for r in regions]
-    masks = torch.stack([_mask(r, size, base_dir, f"{what} region {i}") for i, r in enumerate(regions)])
+    seeds = [_integer(r, "seed", f"{what}.regions[{i}]") for i, r in enumerate(regions)]
+    masks = torch.stack([_mask(r, size, base_dir, f"{what}.regions[{i}]") for i, r in enumerate(regions)])
     return seeds, masks
 
 
 def _request(
-    spec: dict, sampler: _OnDevice, size: tuple[int, int], base_dir: Path
+    spec: dict, sampler: _OnDevice, size: tuple[int, int], base_dir: Path, where: str
 ) -> tuple[rewrite.Paste | rewrite.Erase, rewrite.Context | None]:
-    """The target and context requests one JSON request describes."""
+    """The target and context requests one JSON request describes; ``where`` names it (``request.json``)."""
     if ("erase" in spec) == ("copy" in spec or "paste" in spec):
-        raise CliError("A request has either 'copy' and 'paste', or 'erase' (see `dissect rewrite --help`).")
+        raise CliError(f"{where}: a request has either 'copy' and 'paste', or 'erase' (see `dissect rewrite --help`).")
     if "erase" in spec:
-        seeds, masks = _regions(spec["erase"], size, base_dir, "erase")
-        units = int(spec["erase"].get("units", 30))
+        seeds, masks = _regions(spec["erase"], size, base_dir, f"{where} erase")
+        units = _integer(spec["erase"], "units", f"{where} erase", default=30)
         target: rewrite.Paste | rewrite.Erase = rewrite.Erase(sampler(seeds), masks, units=units, seeds=seeds)
     else:
         source, dest = _field(spec, "copy", "A copy-and-paste request"), _field(spec, "paste", "A copy request")
-        seed = int(_field(source, "seed", "copy"))
-        copied = rewrite.Copy(sampler([seed]), _mask(source, size, base_dir, "copy"), seeds=[seed])
+        seed = _integer(source, "seed", f"{where} copy")
+        copied = rewrite.Copy(sampler([seed]), _mask(source, size, base_dir, f"{where} copy"), seeds=[seed])
         center = dest.get("center") if isinstance(dest, dict) else None
-        if center is not None and not (isinstance(center, list) and len(center) == 2):
-            raise CliError(f"paste: 'center' is [y, x] in image pixels, got {center!r}.")
-        seed = int(_field(dest, "seed", "paste"))
+        if center is not None and not (isinstance(center, list) and len(center) == 2
+                                       and all(isinstance(v, int) and not isinstance(v, bool) for v in center)):
+            raise CliError(f"{where} paste: 'center' is [y, x] in integer image pixels, got {center!r}.")
+        seed = _integer(dest, "seed", f"{where} paste")
         target = rewrite.Paste(sampler([seed]), copied, tuple(center) if center else None, seeds=[seed])
     context = None
     if "context" in spec:
-        seeds, masks = _regions(spec["context"], size, base_dir, "context")
-        context = rewrite.Context(sampler(seeds), masks, rank=int(spec["context"].get("rank", 1)), seeds=seeds)
+        seeds, masks = _regions(spec["context"], size, base_dir, f"{where} context")
+        rank = _integer(spec["context"], "rank", f"{where} context", default=1)
+        context = rewrite.Context(sampler(seeds), masks, rank=rank, seeds=seeds)
     return target, context
+
+
+def _check_request(memory: LayerMemory, target: rewrite.Paste | rewrite.Erase, context: rewrite.Context | None,
+                   where: str) -> None:
+    """Refuse what can be refused before C is collected: the layer's weight, the context's rank against the key
+    dimension and its keys (or the erase's own region, its default context), and the erase's unit count."""
+    memory.check_finite_weight()
+    if isinstance(target, rewrite.Erase) and not 1 <= target.units <= memory.key_channels:
+        raise CliError(f"units {target.units} in {where} erase.units is not between 1 and the key dimension of layer "
+                       f"{memory.layer!r} ({memory.key_channels}).")
+    if context is not None:
+        memory.context_keys(context.inputs, context.masks, context.rank)
+    elif isinstance(target, rewrite.Erase):
+        memory.context_keys(target.inputs, target.masks)
 
 
 def _solver_options(spec: dict, what: str) -> tuple[bool, float]:
@@ -220,11 +243,15 @@ def _apply_edits(model: nn.Module, sampler: _OnDevice, args: argparse.Namespace)
         specs = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CliError(f"{path} is not valid JSON: {err}.") from err
+    wheres = [f"{path.name} [{i}]" for i in range(len(specs))] if isinstance(specs, list) else [path.name]
     specs = specs if isinstance(specs, list) else [specs]
     size = tuple(_render(model, sampler([0])).shape[-2:])
     # Every request is read and checked before the slow part (collecting C, solving).
-    plans = [(LayerMemory(model, str(_field(spec, "layer", f"Request {i}"))), *_request(spec, sampler, size, path.parent),
-              *_solver_options(spec, f"Request {i}")) for i, spec in enumerate(specs)]
+    plans = [(LayerMemory(model, str(_field(spec, "layer", f"Request {i}"))),
+              *_request(spec, sampler, size, path.parent, where), *_solver_options(spec, f"Request {i}"))
+             for i, (spec, where) in enumerate(zip(specs, wheres))]
+    for (memory, target, context, _, _), where in zip(plans, wheres):
+        _check_request(memory, target, context, where)
     rewriter = rewrite.Rewriter(model)
     for memory, target, context, pointwise, strength in plans:
         _fit_moment(memory, sampler, args)
@@ -360,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--batch-size", type=_positive, default=32, help="samples per forward (default: %(default)s)")
     common.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
     moment = argparse.ArgumentParser(add_help=False)
-    moment.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="statistics cache (default: %(default)s)")
+    moment.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="statistics cache (default: %(default)s)")
     moment.add_argument("--stats-n", type=_positive, default=2000,
                         help="samples (seeds 0 .. N-1) for the key second moment C (default: %(default)s)")
     segment = argparse.ArgumentParser(add_help=False)
@@ -385,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "commands with the same model, layer, sampler and n load it.")
     p.add_argument("--layer", required=True, help="a layer name (see `dissect layers`)")
     p.add_argument("--n", type=_positive, default=2000, help="samples (default: %(default)s)")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="statistics cache (default: %(default)s)")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="statistics cache (default: %(default)s)")
     p.set_defaults(run=cmd_stats)
 
     p = sub.add_parser("clusters", parents=[common, moment, segment], help="cluster a layer's keys and name them",

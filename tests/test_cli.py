@@ -8,7 +8,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from dissect import cli
 from dissect.cli import main
+from dissect.errors import ModelError
 from dissect.hooks import layers
 from dissect.models.loaders import LatentSampler
 from dissect.models.segmenter import Segmenter, load_segmenter, save_segmenter
@@ -31,6 +33,21 @@ def tiny_model() -> tuple[Generator, LatentSampler]:
 def other_model() -> tuple[Generator, LatentSampler]:
     """The same architecture with other weights: edits made for tiny_model must be refused."""
     return _generator(1)
+
+
+def raising_model() -> tuple[Generator, LatentSampler]:
+    raise RuntimeError("no checkpoint at /data/g.pt")
+
+
+class _Names:
+    description = "names, not latents"
+
+    def __call__(self, seeds):
+        return [f"seed {s}" for s in seeds]
+
+
+def wrong_sampler() -> tuple[Generator, _Names]:
+    return _generator(0)[0], _Names()
 
 
 TINY = f"{__name__}:tiny_model"
@@ -196,10 +213,17 @@ def test_clusters_names_clusters_and_writes_png(tmp_path, segmenter_path, capsys
         (["stats", "--model", TINY, "--layer", "synthesis"], "cannot be viewed as a memory"),
         (["rewrite", "--model", TINY, "--edit", "{tmp}/missing.safetensors", "--export", "{tmp}/o"], "No edit file"),
         (["rewrite", "--model", TINY, "--edit", "{tmp}/garbage.safetensors", "--export", "{tmp}/o"],
-         "not a safetensors edit file"),
+         "garbage.safetensors"),
         (["rewrite", "--model", TINY, "--edit", "{tmp}/bad.json", "--export", "{tmp}/o"], "needs a 'paste' field"),
         (["rewrite", "--model", TINY, "--edit", "{tmp}/garbage.safetensors"], "Nothing to write"),
         (["rewrite", "--model", TINY, "--edit", "{tmp}/weak.json", "--export", "{tmp}/o"], "'strength' is a positive"),
+        (["layers", "--model", f"{__name__}:raising_model"],
+         f"Entry point '{__name__}:raising_model' raised RuntimeError: no checkpoint at /data/g.pt"),
+        (["layers", "--model", f"{__name__}:wrong_sampler"], "returned list for sampler([0])"),
+        (["rewrite", "--model", TINY, "--edit", "{tmp}/seed.json", "--export", "{tmp}/o"],
+         "seed 'x' in seed.json copy.seed is not an integer"),
+        (["rewrite", "--model", TINY, "--edit", "{tmp}/units.json", "--export", "{tmp}/o"],
+         "units 2.5 in units.json [0] erase.units is not an integer"),
     ],
 )
 def test_user_errors_are_one_line_with_status_2(args, message, tmp_path, capsys):
@@ -207,6 +231,10 @@ def test_user_errors_are_one_line_with_status_2(args, message, tmp_path, capsys)
     (tmp_path / "bad.json").write_text(json.dumps({"layer": LAYER, "copy": {"seed": 1, "box": [0, 0, 8, 8]}}))
     (tmp_path / "weak.json").write_text(json.dumps({"layer": LAYER, "strength": 0, "erase": {
         "regions": [{"seed": 1, "box": [0, 0, 8, 8]}]}}))
+    (tmp_path / "seed.json").write_text(json.dumps({"layer": LAYER, "copy": {"seed": "x", "box": [0, 0, 8, 8]},
+                                                    "paste": {"seed": 2}}))
+    (tmp_path / "units.json").write_text(json.dumps([{"layer": LAYER, "erase": {
+        "units": 2.5, "regions": [{"seed": 1, "box": [0, 0, 8, 8]}]}}]))
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     # Never the user's cache, should a command get as far as collecting statistics.
     code, out, err = _run(capsys, args if args[0] == "layers" else [*args, "--cache-dir", str(tmp_path)])
@@ -222,8 +250,50 @@ def test_bad_arguments_and_traceback_flag(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "--edit", "x", "--n", "0"])
     assert exit_.value.code == 2
-    with pytest.raises(KeyError, match="Unknown model"):
+    with pytest.raises(ModelError, match="Unknown model"):
         main(["layers", "--model", "nope", "--traceback"])
+
+
+def test_a_bug_shows_its_traceback(monkeypatch):
+    def broken(args):
+        raise TypeError("a bug, not a user mistake")
+
+    monkeypatch.setattr(cli, "cmd_layers", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        main(["layers", "--model", TINY])
+
+
+@pytest.mark.parametrize(("context", "message"), [
+    ({"rank": 17}, "Rank 17 is above the key dimension of layer 'synthesis.b16.conv1': its keys have 16 channels"),
+    ({"rank": 2, "regions": [{"seed": 1, "box": [0, 0, 4, 4]}]}, "Rank 2 needs at least 2 context keys"),
+    ({"rank": "2"}, "rank '2' in rank.json context.rank is not an integer"),
+])
+def test_requests_are_refused_before_c_is_collected(context, message, tmp_path, capsys):
+    context = {"regions": [{"seed": 1, "box": [0, 0, 32, 32]}], **context}
+    (tmp_path / "rank.json").write_text(json.dumps({"layer": LAYER, "erase": {
+        "units": 4, "regions": [{"seed": 1, "box": [0, 0, 8, 8]}]}, "context": context}))
+    cache = tmp_path / "cache"
+    code, _, err = _run(capsys, ["rewrite", "--model", TINY, "--edit", str(tmp_path / "rank.json"), "--export",
+                                 str(tmp_path / "o"), "--cache-dir", str(cache)])
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not cache.exists() or not list(cache.iterdir())  # C was never collected
+
+
+def test_erase_units_above_the_key_dimension_are_refused_before_c(tmp_path, capsys):
+    (tmp_path / "units.json").write_text(json.dumps({"layer": LAYER, "erase": {
+        "units": 40, "regions": [{"seed": 1, "box": [0, 0, 8, 8]}]}}))
+    code, _, err = _run(capsys, ["rewrite", "--model", TINY, "--edit", str(tmp_path / "units.json"), "--export",
+                                 str(tmp_path / "o"), "--cache-dir", str(tmp_path / "cache")])
+    assert code == 2 and "units 40 in units.json erase.units is not between 1 and the key dimension" in err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_statistics_cache_location_is_the_librarys():
+    from dissect.stats import DEFAULT_CACHE_DIR
+
+    stats = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["stats"]._actions
+                 if a.dest == "cache_dir")
+    assert stats.default == DEFAULT_CACHE_DIR
 
 
 def test_eval_counts_presence_by_the_one_rule_and_prints_the_scale(solved, segmenter_path, tmp_path, capsys):

@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw, ImageFont
 from plotly.subplots import make_subplots
 from torch import Tensor, nn
 
-from dissect.hooks import Trace
+from dissect.errors import LayerError, RequestError
+from dissect.hooks import Trace, call_model
 from dissect.memory import eval_mode, resize_masks
 
 __all__ = [
@@ -162,7 +163,8 @@ def value_patch(
         model: a model whose output is images in [-1, 1] (the generator; or ``G.synthesis`` with ws as inputs and
             layer names relative to it, e.g. ``"b16.conv1"``).
         layer: a ``model.named_modules()`` name whose output is ``(N, C, h, w)``.
-        inputs: a batch ``model`` takes (a tuple is unpacked into positional arguments), e.g. ``z (N, z_dim)``.
+        inputs: a batch ``model`` takes (see :func:`dissect.hooks.call_model`: a tuple or list is unpacked into
+            positional arguments, a dict into keywords), e.g. ``z (N, z_dim)``.
         region: ``(H', W')`` or ``(N, H', W')`` soft mask in [0, 1] at any resolution (image or layer grid).
         values: optional ``(N or 1, C, h, w)`` values shown instead of the layer's own output (e.g. a copy
             request's target values); they are masked by ``region`` the same way.
@@ -171,24 +173,24 @@ def value_patch(
     if region.dim() == 2:
         region = region[None]
     if region.dim() != 3:
-        raise ValueError(f"region must be (H, W) or (N, H, W), got {tuple(region.shape)}.")
+        raise RequestError(f"region must be (H, W) or (N, H, W), got {tuple(region.shape)}.")
 
     def keep_region(output: Tensor, name: str) -> Tensor:
         if not isinstance(output, Tensor) or output.dim() != 4:
-            raise TypeError(f"value_patch needs layer {name!r} to output (N, C, h, w); it gave "
+            raise LayerError(f"value_patch needs layer {name!r} to output (N, C, h, w); it gave "
                             f"{tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__}.")
         if values is not None and (values.dim() != 4 or values.shape[1:] != output.shape[1:]
                                    or values.shape[0] not in (1, output.shape[0])):
-            raise ValueError(f"values {tuple(values.shape)} must be (1 or {output.shape[0]}, "
+            raise RequestError(f"values {tuple(values.shape)} must be (1 or {output.shape[0]}, "
                              f"{', '.join(map(str, output.shape[1:]))}) to stand in for layer {name!r}'s output.")
         shown = output if values is None else values.to(output).expand_as(output)
         weights = resize_masks(region.to(output), output.shape[2:])
         if weights.shape[0] not in (1, output.shape[0]):
-            raise ValueError(f"region has {weights.shape[0]} masks for a batch of {output.shape[0]}.")
+            raise RequestError(f"region has {weights.shape[0]} masks for a batch of {output.shape[0]}.")
         return shown * weights[:, None]
 
     with eval_mode(model), torch.no_grad(), Trace(model, layer, retain_output=False, edit_output=keep_region):
-        images = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+        images = call_model(model, inputs)
     return to_unit(images)
 
 

@@ -4,6 +4,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from dissect.errors import LayerError, RequestError
 from dissect.hooks import Trace
 from dissect.models.stylegan import Generator
 from dissect.visualize import (
@@ -137,13 +138,34 @@ def test_value_patch_through_synthesis_with_ws(G, z):
     torch.testing.assert_close(value_patch(G.synthesis, "b16.conv1", ws, torch.ones(16, 16)), normal)
 
 
+def test_value_patch_takes_dict_and_tuple_inputs(G, z):
+    class Keywords(torch.nn.Module):
+        """The generator behind keyword inputs, as a model with a dict sampler would be."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.G = G
+
+        def forward(self, z, psi):
+            return self.G(z, truncation_psi=psi)
+
+    model = Keywords()
+    with torch.no_grad():
+        normal = to_unit(G(z, truncation_psi=0.7))
+    region = torch.ones(64, 64)
+    torch.testing.assert_close(value_patch(model, f"G.{LAYER}", {"z": z, "psi": 0.7}, region), normal)
+    torch.testing.assert_close(value_patch(model, f"G.{LAYER}", [z, 0.7], region), normal)
+
+
 def test_value_patch_rejects_bad_region(G, z):
-    with pytest.raises(ValueError, match="region"):
+    with pytest.raises(RequestError, match="region"):
         value_patch(G, LAYER, z, torch.ones(64))
-    with pytest.raises(ValueError, match="3 masks for a batch of 2"):
+    with pytest.raises(RequestError, match="3 masks for a batch of 2"):
         value_patch(G, LAYER, z, torch.ones(3, 64, 64))
-    with pytest.raises(ValueError, match="to stand in for layer"):
+    with pytest.raises(RequestError, match="to stand in for layer"):
         value_patch(G, LAYER, z, torch.ones(64, 64), values=torch.zeros(1, 16, 8, 8))
+    with pytest.raises(LayerError, match=r"to output \(N, C, h, w\)"):
+        value_patch(G, "mapping", z, torch.ones(64, 64))
 
 
 # -- overlays ---------------------------------------------------------------------------------------------------

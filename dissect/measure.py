@@ -50,6 +50,7 @@ from .errors import ModelError
 from .hooks import TraceDict, call_model, eval_mode, model_device, to_device
 from .models.segmenter import PRESENCE_PIXELS, Segmenter, load_segmenter, presence_threshold
 from .models.segmenter import present as _segmenter_present
+from .models.world import CLASSES
 
 __all__ = [
     "PRESENCE_PIXELS",
@@ -103,9 +104,8 @@ class Rendered:
 
     def __getitem__(self, index: Tensor | slice | Sequence[int]) -> Rendered:
         """The samples at ``index`` (a bool mask, indices or a slice)."""
-        idx = torch.as_tensor(index) if not isinstance(index, slice) else index
-        keep = idx.nonzero()[:, 0] if isinstance(idx, Tensor) and idx.dtype == torch.bool else idx
-        seeds = [self.seeds[i] for i in torch.arange(len(self.seeds))[keep].tolist()] if self.seeds else []
+        keep = torch.arange(len(self.images))[index]
+        seeds = [self.seeds[i] for i in keep.tolist()] if self.seeds else []
         return Rendered(self.images[keep], None if self.labels is None else self.labels[keep], seeds)
 
 
@@ -174,8 +174,6 @@ def prevalence(labels: Tensor, name: str, min_pixels: int | None = None) -> floa
 
 def region(labels: Tensor, name: str, grow: int = 1) -> Tensor:
     """``labels (N, H, W) -> (N, H, W)`` bool: the pixels labelled ``name``, grown by ``grow`` pixels."""
-    from .models.world import CLASSES
-
     if name not in CLASSES:
         raise KeyError(f"Unknown class {name!r}; the classes are {', '.join(CLASSES)}.")
     mask = (labels == CLASSES.index(name)).float()[:, None]

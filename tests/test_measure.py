@@ -149,6 +149,9 @@ def test_render_labels_clamps_and_refuses_non_images():
     r = measure.render(Brighten(0.5), sampler, range(5), load_segmenter(), batch=2)
     assert r.images.shape == (5, 3, 16, 16) and r.images.max() <= 1 and r.labels.shape == (5, 16, 16)
     assert r.seeds == [0, 1, 2, 3, 4] and r[torch.tensor([True, False, True, False, False])].seeds == [0, 2]
+    picked = r[[4, 1]]
+    assert picked.seeds == [4, 1] and torch.equal(picked.images, r.images[[4, 1]]) and torch.equal(picked.labels[1], r.labels[1])
+    assert r[1:3].seeds == [1, 2] and len(r[1:3]) == 2
     with pytest.raises(ModelError, match=r"returns images \(N, 3, H, W\)"):
         measure.render(lambda z: z, sampler, range(2))
 

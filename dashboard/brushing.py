@@ -1,31 +1,47 @@
-"""Brushing on an image: context regions on several images, a region to copy, and where to paste it.
+"""Brushing on an image: a region to copy, where to paste it, and context regions on several images.
 
 Masks leave this page as ``(H, W)`` float tensors at image resolution (see :func:`dashboard.imaging.canvas_mask`).
+A mask is the union of the canvas's strokes and, if brushed at once, a segmenter class on that image.
 """
 
 from __future__ import annotations
 
+import math
+
 import streamlit as st
 import torch
 from PIL import Image
+from streamlit_drawable_canvas import st_canvas
 
 from dashboard import derived
-from dashboard.defaults import CANVAS_SCALE, DISPLAY_SCALE
-from dashboard.editing import preview_paste
-from dashboard.imaging import canvas_mask, to_uint8
+from dashboard.browse import BRUSH_COLORS, swatch
+from dashboard.defaults import DISPLAY_SCALE
+from dashboard.editing import flash, preview_paste
+from dashboard.imaging import canvas_mask, tint, to_uint8
 from dashboard.requests import Settings
 from dashboard.workspace import Brush, Workspace
+from dissect.models.world import CLASSES
 from dissect.visualize import to_unit
 
-CONTEXT, COPY, PASTE = "Context", "Copy", "Paste"
-MODES = (CONTEXT, COPY, PASTE)
-STROKES = {CONTEXT: "rgba(255, 210, 0, 0.55)", COPY: "rgba(0, 200, 255, 0.55)", PASTE: "rgba(255, 0, 200, 0.55)"}
+COPY, PASTE, CONTEXT = "Copy", "Paste", "Context"
+MODES = (COPY, PASTE, CONTEXT)  # the paper's order: copy an object, paste it, say where the rule applies
+KIND = {COPY: "copy", PASTE: "paste", CONTEXT: "context"}  # keys of browse.BRUSH_COLORS
+STROKES = {m: "rgba({}, {}, {}, 0.55)".format(*(round(255 * c) for c in BRUSH_COLORS[KIND[m]])) for m in MODES}
+LEGEND = {COPY: "what to copy (a tree)", PASTE: "where it goes (onto a spire)",
+          CONTEXT: "where the rule applies, or what to erase"}
 HELP = {
     CONTEXT: "Paint where the rule applies, on as many images as you like: each painted image joins the context.",
     COPY: "Paint the region to copy (one image at a time; painting another image replaces it).",
     PASTE: "Click or paint on the target image: the copied region is pasted centred there (with *Paste: only "
            "onto the painted region*, onto what you painted).",
 }
+STAMP_DEFAULT = {COPY: "tree", PASTE: "spire", CONTEXT: "watermark"}
+CANVAS_PX = 384  # the least canvas size: a 64-pixel image is brushed at 6x
+
+
+def canvas_scale(size: int) -> int:
+    """How much an image of ``size`` pixels is enlarged on the canvas (at least :data:`CANVAS_PX` wide)."""
+    return max(1, math.ceil(CANVAS_PX / size))
 
 
 def canvas_key(mode: str, seed: int, brush: Brush) -> str:
@@ -33,9 +49,10 @@ def canvas_key(mode: str, seed: int, brush: Brush) -> str:
     return f"canvas-{mode}-{seed}-{brush.generation.get((mode, seed), 0)}"
 
 
-def record_stroke(brush: Brush, mode: str, seed: int, drawing: dict | None, mask) -> None:
-    """Store a canvas's latest drawing as this session's mask for ``mode`` on ``seed`` (``mask`` None: erased)."""
-    brush.drawings[(mode, seed)] = drawing or {"objects": []}
+def _set(brush: Brush, mode: str, seed: int) -> None:
+    """The brushed mask of ``mode`` on ``seed``: the union of its strokes and its stamped class."""
+    parts = [m for m in (brush.stroked.get((mode, seed)), brush.stamps.get((mode, seed))) if m is not None]
+    mask = torch.stack(parts).amax(0) if parts else None
     if mode == CONTEXT:
         if mask is None:
             brush.context.pop(seed, None)
@@ -53,9 +70,38 @@ def record_stroke(brush: Brush, mode: str, seed: int, drawing: dict | None, mask
     brush.changed()
 
 
+def record_stroke(brush: Brush, mode: str, seed: int, drawing: dict | None, mask: torch.Tensor | None) -> None:
+    """Store a canvas's latest drawing and its mask for ``mode`` on ``seed`` (``mask`` None: nothing painted)."""
+    brush.drawings[(mode, seed)] = drawing or {"objects": []}
+    if mask is None:
+        brush.stroked.pop((mode, seed), None)
+    else:
+        brush.stroked[(mode, seed)] = mask
+    _set(brush, mode, seed)
+
+
+def stamp(brush: Brush, mode: str, seed: int, mask: torch.Tensor) -> None:
+    """Brush ``mask`` (a segmenter class, say) on ``seed`` in ``mode`` at once, added to its strokes."""
+    brush.stamps[(mode, seed)] = mask
+    _set(brush, mode, seed)
+
+
+def stamp_class(ws: Workspace, mode: str, seed: int, edited: bool, name: str) -> None:
+    """"Brush this class here": where the segmenter sees ``name`` on the brushed image becomes the mask."""
+    mask = derived.class_mask(ws, seed, edited, name)
+    if mask is None:
+        flash("warning", "The segmenter's weights are not installed: brush the region by hand.")
+    elif not mask.any():
+        flash("warning", f"The segmenter sees no {name} on seed {seed}: choose another image or class.")
+    else:
+        stamp(ws.brush, mode, seed, mask)
+
+
 def clear(brush: Brush, mode: str, seed: int) -> None:
-    """Forget one drawing (a fresh canvas replaces it)."""
+    """Forget one drawing and its stamped class (a fresh canvas replaces it)."""
     brush.drawings.pop((mode, seed), None)
+    brush.stroked.pop((mode, seed), None)
+    brush.stamps.pop((mode, seed), None)
     brush.generation[(mode, seed)] = brush.generation.get((mode, seed), 0) + 1
     if mode == CONTEXT:
         brush.context.pop(seed, None)
@@ -67,11 +113,11 @@ def clear(brush: Brush, mode: str, seed: int) -> None:
 
 
 def clear_all(brush: Brush) -> None:
-    for mode, seed in list(brush.drawings):
+    for mode, seed in list(brush.drawings) + list(brush.stamps):
         clear(brush, mode, seed)
     brush.context.clear()
     brush.copied = brush.paste = None
-    brush.cluster = None
+    brush.cluster = brush.cluster_layer = None
     brush.changed()
 
 
@@ -81,19 +127,29 @@ def stroke_note(brush: Brush, mode: str, seed: int) -> str:
     mask = {CONTEXT: brush.context.get(seed), COPY: brush.copied and brush.copied[0] == seed and brush.copied[1],
             PASTE: brush.paste and brush.paste[0] == seed and brush.paste[1]}[mode]
     share = float(mask.mean()) if isinstance(mask, torch.Tensor) else 0.0
-    return f"{mode} on seed {seed}: {strokes} stroke{'s' * (strokes != 1)}, {share:.0%} of the image"
+    stamped = " + a segmenter class" if (mode, seed) in brush.stamps else ""
+    return f"{mode} on seed {seed}: {strokes} stroke{'s' * (strokes != 1)}{stamped}, {share:.0%} of the image"
 
 
-def summary(brush: Brush) -> str:
+def cluster_label(ws: Workspace) -> str:
+    """The cluster context as "cluster 0: dome @ synthesis.b16.conv1" (its name once the clusters are named)."""
+    brush = ws.brush
+    names = ws.cache.get(("cluster_names", brush.cluster_layer, brush.cluster_k), ([], None))[0]
+    name = f": {names[brush.cluster]}" if brush.cluster < len(names) else f" of {brush.cluster_k}"
+    return f"cluster {brush.cluster}{name} @ {brush.cluster_layer or ws.layer}"
+
+
+def summary(ws: Workspace) -> str:
+    brush = ws.brush
     if brush.cluster is not None:
-        ctx = f"key cluster {brush.cluster}"
+        ctx = cluster_label(ws)
     elif brush.context:
         ctx = f"{len(brush.context)} image(s): seeds {', '.join(map(str, brush.context_seeds()))}"
     else:
         ctx = "empty"
     copied = f"seed {brush.copied[0]}" if brush.copied else "nothing"
     pasted = f"seed {brush.paste[0]}" if brush.paste else "not placed"
-    return f"**Context:** {ctx} · **Copied:** {copied} · **Paste:** {pasted}"
+    return f"**Copied:** {copied} · **Paste:** {pasted} · **Context:** {ctx}"
 
 
 def render_paste_preview(ws: Workspace, settings: Settings) -> None:
@@ -114,45 +170,61 @@ def render_paste_preview(ws: Workspace, settings: Settings) -> None:
     c2.image(to_uint8(pics[1:], DISPLAY_SCALE)[0], caption=f"seed {seed} with the paste (preview)")
 
 
-def render(ws: Workspace, seeds: list[int], edited: bool, settings: Settings) -> None:
-    # Imported here: the canvas component registers itself only inside a running app, and the stroke logic above
-    # also serves scripts (benchmarks/eval_user.py).
-    from streamlit_drawable_canvas import st_canvas
+def pick(seed: int) -> None:
+    """A click on a thumbnail: brush that image next."""
+    st.session_state.brush_seed = seed
 
+
+def render(ws: Workspace, seeds: list[int], edited: bool, settings: Settings) -> int:
+    """The brush controls and the canvas; returns the seed being brushed."""
     brush = ws.brush
-    left, right = st.columns([1, 2])
-    with left:
-        mode = st.segmented_control("Brush", MODES, key="brush_mode", persist_state="session", default=CONTEXT,
-                                    required=True,
-                                    help="Context: where a rule applies. Copy: what to take. Paste: where it goes.")
-        seed = st.selectbox("Image", seeds, key="brush_seed", persist_state="session",
-                            format_func=lambda s: f"seed {s}")
-        width = st.slider("Brush size", 3, 40, 14, key="brush_size", persist_state="session")
-        st.caption(HELP[mode])
-        c1, c2 = st.columns(2)
-        c1.button("Clear this drawing", on_click=clear, args=(brush, mode, seed), width="stretch")
-        c2.button("Clear all", on_click=clear_all, args=(brush,), width="stretch")
-    with right:
-        picture = to_uint8(to_unit(ws.images([seed], edited=edited)), CANVAS_SCALE)[0]
-        h, w = picture.shape[:2]
-        key = canvas_key(mode, seed, brush)
-        if key not in st.session_state:
-            # Mounting: redraw what was stored. While mounted the canvas owns its drawing, and initial_drawing
-            # must stay fixed: a changed one makes the canvas reload it, dropping a stroke drawn meanwhile.
-            brush.mounted[key] = brush.drawings.get((mode, seed))
-        result = st_canvas(
-            stroke_width=width, stroke_color=STROKES[mode], background_image=Image.fromarray(picture),
-            height=h, width=w, drawing_mode="freedraw", initial_drawing=brush.mounted.get(key),
-            return_image_data=True, key=key,
-        )
-        # A freshly mounted canvas reports no pixels: keep what was stored, update only on a real drawing.
-        rgba = result.image_data
-        if rgba is not None:
-            size = (h // CANVAS_SCALE, w // CANVAS_SCALE)
-            mask = canvas_mask(rgba, size)
-            if result.json_data != brush.drawings.get((mode, seed)):
-                record_stroke(brush, mode, seed, result.json_data, mask)
-        st.caption(stroke_note(brush, mode, seed))
-    st.markdown(summary(brush))
+    mode = st.segmented_control("Brush", MODES, key="brush_mode", persist_state="session", default=CONTEXT,
+                                required=True, help=" ".join(f"{m}: {LEGEND[m]}." for m in MODES))
+    st.markdown(" &nbsp; ".join(swatch(tuple(round(255 * c) for c in BRUSH_COLORS[KIND[m]]), f"**{m}** {LEGEND[m]}")
+                                for m in MODES), unsafe_allow_html=True)
+    if st.session_state.get("brush_seed") not in seeds:
+        st.session_state.brush_seed = seeds[0]
+    c1, c2 = st.columns([3, 2])
+    seed = c1.selectbox("Image", seeds, key="brush_seed", format_func=lambda s: f"seed {s}",
+                        help="Or click a picture in the grid.")
+    width = c2.slider("Brush size", 3, 40, 14, key="brush_size", persist_state="session")
+    model = f"**edited** model ({len(ws.rewriter.history)} edit(s))" if edited else "**original** model"
+    st.markdown(f"Brushing **seed {seed}** in **{mode}** mode, as drawn by the {model}.")
+
+    picture = to_unit(ws.images([seed], edited=edited))
+    stamped = brush.stamps.get((mode, seed))
+    if stamped is not None:  # a stamped class shows under the strokes, in the brush's colour
+        picture = tint(picture, stamped[None], BRUSH_COLORS[KIND[mode]])
+    scale = canvas_scale(picture.shape[-1])
+    picture = to_uint8(picture, scale)[0]
+    h, w = picture.shape[:2]
+    key = canvas_key(mode, seed, brush)
+    if key not in st.session_state:
+        # Mounting: redraw what was stored. While mounted the canvas owns its drawing, and initial_drawing
+        # must stay fixed: a changed one makes the canvas reload it, dropping a stroke drawn meanwhile.
+        brush.mounted[key] = brush.drawings.get((mode, seed))
+    result = st_canvas(
+        stroke_width=width, stroke_color=STROKES[mode], background_image=Image.fromarray(picture),
+        height=h, width=w, drawing_mode="freedraw", initial_drawing=brush.mounted.get(key),
+        return_image_data=True, key=key,
+    )
+    # A freshly mounted canvas reports no pixels: keep what was stored, update only on a real drawing.
+    rgba = result.image_data
+    if rgba is not None and result.json_data != brush.drawings.get((mode, seed)):
+        record_stroke(brush, mode, seed, result.json_data, canvas_mask(rgba, (h // scale, w // scale)))
+    st.caption(stroke_note(brush, mode, seed) + " · undo a stroke with the canvas's own arrows.")
+
+    c1, c2 = st.columns([3, 2], vertical_alignment="bottom")
+    name = c1.selectbox("Segmenter class", CLASSES, index=CLASSES.index(STAMP_DEFAULT[mode]), key=f"stamp_{mode}",
+                        help="Brush, on this image, exactly where the segmenter sees this class.")
+    c2.button("Brush it here", key="stamp", on_click=stamp_class, args=(ws, mode, seed, edited, name),
+              width="stretch")
+    c1, c2 = st.columns(2)
+    c1.button("Clear this image", key="clear", on_click=clear, args=(brush, mode, seed), width="stretch",
+              help=f"Forget the {mode.lower()} strokes and class on seed {seed}.")
+    c2.button("Clear everything", key="clear_all", on_click=clear_all, args=(brush,), width="stretch",
+              help="Forget every brushed region and a chosen key cluster.")
+    st.markdown(summary(ws))
     if mode == PASTE:
         render_paste_preview(ws, settings)
+    return seed

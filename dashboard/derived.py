@@ -35,14 +35,24 @@ def directions(ws: Workspace, context: Any) -> torch.Tensor:
     return cached(ws, key, lambda: ws.memory().directions(context.inputs, context.masks, context.rank))
 
 
-def threshold(ws: Workspace, context: Any) -> float:
-    """The score above which a location matches the context: a quantile over the pool of samples."""
-    key = ("threshold", ws.layer, context.rank, ws.brush.revision, tuple(context.seeds or ()))
-    d = directions(ws, context)
-    # 16 images x the layer's grid: on the default model the 99th percentile moved < 6% between 16, 32 and 64
-    # images, and each stroke recomputes it, so the grid overlay stays fast.
+def keys(ws: Workspace, seeds: list[int]) -> torch.Tensor:
+    """The chosen layer's keys of ``seeds`` (one model run per weights, layer and seeds; redraws reuse them)."""
+    return cached(ws, ("keys", ws.layer, tuple(seeds)), lambda: ws.memory().keys(ws.inputs(seeds)))
+
+
+def scores(ws: Workspace, context: Any, seeds: list[int]) -> torch.Tensor:
+    """Match scores ``(N, *grid)`` of ``seeds`` against a context: ``‖D k‖`` on the cached keys."""
+    return ws.memory().match_keys(directions(ws, context), keys(ws, seeds))
+
+
+def threshold(ws: Workspace, context: Any, quantile: float = MATCH_QUANTILE) -> float:
+    """The score above which a location matches the context: the ``quantile`` of scores over the pool's first
+    images (16 images x the layer's grid: on the default model the 99th percentile moved < 6% between 16, 32 and
+    64 images). The pool's scores are kept, so moving the threshold slider costs no model run."""
     pool = list(POOL_SEEDS)[:THRESHOLD_IMAGES]
-    return cached(ws, key, lambda: ws.memory().threshold(d, ws.sampler, pool, quantile=MATCH_QUANTILE))
+    key = ("pool_scores", ws.layer, context.rank, ws.brush.revision, tuple(context.seeds or ()))
+    found = cached(ws, key, lambda: scores(ws, context, pool))
+    return float(torch.quantile(found.reshape(-1).float(), quantile))
 
 
 def clusters(ws: Workspace, k: int) -> KeyClusters:
@@ -66,6 +76,18 @@ def cluster_names(ws: Workspace, k: int) -> tuple[list[str], list[float] | None]
         return [c.name or f"class {c.label}" for c in found], [c.iou for c in found]
 
     return cached(ws, ("cluster_names", ws.layer, k), compute)
+
+
+def cluster_maps(ws: Workspace, k: int, seeds: list[int]) -> torch.Tensor:
+    """Each location's key cluster ``(N, *grid)`` on ``seeds``, kept for redraws."""
+    return cached(ws, ("cluster_maps", ws.layer, k, tuple(seeds)), lambda: clusters(ws, k).predict(ws.inputs(seeds)))
+
+
+def class_mask(ws: Workspace, seed: int, edited: bool, name: str) -> torch.Tensor | None:
+    """Where the segmenter sees class ``name`` on ``seed``'s image, as a mask ``(H, W)`` in {0, 1} (None without a
+    segmenter)."""
+    found = labels(ws, [seed], edited)
+    return None if found is None else (found[0] == CLASSES.index(name)).float()
 
 
 def labels(ws: Workspace, seeds: list[int], edited: bool) -> torch.Tensor | None:

@@ -6,7 +6,8 @@ import streamlit as st
 import torch
 
 from dashboard import derived, requests
-from dashboard.browse import show_grid
+from dashboard.browse import match_quantile, show_grid
+from dashboard.brushing import cluster_label
 from dashboard.defaults import DEFAULT_CLUSTERS, DISPLAY_SCALE, GRID_COLUMNS, POOL_SEEDS
 from dashboard.imaging import to_uint8
 from dashboard.requests import NeedsInput, Settings
@@ -38,7 +39,7 @@ def pool_matches(ws: Workspace, settings: Settings) -> tuple[list[int], torch.Te
 
     key = ("pool", ws.layer, ctx.rank, ws.brush.revision, tuple(ctx.seeds or ()))
     best, best_scores, scores = derived.cached(ws, key, compute)
-    return best, best_scores, scores, derived.threshold(ws, ctx)
+    return best, best_scores, scores, derived.threshold(ws, ctx, match_quantile())
 
 
 def render_matches(ws: Workspace, settings: Settings) -> None:
@@ -52,15 +53,16 @@ def render_matches(ws: Workspace, settings: Settings) -> None:
         st.warning(f"No matches: {exc}")
         return
     st.caption(f"The {BEST} best-matching images of {len(POOL_SEEDS)} samples (seeds {POOL_SEEDS.start}–"
-               f"{POOL_SEEDS.stop - 1}); matching regions kept, the rest dimmed.")
+               f"{POOL_SEEDS.stop - 1}); matching regions kept, the rest dimmed. A location matches when its score "
+               f"is in the top {100 * (1 - match_quantile()):.1f}% (the threshold slider of the Images page's "
+               f"*Key matches*).")
     pictures = match_overlay(ws.images(best), best_scores, threshold)
     show_grid(to_uint8(pictures, DISPLAY_SCALE), [f"seed {s}" for s in best])
     st.plotly_chart(score_histogram_figure(scores, threshold), key="score_histogram")
 
 
 def choose_cluster(ws: Workspace, k: int, cluster: int) -> None:
-    ws.brush.cluster, ws.brush.cluster_k = cluster, k
-    ws.brush.changed()
+    ws.brush.use_cluster(cluster, k, ws.layer)
 
 
 def render_clusters(ws: Workspace, seeds: list[int]) -> None:
@@ -76,7 +78,7 @@ def render_clusters(ws: Workspace, seeds: list[int]) -> None:
         st.warning(f"No clusters: {exc}")
         return
     images = ws.images(seeds)
-    pictures, legend = cluster_overlay(images, clusters.predict(ws.inputs(seeds)), names, ious)
+    pictures, legend = cluster_overlay(images, derived.cluster_maps(ws, k, seeds), names, ious)
     left, right = st.columns([3, 1])
     with left:
         show_grid(to_uint8(pictures, DISPLAY_SCALE), [f"seed {s}" for s in seeds])
@@ -87,7 +89,7 @@ def render_clusters(ws: Workspace, seeds: list[int]) -> None:
         st.button("Use as context", on_click=choose_cluster, args=(ws, k, chosen), key="use_cluster",
                   help="Edits then apply where this cluster's keys are, instead of the brushed regions.")
         if ws.brush.cluster is not None:
-            st.caption(f"Context: cluster {ws.brush.cluster} of {ws.brush.cluster_k}.")
+            st.caption(f"Context: {cluster_label(ws)}.")
     with st.expander("Isolated value patch of the cluster"):
         region = clusters.masks(ws.inputs(seeds[:GRID_COLUMNS]), chosen)
         patch = value_patch(ws.model, ws.layer, ws.inputs(seeds[:GRID_COLUMNS]), region)

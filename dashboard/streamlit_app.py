@@ -8,34 +8,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import streamlit as st  # noqa: E402
 
-from dashboard import browse, brushing, editing, inspect_page, recipes, sidebar  # noqa: E402
+from dashboard import editing, images_page, inspect_page, recipes, sidebar  # noqa: E402
 
 st.set_page_config(page_title="dissect · rewrite a generator", layout="wide")
 
+HEADER = (
+    "**Rewrite what the generator draws, in three steps** (the brush colours below the mode match these): "
+    "**1. Copy** – brush an object to copy (a tree). "
+    "**2. Paste** – brush where it should go (onto a spire). "
+    "**3. Context** – brush a few more places where the rule applies (other spires); then **Apply** on the "
+    "*Edit* tab. To remove something (a watermark), brush it in *Context* and apply *Erase*."
+)
+
 ws, seeds, settings = sidebar.render()
+st.markdown("#### dissect · rewrite a generator's rules")
 if ws is None:
-    st.header("dissect")
     st.write("No model is open: see the message in the sidebar, or choose one there.")
     st.stop()
+st.markdown(HEADER)
+ws.status = st.empty()  # progress of a statistics collection shows here, above the page it does not hide
+if note := ws.brush.follow_layer(ws.layer):
+    st.info(note)
 
-PAGES = ("Images", "Inspect", "Edit", "Recipes")
-# Only the open tab runs (on_change="rerun"), so a page's computations never slow the others down; the pages'
-# widgets keep their values while hidden (persist_state="session").
-tabs = dict(zip(PAGES, st.tabs(PAGES, key="page", on_change="rerun")))
-if tabs["Images"].open:
-    with tabs["Images"]:
-        editing.show_flashes()
-        edited, overlay = browse.controls(ws)
-        grid = st.container()
-        brushing.render(ws, seeds, edited, settings)
-        with grid:  # drawn after the canvas, so a new stroke shows in the grid in the same run
-            browse.render(ws, seeds, edited, overlay, settings)
-if tabs["Inspect"].open:
-    with tabs["Inspect"]:
-        inspect_page.render(ws, seeds, settings)
-if tabs["Edit"].open:
-    with tabs["Edit"]:
-        editing.render(ws, settings)
-if tabs["Recipes"].open:
-    with tabs["Recipes"]:
-        recipes.render(ws, seeds, settings)
+# (tab name, render(workspace, seeds, settings)): one line per page. Only the open tab runs
+# (on_change="rerun"), so a page's computations never slow the others down; the pages' widgets keep their
+# values while hidden (persist_state="session").
+PAGES = [
+    ("Images", images_page.render),
+    ("Inspect", inspect_page.render),
+    ("Edit", lambda ws, seeds, settings: editing.render(ws, settings)),
+    ("Recipes", recipes.render),
+]
+tabs = st.tabs([name for name, _ in PAGES], key="page", on_change="rerun")
+for (name, render), tab in zip(PAGES, tabs):
+    if tab.open:
+        with tab:
+            render(ws, seeds, settings)

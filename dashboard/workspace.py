@@ -70,8 +70,11 @@ class Brush:
     copied: tuple[int, torch.Tensor] | None = None  # (source seed, mask)
     paste: tuple[int, torch.Tensor] | None = None  # (target seed, where the paste goes)
     cluster: int | None = None  # a key cluster chosen as the context instead of brushed masks…
-    cluster_k: int = 0  # …out of this many clusters
+    cluster_k: int = 0  # …out of this many clusters…
+    cluster_layer: str | None = None  # …of this layer's keys (another layer numbers its clusters otherwise)
     drawings: dict[tuple[str, int], dict] = field(default_factory=dict)  # canvas JSON, to redraw strokes
+    stroked: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (mode, seed) -> the strokes' mask…
+    stamps: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # …and a segmenter class brushed at once
     generation: dict[tuple[str, int], int] = field(default_factory=dict)  # bumped to give a cleared canvas a new key
     mounted: dict[str, dict | None] = field(default_factory=dict)  # canvas key -> the drawing it was mounted with
     revision: int = 0  # bumped on every change; keys what is derived from the brush (directions, previews)
@@ -81,6 +84,23 @@ class Brush:
 
     def changed(self) -> None:
         self.revision += 1
+
+    def use_cluster(self, cluster: int, k: int, layer: str) -> None:
+        """Make key cluster ``cluster`` of ``k`` at ``layer`` the context (instead of brushed masks)."""
+        self.cluster, self.cluster_k, self.cluster_layer = cluster, k, layer
+        self.changed()
+
+    def follow_layer(self, layer: str) -> str | None:
+        """Drop a cluster context taken at another layer, whose number would name another cluster at ``layer``;
+        returns the note to show, if any. A cluster chosen without its layer is taken to be of ``layer``."""
+        if self.cluster is None or self.cluster_layer in (None, layer):
+            self.cluster_layer = None if self.cluster is None else layer
+            return None
+        note = (f"The context was key cluster {self.cluster} of {self.cluster_layer}; it does not carry over to "
+                f"{layer}, so it was dropped. Choose a cluster of this layer under *Inspect*, or brush a context.")
+        self.cluster = self.cluster_layer = None
+        self.changed()
+        return note
 
 
 @dataclass
@@ -99,6 +119,7 @@ class Workspace:
     _edited: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
     _memories: dict[str, LayerMemory] = field(default_factory=dict, repr=False)
     cache: dict[tuple, Any] = field(default_factory=dict, repr=False)  # derived data; emptied when weights change
+    status: Any = field(default=None, repr=False)  # where this run shows progress (a placeholder atop the page)
 
     def __post_init__(self) -> None:
         self.rewriter = Rewriter(self.model)
@@ -143,11 +164,15 @@ class Workspace:
         if layer not in self._memories:
             memory = LayerMemory(self.model, layer)
             note = f"Key statistics of {layer} over {STATS_SAMPLES} samples (first use only; then cached on disk)"
-            bar = st.progress(0.0, text=note)
-            report = lambda done: bar.progress(min(done / STATS_SAMPLES, 1.0), text=note)  # noqa: E731
+            slot = self.status or st.empty()  # atop the page (streamlit_app sets it), so nothing below is hidden
+
+            def report(done: int) -> None:
+                if done > 1:  # a shipped or cached C reads one sample (its fingerprint): no bar for that
+                    slot.progress(min(done / STATS_SAMPLES, 1.0), text=note)
+
             memory.fit_moment(ReportingSampler(self.sampler, report), STATS_SAMPLES, cache_dir=str(STATS_DIR),
                               progress=False)
-            bar.empty()
+            slot.empty()
             self._memories[layer] = memory
         return self._memories[layer]
 

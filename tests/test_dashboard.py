@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -18,9 +19,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]  # the dashboard package
 
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from dashboard import derived, editing, recipes, workspace  # noqa: E402
+from dashboard import browse, derived, editing, recipes, workspace  # noqa: E402
 from dashboard.defaults import CANVAS_SCALE, DEFAULT_LAYER  # noqa: E402
 from dashboard.imaging import canvas_mask, format_seeds, mask_centre, parse_seeds  # noqa: E402
+from dissect.memory import LayerMemory  # noqa: E402
+from dissect.models.world import CLASSES  # noqa: E402
 
 APP = str(ROOT / "dashboard" / "streamlit_app.py")
 TINY = "tiny_model:generator"
@@ -83,7 +86,9 @@ def apply_edit(at: AppTest, kind: str) -> None:
 
 
 def captions(at: AppTest) -> list[str]:
-    return [c for image in at.get("image") for c in image.captions]
+    """Every picture's caption: the grids' (one component each) and single images'."""
+    grids = [e.proto for e in at.get("bidi_component") if e.proto.component_name.endswith(browse.COMPONENT)]
+    return [c for g in grids for c in browse.grid_captions(g.json)] + [c for i in at.get("image") for c in i.captions]
 
 
 def messages(at: AppTest) -> str:
@@ -311,3 +316,78 @@ def test_matches_follow_the_copied_region_and_a_too_large_rank_is_a_message() ->
     at.number_input(key="rank").set_value(16).run()
     brush(at, "Context", 3, (0, 12, 0, 12))  # a 3x3-pixel context: one or two keys, not 16 directions
     assert not at.exception and "No overlay" in messages(at)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Images page's workflow: the grid, the segmenter's classes, matches, clusters across layers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def grid_items(at: AppTest) -> list[dict]:
+    (grid,) = [e.proto for e in at.get("bidi_component") if e.proto.component_name.endswith(browse.COMPONENT)]
+    return json.loads(grid.json)["items"]
+
+
+def test_the_grid_carries_its_pictures_inline_and_marks_the_brushed_image() -> None:
+    at = open_app()
+    brush(at, "Context", 3, (80, 160, 80, 160))
+    items = grid_items(at)
+    assert [i["seed"] for i in items] == SEEDS
+    assert all(i["src"].startswith("data:image/png;base64,") for i in items)  # no media file to expire
+    assert [i["seed"] for i in items if i["selected"]] == [3]
+    at.session_state["brush_seed"] = 7  # what a click on the seventh thumbnail sets (brushing.pick)
+    at.run()
+    assert at.selectbox(key="brush_seed").value == 7 and [i["seed"] for i in grid_items(at) if i["selected"]] == [7]
+
+
+def test_redraws_reuse_the_grids_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    at = open_app()
+    brush(at, "Context", 3, (80, 160, 80, 160))
+    at.segmented_control(key="overlay").set_value("Key matches").run()
+    calls = []
+    real = LayerMemory.keys
+    monkeypatch.setattr(LayerMemory, "keys", lambda self, inputs: calls.append(len(inputs)) or real(self, inputs))
+    brush(at, "Context", 3, (60, 100, 60, 100))  # a new stroke: new directions, the same grid
+    at.slider(key="match_top").set_value(5.0).run()  # another threshold: no model run either
+    assert not at.exception and not messages(at), messages(at)
+    assert len(SEEDS) not in calls  # the context's own image is read, the grid's 12 are not
+    assert 0.0 < ws_of(at).cache[next(k for k in ws_of(at).cache if k[0] == "pool_scores")].mean()
+
+
+def test_brush_this_class_here_takes_the_segmenters_mask() -> None:
+    at = open_app()
+    ws = ws_of(at)
+    if derived.segmenter() is None:
+        pytest.skip("no segmenter weights")
+    labels = derived.labels(ws, [4], edited=False)[0]
+    counts = torch.bincount(labels.reshape(-1), minlength=len(CLASSES))
+    name = CLASSES[int(counts.argmin() if counts.min() > 0 else counts.argmax())]
+    at.session_state["page"] = "Images"
+    at.run()
+    at.selectbox(key="brush_seed").set_value(4).run()
+    at.selectbox(key="stamp_Context").set_value(name).run()
+    at.button(key="stamp").click().run()
+    assert not at.exception
+    assert torch.equal(ws.brush.context[4], (labels == CLASSES.index(name)).float())
+    at.segmented_control(key="overlay").set_value("Segmenter classes").run()
+    assert not at.exception and not at.warning
+    at.button(key="clear").click().run()
+    assert 4 not in ws.brush.context and not ws.brush.stamps
+
+
+def test_a_cluster_context_names_its_layer_and_is_dropped_when_the_layer_changes() -> None:
+    at = open_app()
+    at.session_state["page"] = "Inspect"
+    at.run()
+    at.number_input(key="cluster_k").set_value(4).run()
+    at.selectbox(key="cluster_pick").set_value(1).run()
+    at.button(key="use_cluster").click().run()
+    ws = ws_of(at)
+    assert (ws.brush.cluster, ws.brush.cluster_layer) == (1, DEFAULT_LAYER)
+    at.session_state["page"] = "Images"
+    at.run()
+    assert f"cluster 1: {derived.cluster_names(ws, 4)[0][1]} @ {DEFAULT_LAYER}" in " ".join(m.value for m in at.markdown)
+    at.selectbox(key="layer").set_value("synthesis.b32.conv1").run()
+    assert ws.brush.cluster is None and "does not carry over" in messages(at)
+    at.run()
+    assert "does not carry over" not in messages(at)  # said once

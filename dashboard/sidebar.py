@@ -15,8 +15,10 @@ EMBEDDED, ENTRY_POINT = "Embedded generator", "Your model (entry point)"
 
 
 def _layer_label(info: LayerInfo) -> str:
+    """The full name first (the picker is narrow), then resolution and channels; the evaluation's layer starred."""
     size = "×".join(map(str, info.output_size)) if info.output_size else "–"
-    return f"{info.name} · {info.type} {info.in_channels}→{info.out_channels} · {size}"
+    best = " ★ recommended" if info.name == workspace.DEFAULT_LAYER else ""
+    return f"{info.name}{best} · {size} · {info.in_channels}→{info.out_channels} {info.type}"
 
 
 def _model_spec() -> str:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from dissect.errors import LayerError
 from dissect.hooks import Trace
 from dissect.models.stylegan import Generator
 from dissect.stats import Covariance, Mean, SecondMoment, TopK, collect, fingerprint, load_stats, rows
@@ -310,3 +311,26 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="sampler.description"):
         collect(model, "features.2", Anonymous(), 2, Mean(), cache_dir=tmp_path / "cache", progress=False)
     assert not (tmp_path / "cache").exists()
+
+
+def test_input_statistics_never_run_the_key_module_beyond_the_probe():
+    model = conv_net()
+    seen: list[int] = []
+    model.features[2].register_forward_hook(lambda module, args, out: seen.append(len(out)))
+    collect(model, "features.2", Images(), 12, SecondMoment(), batch_size=4, progress=False)
+    assert seen == [1]  # only the one-row check that it runs once; the batches stop before it
+
+
+def test_a_key_module_run_twice_per_forward_is_refused_before_collecting():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.relu(self.conv(x)))
+
+    sampler = Images()
+    with pytest.raises(LayerError, match="Layer 'conv' runs 2 times in one forward"):
+        collect(Shared(), "conv", sampler, 8, SecondMoment(), batch_size=4, progress=False)
+    assert sampler.calls == [[0]]  # refused after the one-row probe, before any batch

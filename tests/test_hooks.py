@@ -4,6 +4,7 @@ import torchvision
 from torch import nn
 
 import dissect
+from dissect.errors import LayerError
 from dissect.hooks import Trace, TraceDict, get_module, key_module_name, layers
 
 
@@ -234,3 +235,74 @@ def test_call_model_unpacks_tuples_and_dicts():
     assert model_device(nn.Linear(1, 1)) == torch.device("cpu") and model_device(nn.ReLU()) == torch.device("cpu")
     moved = to_device({"x": [torch.zeros(1)]}, "cpu")
     assert moved["x"][0].device.type == "cpu"
+
+
+def test_retained_tensors_are_copies_an_inplace_relu_cannot_change():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Conv2d(4, 2, 1))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        emitted = model[0](x)
+    assert emitted.min() < 0
+    with torch.no_grad(), TraceDict(model, ["0", "1"], retain_input=True) as td:
+        model(x)
+    assert torch.equal(td["0"].output, emitted)  # not clamped by the in-place ReLU after it
+    assert torch.equal(td["1"].input, emitted)  # what the ReLU received, before it changed it in place
+    assert td["1"].output.min() == 0
+    # Keeping the graph copies too: the copy still differentiates back to the weight.
+    with Trace(model, "0", detach=False) as t:
+        model(x)
+    assert torch.equal(t.output.detach(), emitted) and t.output.grad_fn is not None
+    t.output.sum().backward()
+    assert model[0].weight.grad is not None
+
+
+def test_layers_run_in_eval_mode_and_leave_every_buffer_bitwise():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Dropout(0.5), nn.Conv2d(4, 3, 3, padding=1)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    infos = layers(model, torch.randn(4, 8, 5, 5))
+    assert [i.name for i in infos] == ["0", "4"] and infos[1].output_size == (10, 10)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(m.training for m in model.modules())
+
+
+def test_layer_input_stops_before_the_layer_runs():
+    from dissect.hooks import layer_input
+
+    ran = []
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[2].register_forward_hook(lambda *a: ran.append(1))
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        keys = layer_input(model, "2", x)
+        torch.testing.assert_close(keys, torch.tanh(model[0](x)))
+    assert not ran
+    with pytest.raises(LayerError, match="does not run"):
+        layer_input(_Twice(), "unused", torch.randn(2, 4))
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 1)
+        self.unused = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.head(self.shared(torch.relu(self.shared(x))))
+
+
+def test_call_counts_and_single_call_check_name_the_layer_and_count():
+    from dissect.hooks import call_counts, check_single_call
+
+    model = _Twice()
+    x = torch.randn(2, 4)
+    assert call_counts(model, ["shared", "head", "unused"], x) == {"shared": 2, "head": 1, "unused": 0}
+    check_single_call(model, ["head"], x)
+    with pytest.raises(LayerError, match="Layer 'shared' runs 2 times in one forward"):
+        check_single_call(model, ["head", "shared"], x)
+    with pytest.raises(LayerError, match="Layer 'unused' does not run"):
+        check_single_call(model, ["unused"], x)
+    assert _hook_count(model) == 0

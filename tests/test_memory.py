@@ -373,3 +373,155 @@ def test_bounding_boxes_fill_each_rows_box_keep_the_dtype_and_leave_empty_rows_e
     assert torch.equal(bounding_boxes(mask > 0), expected > 0)  # bool in, bool out
     tokens = torch.tensor([[0.0, 0.2, 0.0, 0.7, 0.0]])  # a 1-D grid (Linear over tokens)
     assert bounding_boxes(tokens).tolist() == [[0.0, 1.0, 1.0, 1.0, 0.0]]
+
+
+# -- refusals and the Cholesky whitening --------------------------------------------------------------------------
+
+
+def test_a_layer_run_twice_per_forward_is_refused_with_its_call_count():
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 6, 3, padding=1)
+            self.block = nn.Conv2d(6, 6, 3, padding=1)
+
+        def forward(self, x):
+            x = self.stem(x)
+            for _ in range(3):
+                x = torch.relu(self.block(x))
+            return x
+
+    model = Loop()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(LayerError, match="Layer 'block' runs 3 times in one forward"):
+        LayerMemory(model, "block").keys(x)
+    assert LayerMemory(model, "stem").keys(x).shape == (2, 3, 8, 8)
+
+
+def test_adapter_layout_lists_the_documented_example_in_layers():
+    from dissect.hooks import layers
+
+    class Kernel(nn.Module):  # the MemoryAdapter docstring's example: self.kernel laid out (in, out)
+        def __init__(self) -> None:
+            super().__init__()
+            self.kernel = nn.Parameter(torch.randn(5, 3))
+
+        def forward(self, x):
+            return x @ self.kernel
+
+    register_adapter(Kernel, MemoryAdapter("kernel", key_axis=0, out_axis=1, channel_dim=-1,
+                                           linear=lambda m, k, w: k @ w))
+    (info,) = layers(nn.Sequential(Kernel()), torch.randn(2, 5))
+    assert (info.name, info.in_channels, info.out_channels, info.kernel_size, info.output_size) == ("0", 5, 3, (), ())
+
+
+class _Pair(nn.Module):
+    """A decoder whose image sits inside a tuple (input) or a dict (output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+
+    def forward(self, image, scale):
+        return {"features": self.conv(image) * scale, "scale": scale}
+
+
+def test_masks_find_the_image_inside_tuple_and_dict_inputs():
+    memory = LayerMemory(_Pair(), "conv")
+    inputs = (torch.randn(2, 3, 12, 12), torch.ones(2, 1, 1, 1))
+    assert memory.mask_size(inputs, (6, 6)) == (12, 12)
+    masks = torch.zeros(2, 12, 12)
+    masks[:, :4, :4] = 1
+    assert memory.mask_weights(masks, inputs, memory.keys(inputs)).shape == (2, 12, 12)  # keys are the input
+    as_dict = {"image": inputs[0], "scale": inputs[1]}
+    assert LayerMemory(_Pair(), "conv").mask_size(as_dict, (6, 6)) == (12, 12)
+
+
+def test_rank_is_refused_in_three_words_before_anything_runs(conv_memory):
+    keys, weights = torch.randn(2, 6), torch.ones(2)
+    for rank in (0, -1, 1.5, "2", True):
+        with pytest.raises(RequestError, match="is not a positive integer"):
+            conv_memory.directions_from_keys(keys, weights, rank)
+    with pytest.raises(RequestError, match="Rank 7 is above the key dimension of layer '2': its keys have 6 channels"):
+        conv_memory.directions_from_keys(torch.randn(10, 6), torch.ones(10), 7)
+    with pytest.raises(RequestError, match="Rank 3 needs at least 3 context keys at layer '2'; the context has 2"):
+        conv_memory.directions_from_keys(keys, weights, 3)
+    with pytest.raises(RequestError, match=r"span only 1 direction\(s\), so rank 2"):
+        conv_memory.directions_from_keys(torch.randn(1, 6).expand(5, 6), torch.ones(5), 2)
+    # directions() refuses the rank before it runs the model.
+    calls = []
+    handle = conv_memory.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(RequestError, match="above the key dimension"):
+            conv_memory.directions(torch.randn(1, 3, 8, 8), torch.ones(8, 8) * 0.5, rank=9)
+    finally:
+        handle.remove()
+    assert not calls
+
+
+def test_zero_and_non_finite_contexts_are_refused_and_change_nothing(conv_memory):
+    with pytest.raises(RequestError, match="The context's keys are all zero at layer '2'"):
+        conv_memory.directions_from_keys(torch.zeros(4, 6), torch.ones(4))
+    model = conv_memory.model
+    with torch.no_grad():
+        model[0].bias.fill_(-1e3)  # every key after the ReLU is zero
+    mask = torch.zeros(8, 8)
+    mask[2:5, 2:5] = 1
+    try:
+        with pytest.raises(RequestError, match="all zero"):
+            conv_memory.directions(torch.randn(1, 3, 8, 8), mask)
+    finally:
+        model[0].reset_parameters()
+    with pytest.raises(NonFiniteError, match="keys or weights at layer '2' hold NaN or Inf"):
+        conv_memory.directions_from_keys(torch.tensor([[float("nan")] * 6]), torch.ones(1))
+    with pytest.raises(NonFiniteError, match="The keys of layer '2' hold NaN or Inf"):
+        conv_memory.directions(torch.full((1, 3, 8, 8), float("inf")), mask)
+
+
+def test_non_finite_weights_and_moments_are_refused_before_any_solver(conv_memory):
+    moment = conv_memory.moment.clone()
+    for bad in (float("nan"), float("inf")):
+        c = moment.clone()
+        c[0, 1] = bad
+        with pytest.raises(NonFiniteError, match="C for layer '2' holds NaN or Inf"):
+            conv_memory.set_moment(c)
+        assert torch.equal(conv_memory.moment, moment)  # the old C stays
+    weight = conv_memory.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0, 0, 0] = float("nan")
+    mask = torch.zeros(8, 8)
+    mask[2:5, 2:5] = 1
+    with pytest.raises(NonFiniteError, match=r"The weight of layer '2' \(2.weight\) holds NaN or Inf"):
+        conv_memory.directions(torch.randn(1, 3, 8, 8), mask)
+    with pytest.raises(NonFiniteError, match="holds NaN or Inf"):
+        conv_memory.keys(torch.randn(1, 3, 8, 8))
+    with torch.no_grad():
+        weight.copy_(saved)
+
+
+def _eigh_directions(memory: LayerMemory, keys: torch.Tensor, weights: torch.Tensor, rank: int) -> torch.Tensor:
+    """The directions as computed with C^{-1/2} from a full eigendecomposition (the former method)."""
+    evals, evecs = memory.eigh()
+    inv_sqrt = (evecs * evals.rsqrt()) @ evecs.T
+    z = (keys.double() @ inv_sqrt) * weights.double().sqrt()[:, None]
+    return torch.linalg.svd(z, full_matrices=False)[2][:rank] @ inv_sqrt
+
+
+@pytest.mark.parametrize("channels", [6, 64])
+def test_cholesky_whitening_gives_the_eigh_directions_up_to_sign(channels):
+    memory = LayerMemory(nn.Sequential(nn.Linear(channels, 3)), "0")
+    mix = torch.randn(channels, channels, dtype=torch.float64) * torch.logspace(0, -3, channels, dtype=torch.float64)
+    data = torch.randn(4 * channels, channels, dtype=torch.float64) @ mix.T
+    memory.set_moment((data.T @ data / len(data)).float())
+    keys, weights = torch.randn(40, channels) @ mix.T.float(), torch.rand(40) + 0.1
+    d = memory.directions_from_keys(keys, weights, rank=3).double()
+    reference = _eigh_directions(memory, keys, weights, 3)
+    cosines = torch.nn.functional.cosine_similarity(d, reference, dim=1).abs()
+    assert cosines.min() > 1 - 1e-4
+    c_reg = memory.regularised_moment()
+    torch.testing.assert_close(d @ c_reg @ d.T, torch.eye(3, dtype=torch.float64), atol=1e-4, rtol=0)
+    # L⁻¹ whitens (L⁻¹ C L⁻ᵀ = I), and C⁻¹ k is a true solve.
+    eye = torch.eye(channels, dtype=torch.float64)
+    torch.testing.assert_close(memory.whiten(memory.whiten(c_reg).T), eye, atol=1e-8, rtol=0)
+    torch.testing.assert_close(memory.solve_moment(keys.double()), torch.linalg.solve(c_reg, keys.double().T).T)

@@ -529,9 +529,23 @@ class Comparison:
         return "\n".join([*lines, self.collateral_summary()])
 
 
+def _labelled(model: Model | Rendered, sampler: Callable[[list[int]], Any], seeds: list[int], segmenter: Segmenter,
+              batch: int, progress: bool) -> Rendered:
+    """``model``'s labelled renders of ``seeds``: rendered now, or a :class:`Rendered` of those seeds reused."""
+    if not isinstance(model, Rendered):
+        return render(model, sampler, seeds, segmenter, batch, progress=progress)
+    if model.seeds != seeds:
+        raise ValueError(f"A Rendered passed to compare must hold the seeds compared ({len(seeds)} from {seeds[:1]}); "
+                         f"it holds {len(model.seeds)} from {model.seeds[:1]}.")
+    if model.labels is None:
+        labels = [segmenter.segment(x.to(model_device(segmenter))).cpu() for x in model.images.split(batch)]
+        return Rendered(model.images, torch.cat(labels), seeds)
+    return model
+
+
 def compare(
-    before: Model,
-    after: Model,
+    before: Model | Rendered,
+    after: Model | Rendered,
     sampler: Callable[[list[int]], Any],
     seeds: Iterable[int],
     segmenter: Segmenter | None = None,
@@ -544,7 +558,8 @@ def compare(
     progress: bool = False,
 ) -> Comparison:
     """Render ``seeds`` with the base model ``before`` and the edited ``after`` (models or callables taking
-    the sampler's batch); report each of ``classes``' prevalence before and after, and the collateral on the
+    the sampler's batch; a :class:`Rendered` of exactly ``seeds``, such as a previous comparison's ``before``,
+    is reused instead); report each of ``classes``' prevalence before and after, and the collateral on the
     *unrelated* samples, those that did not show ``target`` before the edit (every sample when None).
 
     ``segmenter`` defaults to ``perceptual``'s network when that is a :class:`Segmenter`, else the shipped
@@ -553,9 +568,8 @@ def compare(
     perceptual = default_perceptual() if perceptual is None else perceptual
     if segmenter is None:
         segmenter = perceptual.network if isinstance(perceptual.network, Segmenter) else load_segmenter()
-    seeds = list(seeds)
-    r0 = render(before, sampler, seeds, segmenter, batch, progress=progress)
-    r1 = render(after, sampler, seeds, segmenter, batch, progress=progress)
+    seeds = [int(s) for s in seeds]
+    r0, r1 = (_labelled(m, sampler, seeds, segmenter, batch, progress) for m in (before, after))
     prev = {name: (prevalence(r0.labels, name, min_pixels), prevalence(r1.labels, name, min_pixels)) for name in classes}
     unrelated = torch.ones(len(seeds), dtype=torch.bool) if target is None else ~present(r0.labels, target, min_pixels)
     coll = collateral(r0[unrelated], r1[unrelated], None, perceptual)

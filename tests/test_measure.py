@@ -192,10 +192,20 @@ def test_compare_measures_collateral_on_unrelated_samples(perceptual):
     same = measure.compare(base, base, sampler, range(6), classes=["sky"], perceptual=perceptual)
     assert same.collateral["perceptual"] == 0 and same.collateral["n"] == 6 and same.unrelated.all()
     assert same.prevalence["sky"][0] == same.prevalence["sky"][1]
-    result = measure.compare(base, edited, sampler, range(6), classes=["sky"], target="sky", perceptual=perceptual,
-                             scale=measure.Scale(0.001, 2.0))
-    assert torch.equal(result.unrelated, ~measure.present(result.before.labels, "sky"))
-    assert result.collateral["n"] == int(result.unrelated.sum())
-    if result.collateral["n"]:
-        assert result.collateral["perceptual"] > 0 and result.collateral["ssim"] < 1
-    assert "different image 2" in result.summary()
+    # A target that some samples show and others do not: the collateral counts only the others.
+    target = next(c for c in CLASSES if 0 < int(measure.present(same.before.labels, c).sum()) < 6)
+    result = measure.compare(base, edited, sampler, range(6), classes=["sky", target], target=target,
+                             perceptual=perceptual, scale=measure.Scale(0.001, 2.0))
+    assert torch.equal(result.unrelated, ~measure.present(result.before.labels, target))
+    assert result.collateral["n"] == int(result.unrelated.sum()) > 0
+    unrelated = measure.collateral(result.before[result.unrelated], result.after[result.unrelated], None, perceptual)
+    assert result.collateral == unrelated and unrelated["perceptual"] > 0 and unrelated["ssim"] < 1
+    assert result.prevalence[target][0] == measure.prevalence(result.before.labels, target)
+    assert f"samples without {target}" in result.summary() and "different image 2" in result.summary()
+    again = measure.compare(result.before, edited, sampler, range(6), target=target, perceptual=perceptual)
+    assert again.collateral == result.collateral
+    unlabelled = measure.Rendered(result.after.images, None, result.after.seeds)
+    relabelled = measure.compare(base, unlabelled, sampler, range(6), target=target, perceptual=perceptual)
+    assert relabelled.collateral == result.collateral
+    with pytest.raises(ValueError, match="must hold the seeds compared"):
+        measure.compare(result.before, edited, sampler, range(1, 7), perceptual=perceptual)

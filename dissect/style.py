@@ -136,11 +136,20 @@ class Style:
 
 @dataclass(frozen=True)
 class Shift:
-    """Add ``vector`` where ``space`` says: ``"z"`` (shape ``(z_dim,)``), ``"w"`` (``(w_dim,)``, every layer's
-    w) or a layer name (the shape of one sample of its output, e.g. ``(C, H, W)``), during the forward."""
+    """Add ``vector`` where ``space`` says: ``"z"`` (shape ``(z_dim,)``), ``"w"`` (``(w_dim,)``: the w of every
+    layer, or of the ``groups`` given) or a layer name (the shape of one sample of its output, e.g.
+    ``(C, H, W)``), during the forward."""
 
     space: str
     vector: Tensor
+    groups: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = [g for g in self.groups if g not in GROUPS]
+        if unknown:
+            raise RequestError(f"Unknown style group(s) {unknown}; choose from {GROUPS}.")
+        if self.groups and self.space != "w":
+            raise RequestError(f"Only a shift in w can be limited to style groups, not one in {self.space!r}.")
 
 
 def styles(G: nn.Module, z: Tensor, style: Style = Style(), z_mix: Tensor | None = None,
@@ -149,15 +158,9 @@ def styles(G: nn.Module, z: Tensor, style: Style = Style(), z_mix: Tensor | None
     ``mix`` groups taken from ``z_mix`` (``(1 or N, z_dim)``, needed when ``style.mix``; shifted alike)."""
     _check_generator(G)
     z = z + sum((s.vector.to(z) for s in shifts if s.space == "z"), torch.zeros_like(z[0]))
-    w_moves = [s.vector for s in shifts if s.space == "w"]
-    w_shift = torch.stack(w_moves).sum(0) if w_moves else None
 
     def to_ws(latent: Tensor) -> Tensor:
-        w = G.mapping(latent, style.truncation)
-        # After truncation, so that a shift moves a sample by the same amount whatever ψ.
-        if w_shift is not None:
-            w = w + w_shift.to(w)
-        return w.unsqueeze(1).expand(-1, G.num_ws, -1)
+        return G.mapping(latent, style.truncation).unsqueeze(1).expand(-1, G.num_ws, -1)
 
     ws = to_ws(z)
     if style.mix:
@@ -166,6 +169,13 @@ def styles(G: nn.Module, z: Tensor, style: Style = Style(), z_mix: Tensor | None
         ws = ws.clone()
         rows = [i for g in style.mix for i in group_ws(G)[g]]
         ws[:, rows] = to_ws(z_mix.to(z)).expand(len(z), -1, -1)[:, rows]
+    # After truncation and mixing, so that a shift moves a sample by the same amount whatever ψ or mix.
+    rows_of = group_ws(G)
+    for s in shifts:
+        if s.space == "w":
+            rows = [i for g in s.groups for i in rows_of[g]] if s.groups else list(range(G.num_ws))
+            ws = ws.clone()
+            ws[:, rows] += s.vector.to(ws)
     return ws
 
 

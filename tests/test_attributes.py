@@ -74,6 +74,8 @@ def test_mean_difference_is_the_gap_between_class_means(G, data):
     w = AttributeVector(G, "w").fit(z, labels)
     ws = styles(G, z)[:, 0]
     assert torch.allclose(w.direction, ws[labels == 1].mean(0) - ws[labels == 0].mean(0), atol=1e-5)
+    fine = AttributeVector(G, "w", groups=("fine",)).fit(z, labels)
+    assert fine.shift(1.0).groups == ("fine",) and torch.equal(fine.direction, w.direction)
 
 
 def test_alpha_zero_is_the_unmoved_sample_and_transform_matches_render(G, sampler, data):
@@ -110,6 +112,10 @@ def test_bad_labels_and_latents(G, data):
         AttributeVector(G).fit(torch.full_like(z, float("nan")), labels)
     with pytest.raises(RequestError, match="method"):
         AttributeVector(G, method="pca")
+    with pytest.raises(RequestError, match="Style groups restrict"):
+        AttributeVector(G, "z", groups=("fine",))
+    with pytest.raises(RequestError, match="group"):
+        AttributeVector(G, "w", groups=("top",))
     with pytest.raises(RequestError, match="not fitted"):
         AttributeVector(G).shift(1.0)
 

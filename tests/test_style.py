@@ -143,6 +143,10 @@ def test_shifts_in_z_w_and_a_layer(G, sampler):
         assert torch.allclose(dw, G.synthesis(styles(G, z) + 1), atol=1e-6)
         layer = render(G, sampler, SEEDS, shifts=[Shift("synthesis.b16.conv1", torch.ones(16, 16, 16))])
         assert not torch.allclose(layer, base, atol=1e-4)
+        fine = styles(G, z, shifts=[Shift("w", torch.ones(32), ("fine",))])
+        assert torch.equal(fine[:, :11], styles(G, z)[:, :11]) and torch.allclose(fine[:, 11:], styles(G, z)[:, 11:] + 1)
+    with pytest.raises(RequestError, match="style group"):
+        Shift("z", torch.ones(32), ("fine",))
     with pytest.raises(LayerError, match="shape"):
         render(G, sampler, SEEDS, shifts=[Shift("synthesis.b16.conv1", torch.ones(16))])
     with pytest.raises(LayerError, match="exactly one call"):

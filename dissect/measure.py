@@ -7,7 +7,7 @@ measures damage with :func:`collateral`:
 - **perceptual**: an LPIPS-style distance (Zhang et al. 2018, as the rewriting paper used) on a network we ship,
   the segmenter: its encoder features at four scales (64, 32, 16 and 8 px for 64 px images), each location's
   channel vector scaled to unit length, squared differences averaged over space and summed over scales.
-  0 for identical images; about 0.0007 for an invisible noise re-render of the embedded generator and 2.4 for
+  0 for identical images; about 0.0007 for an invisible noise re-render of the embedded generator and 2.3 for
   two different samples (:func:`calibrate` measures both for any model; :class:`Scale` prints them beside
   every figure).
 - **rmse** and **ssim** (Gaussian 11x11 window, sigma 1.5) of the pixels, in [0, 1] image units, and the older
@@ -22,7 +22,7 @@ Example::
     from dissect import measure
     G, sampler = load("spires")
     perceptual = measure.Perceptual()                      # the shipped segmenter's features
-    scale = measure.calibrate(G, sampler, range(64), perceptual, cache_dir="~/.cache/dissect/measure")
+    scale = measure.calibrate(G, sampler, perceptual=perceptual)   # cached with the key statistics
     result = measure.compare(G, G_edited, sampler, range(500_000, 500_200), classes=["watermark"],
                              target="watermark", perceptual=perceptual, scale=scale)
     print(result.summary())
@@ -51,6 +51,7 @@ from .hooks import TraceDict, call_model, eval_mode, model_device, to_device
 from .models.segmenter import PRESENCE_PIXELS, Segmenter, load_segmenter, presence_threshold
 from .models.segmenter import present as _segmenter_present
 from .models.world import CLASSES
+from .stats import DEFAULT_CACHE_DIR, fingerprint
 
 __all__ = [
     "PRESENCE_PIXELS",
@@ -366,8 +367,6 @@ def _cache_key(model: Model, sampler: Any, seeds: list[int], perceptual: Percept
     """SHA-256 of everything a calibration depends on; None when ``model`` is not an ``nn.Module``."""
     if not isinstance(model, nn.Module):
         return None
-    from .stats import fingerprint
-
     weights = fingerprint(model, "", to_device(sampler(seeds[:1]), model_device(model)), side="output")
     text = json.dumps([CALIBRATION_VERSION, weights, perceptual.fingerprint(), getattr(sampler, "description", repr(sampler)),
                        seeds, PIXEL_NOISE])
@@ -379,15 +378,17 @@ def calibrate(
     sampler: Callable[[list[int]], Any],
     seeds: Iterable[int] = CALIBRATION_SEEDS,
     perceptual: Perceptual | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
     batch: int = 100,
 ) -> Scale:
     """The :class:`Scale` of ``model``: perceptual, RMSE and SSIM figures for an invisible noise re-render of
     each seed and for a different image (each seed against the next one in ``seeds``).
 
-    Fixed weights give a fixed scale, so it is kept for the process and, with ``cache_dir``, in a JSON file
-    keyed by the SHA-256 of the model's weights, the perceptual network, the sampler's description and the
-    seeds (a callable that is not an ``nn.Module`` is never cached). At least two seeds are needed.
+    Fixed weights give a fixed scale, so it is kept for the process and in a small JSON file in ``cache_dir``
+    (the statistics cache by default; None keeps none), keyed by the SHA-256 of the model's weights, the
+    perceptual network, the sampler's description and the seeds (a callable that is not an ``nn.Module`` is
+    never cached). The default seeds give every caller of one model the same cached scale. At least two
+    seeds are needed.
     """
     seeds = [int(s) for s in seeds]
     if len(seeds) < 2:

@@ -173,10 +173,10 @@ def test_calibration_uses_the_noise_a_model_has_and_is_cached(tmp_path, perceptu
     monkeypatch.setattr(measure, "render", lambda *a, **k: pytest.fail("a cached scale is not recomputed"))
     assert measure.calibrate(G, sampler, range(4), perceptual, cache_dir=tmp_path) == scale
     monkeypatch.undo()
-    without_noise = measure.calibrate(Brighten(), LatentSampler(8), range(4), perceptual)
+    without_noise = measure.calibrate(Brighten(), LatentSampler(8), range(4), perceptual, cache_dir=None)
     assert "pixel noise" in without_noise.how and 0 < without_noise.noise < without_noise.different
     with pytest.raises(ValueError, match="at least two seeds"):
-        measure.calibrate(G, sampler, [3], perceptual)
+        measure.calibrate(G, sampler, [3], perceptual, cache_dir=None)
 
 
 def test_format_distance_shows_the_scale():

@@ -153,11 +153,10 @@ def grid_pictures(ws: Workspace, seeds: list[int], edited: bool, overlay: str, s
 
 def controls(ws: Workspace) -> tuple[bool, str]:
     """The grid's switches: edited or original images, the overlay, and the overlay's own setting."""
-    left, right = st.columns([1, 3])
-    edited = left.toggle("Edited model", key="show_edited", persist_state="session", value=True,
-                         disabled=not ws.edited, help="Off: the original model's images for the same seeds.")
-    overlay = right.segmented_control("Show on the images", OVERLAYS, key="overlay", persist_state="session",
-                                      default=PLAIN, required=True)
+    overlay = st.segmented_control("Show on the images", OVERLAYS, key="overlay", persist_state="session",
+                                   default=PLAIN, required=True)
+    edited = st.toggle("The edited model's images", key="show_edited", persist_state="session", value=True,
+                       disabled=not ws.edited, help="Off: the original model's images for the same seeds.")
     if overlay == SEGMENTS:
         st.pills("Classes", CLASSES, selection_mode="multi", key="shown_classes", persist_state="session",
                  default=list(SHOWN_CLASSES), help="Where the shipped segmenter sees each class.")

@@ -6,8 +6,6 @@ A mask is the union of the canvas's strokes and, if brushed at once, a segmenter
 
 from __future__ import annotations
 
-import math
-
 import streamlit as st
 import torch
 from PIL import Image
@@ -17,7 +15,7 @@ from dashboard import derived
 from dashboard.browse import BRUSH_COLORS, swatch
 from dashboard.defaults import DISPLAY_SCALE
 from dashboard.editing import flash, preview_paste
-from dashboard.imaging import canvas_mask, tint, to_uint8
+from dashboard.imaging import canvas_mask, canvas_scale, tint, to_uint8
 from dashboard.requests import Settings
 from dashboard.workspace import Brush, Workspace
 from dissect.models.world import CLASSES
@@ -36,13 +34,6 @@ HELP = {
            "onto the painted region*, onto what you painted).",
 }
 STAMP_DEFAULT = {COPY: "tree", PASTE: "spire", CONTEXT: "watermark"}
-CANVAS_PX = 384  # the least canvas size: a 64-pixel image is brushed at 6x
-
-
-def canvas_scale(size: int) -> int:
-    """How much an image of ``size`` pixels is enlarged on the canvas (at least :data:`CANVAS_PX` wide)."""
-    return max(1, math.ceil(CANVAS_PX / size))
-
 
 def canvas_key(mode: str, seed: int, brush: Brush) -> str:
     """The canvas widget's key: one canvas per mode and image, renewed when that drawing is cleared."""
@@ -180,16 +171,17 @@ def render(ws: Workspace, seeds: list[int], edited: bool, settings: Settings) ->
     brush = ws.brush
     mode = st.segmented_control("Brush", MODES, key="brush_mode", persist_state="session", default=CONTEXT,
                                 required=True, help=" ".join(f"{m}: {LEGEND[m]}." for m in MODES))
-    st.markdown(" &nbsp; ".join(swatch(tuple(round(255 * c) for c in BRUSH_COLORS[KIND[m]]), f"**{m}** {LEGEND[m]}")
-                                for m in MODES), unsafe_allow_html=True)
+    st.markdown("Brush colours: " + " &nbsp; ".join(
+        swatch(tuple(round(255 * c) for c in BRUSH_COLORS[KIND[m]]), f"<span title='{LEGEND[m]}'>{m}</span>")
+        for m in MODES), unsafe_allow_html=True)
     if st.session_state.get("brush_seed") not in seeds:
         st.session_state.brush_seed = seeds[0]
     c1, c2 = st.columns([3, 2])
     seed = c1.selectbox("Image", seeds, key="brush_seed", format_func=lambda s: f"seed {s}",
                         help="Or click a picture in the grid.")
     width = c2.slider("Brush size", 3, 40, 14, key="brush_size", persist_state="session")
-    model = f"**edited** model ({len(ws.rewriter.history)} edit(s))" if edited else "**original** model"
-    st.markdown(f"Brushing **seed {seed}** in **{mode}** mode, as drawn by the {model}.")
+    model = f"the **edited** model ({len(ws.rewriter.history)} edit(s))" if edited else "the **original** model"
+    st.markdown(f"**{mode}** on **seed {seed}**, drawn by {model}:")
 
     picture = to_unit(ws.images([seed], edited=edited))
     stamped = brush.stamps.get((mode, seed))

@@ -6,6 +6,7 @@ library takes (``(N, 3, H, W)`` images in [-1, 1], ``(H, W)`` float masks in [0,
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -13,6 +14,12 @@ import torch
 import torch.nn.functional as F
 
 MAX_SEEDS = 96  # a grid this large already takes seconds to render on a laptop CPU
+CANVAS_PX = 384  # the least canvas size: a 64-pixel image is brushed at 6x
+
+
+def canvas_scale(size: int) -> int:
+    """How much an image of ``size`` pixels is enlarged on the brushing canvas (at least :data:`CANVAS_PX`)."""
+    return max(1, math.ceil(CANVAS_PX / size))
 
 
 def to_uint8(pictures: torch.Tensor, scale: int = 1) -> np.ndarray:

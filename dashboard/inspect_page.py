@@ -6,7 +6,7 @@ import streamlit as st
 import torch
 
 from dashboard import derived, requests
-from dashboard.browse import match_quantile, show_grid
+from dashboard.browse import match_quantile, show_grid, show_legend
 from dashboard.brushing import cluster_label
 from dashboard.defaults import DEFAULT_CLUSTERS, DISPLAY_SCALE, GRID_COLUMNS, POOL_SEEDS
 from dashboard.imaging import to_uint8
@@ -57,7 +57,7 @@ def render_matches(ws: Workspace, settings: Settings) -> None:
                f"is in the top {100 * (1 - match_quantile()):.1f}% (the threshold slider of the Images page's "
                f"*Key matches*).")
     pictures = match_overlay(ws.images(best), best_scores, threshold)
-    show_grid(to_uint8(pictures, DISPLAY_SCALE), [f"seed {s}" for s in best])
+    show_grid(to_uint8(pictures), [f"seed {s}" for s in best])
     st.plotly_chart(score_histogram_figure(scores, threshold), key="score_histogram")
 
 
@@ -81,9 +81,10 @@ def render_clusters(ws: Workspace, seeds: list[int]) -> None:
     pictures, legend = cluster_overlay(images, derived.cluster_maps(ws, k, seeds), names, ious)
     left, right = st.columns([3, 1])
     with left:
-        show_grid(to_uint8(pictures, DISPLAY_SCALE), [f"seed {s}" for s in seeds])
+        show_grid(to_uint8(pictures), [f"seed {s}" for s in seeds])
     with right:
-        st.image(to_uint8(legend.image[None], 2)[0], caption="Legend: cluster, segmenter class, IoU")
+        st.caption("Cluster: the segmenter class it overlaps best (IoU)")
+        show_legend(legend, numbered=True)
         label = lambda c: f"{c}: {names[c]}" + (f" (IoU {ious[c]:.2f})" if ious else "")  # noqa: E731
         chosen = st.selectbox("Cluster", range(k), key="cluster_pick", persist_state="session", format_func=label)
         st.button("Use as context", on_click=choose_cluster, args=(ws, k, chosen), key="use_cluster",
@@ -93,7 +94,7 @@ def render_clusters(ws: Workspace, seeds: list[int]) -> None:
     with st.expander("Isolated value patch of the cluster"):
         region = clusters.masks(ws.inputs(seeds[:GRID_COLUMNS]), chosen)
         patch = value_patch(ws.model, ws.layer, ws.inputs(seeds[:GRID_COLUMNS]), region)
-        show_grid(to_uint8(patch, DISPLAY_SCALE), [f"seed {s}" for s in seeds[:GRID_COLUMNS]])
+        show_grid(to_uint8(patch), [f"seed {s}" for s in seeds[:GRID_COLUMNS]])
     with st.expander("Cluster projection"):
         keys = ws.memory().keys(ws.inputs(seeds))
         ids = clusters.predict(ws.inputs(seeds)).reshape(-1)

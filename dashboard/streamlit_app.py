@@ -13,11 +13,9 @@ from dashboard import editing, images_page, inspect_page, recipes, sidebar  # no
 st.set_page_config(page_title="dissect · rewrite a generator", layout="wide")
 
 HEADER = (
-    "**Rewrite what the generator draws, in three steps** (the brush colours below the mode match these): "
-    "**1. Copy** – brush an object to copy (a tree). "
-    "**2. Paste** – brush where it should go (onto a spire). "
-    "**3. Context** – brush a few more places where the rule applies (other spires); then **Apply** on the "
-    "*Edit* tab. To remove something (a watermark), brush it in *Context* and apply *Erase*."
+    "**Three steps:** **1 · Copy** an object (brush a tree) → **2 · Paste** it where it should go (brush onto a "
+    "spire) → **3 · Context**: brush other places the rule should reach (more spires) → **Apply** on the *Edit* "
+    "tab. To remove something (a watermark), brush it in *Context* and apply *Erase*."
 )
 
 ws, seeds, settings = sidebar.render()

@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -12,6 +21,66 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
 RUN_TIMEOUT_MS = 240_000  # one script run: an edit solves and renders on 2 busy cores
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright's own browser downloads are never used
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
+    "--no-first-run", "--disable-dev-shm-usage",
+]
+STARTUP_TIMEOUT_S = 90
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def serve(env: dict[str, str], log: Path) -> Iterator[str]:
+    """Run `streamlit run dashboard` as users do on a free localhost port; yields its URL once healthy, always
+    stops it (its whole process group). RuntimeError, with the log's tail, when it does not come up."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", "dashboard", "--server.headless", "true",
+        "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
+        "--server.fileWatcherType", "none",
+    ]
+    with open(log, "wb") as out:
+        # A new session, so the whole process group (the server and anything it spawned) can be stopped.
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not _healthy(url):
+            if proc.poll() is not None:
+                raise RuntimeError(f"streamlit exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"streamlit was not healthy after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def server_env(cache: Path) -> dict[str, str]:
+    """The server's environment: the tiny test model importable as an entry point, and a fresh statistics cache
+    under ``cache``, as on a new machine."""
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, XDG_CACHE_HOME=str(cache))
 
 
 def wait_idle(page) -> None:
@@ -66,20 +135,22 @@ def drag_on_canvas(page, points: list[tuple[float, float]]) -> None:
     wait_idle(page)
 
 
-# Reads the pixels the browser decoded (a same-origin image, so the canvas is not tainted) as a PNG data URL.
-_PIXELS_JS = """(imgs) => imgs.map((img) => {
-    const c = document.createElement('canvas');
-    c.width = img.naturalWidth; c.height = img.naturalHeight;
-    c.getContext('2d').drawImage(img, 0, 0);
-    return c.toDataURL('image/png');
-})"""
+def pick_image(page, seed: int) -> None:
+    """Click the grid's picture of ``seed``, which makes it the image being brushed."""
+    page.locator(f"figure[data-seed='{seed}']").click()
+    wait_idle(page)
+    page.get_by_text(f"on seed {seed}, drawn by").wait_for(timeout=RUN_TIMEOUT_MS)
 
 
 def grid_pixels(page, count: int) -> list[np.ndarray]:
-    """The first ``count`` grid images exactly as the browser shows them (RGB arrays)."""
-    images = page.locator("[data-testid='stImage'] img")
+    """The first ``count`` grid pictures exactly as the browser shows them (RGB arrays): the grid sends them
+    inline as PNG data URLs."""
+    images = page.locator("img.dissect-thumb")
     images.nth(count - 1).wait_for()
-    page.wait_for_function("(n) => [...document.querySelectorAll(\"[data-testid='stImage'] img\")].slice(0, n)"
-                           ".every((i) => i.complete && i.naturalWidth > 0)", arg=count)
-    urls = images.evaluate_all(_PIXELS_JS)[:count]
+    urls = images.evaluate_all("(imgs) => imgs.map((i) => i.src)")[:count]
     return [np.asarray(Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).convert("RGB")) for u in urls]
+
+
+def grid_caption(page, index: int) -> str:
+    """The caption of the grid's picture ``index``, e.g. "seed 7 · original"."""
+    return page.locator("img.dissect-thumb").nth(index).get_attribute("alt")

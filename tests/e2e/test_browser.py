@@ -9,19 +9,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from driver import RUN_TIMEOUT_MS, choose, drag_on_canvas, grid_pixels, open_entry_point, screenshot, tab, wait_idle
+from driver import (
+    RUN_TIMEOUT_MS,
+    choose,
+    drag_on_canvas,
+    grid_caption,
+    grid_pixels,
+    open_entry_point,
+    pick_image,
+    screenshot,
+    tab,
+    wait_idle,
+)
 
 pytestmark = pytest.mark.browser
 
 TINY = "tiny_model:generator"
 GRID = 12
-CANVAS_SCALE = 4  # dashboard.defaults.CANVAS_SCALE: a 64-pixel image is brushed on a 256-pixel canvas
+CANVAS_SCALE = 6  # dashboard.brushing.canvas_scale(64): a 64-pixel image is brushed on a 384-pixel canvas
 BRUSH = 14  # the brush slider's default width, in canvas pixels
 
 
 def brush_context(page, seed: int, box: tuple[int, int, int, int]) -> None:
-    """Choose image ``seed`` and paint over ``box`` (y0, y1, x0, x1 in image pixels, inclusive) row by row."""
-    choose(page, "Image", f"seed {seed}")
+    """Click image ``seed`` in the grid and paint over ``box`` (y0, y1, x0, x1 in image pixels, inclusive) row
+    by row."""
+    pick_image(page, seed)
     y0, y1, x0, x1 = (v * CANVAS_SCALE for v in box)
     y1, x1 = y1 + CANVAS_SCALE, x1 + CANVAS_SCALE
     rows = max(1, math.ceil((y1 - y0) / BRUSH))
@@ -54,7 +66,7 @@ def grid_shows(page, state: str) -> list[np.ndarray]:
 
 
 def page_last_seed(page) -> str:
-    return page.locator("[data-testid='stImage']").nth(GRID - 1).inner_text().split(" ·")[0].removeprefix("seed ")
+    return grid_caption(page, GRID - 1).split(" ·")[0].removeprefix("seed ")
 
 
 def test_an_entry_point_model_opens_and_takes_strokes(page, dashboard_url: str) -> None:

@@ -75,6 +75,7 @@ _FORMAT = "dissect.stats/1"
 _CHUNK_ROWS = 4096  # rows per float32 product: bounds its accumulation error (see the module docstring)
 _FLOAT32_MIN_CHANNELS = 16
 _FLOAT64_CHUNK_VALUES = 2**22  # float64 products need no short chunks; these only bound the copy (32 MiB)
+_SAFE_MAGNITUDE = 1e16  # rows (and shift) below this in absolute value are summed into the state in place
 
 S = TypeVar("S", bound="Stat")
 
@@ -296,12 +297,14 @@ class Stat:
 # -- moments -------------------------------------------------------------------------------------------------------
 
 
-def _shifted_sums(x: Tensor, shift: Tensor, second: bool, batched: bool | None = None) -> tuple[Tensor, Tensor | None]:
+def _shifted_sums(x: Tensor, shift: Tensor, second: bool, batched: bool | None = None,
+                  out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """``Σ(x - shift)`` (C,) and, if ``second``, ``Σ(x - shift)(x - shift)ᵀ`` (C, C), both float64.
 
     x: (N, C); shift: (C,) float64 holding float32 values, so it converts to float32 exactly.
     Each product covers one chunk of rows. ``batched`` (default: on CUDA) takes up to 64 chunks in one
     ``bmm``, so a GPU runs a few large kernels per batch rather than several small ones per chunk.
+    ``out`` (C, C) float64: add the second sums into it (and return it) instead of a new buffer.
     """
     c = x.shape[1]
     exact = x.dtype == torch.float64 or c < _FLOAT32_MIN_CHANNELS or not _float32_matmul_is_exact()
@@ -310,7 +313,7 @@ def _shifted_sums(x: Tensor, shift: Tensor, second: bool, batched: bool | None =
     batched = x.is_cuda if batched is None else batched
     s = shift.to(dtype)
     sum1 = torch.zeros(c, dtype=torch.float64, device=x.device)
-    sum2 = torch.zeros(c, c, dtype=torch.float64, device=x.device) if second else None
+    sum2 = (out if out is not None else torch.zeros(c, c, dtype=torch.float64, device=x.device)) if second else None
     for piece in x.split(chunk_rows * (64 if batched else 1)):
         y = piece.to(dtype) - s
         full = len(y) // chunk_rows * chunk_rows
@@ -320,7 +323,8 @@ def _shifted_sums(x: Tensor, shift: Tensor, second: bool, batched: bool | None =
         for chunk in chunks:  # chunk: (chunks, rows, C)
             sum1 += chunk.sum(1).sum(0, dtype=torch.float64)
             if sum2 is not None:
-                sum2 += torch.bmm(chunk.transpose(1, 2), chunk).sum(0, dtype=torch.float64)
+                prod = torch.bmm(chunk.transpose(1, 2), chunk)
+                sum2 += prod[0] if len(prod) == 1 else prod.sum(0, dtype=torch.float64)  # one chunk: no float64 copy
     return sum1, sum2
 
 
@@ -352,6 +356,13 @@ class Mean(Stat):
             self._sum2 = (
                 torch.zeros(len(shift), len(shift), dtype=torch.float64, device=x.device) if self._second else None
             )
+        if self._second and float(x.abs().amax()) + float(self._shift.abs().amax()) < _SAFE_MAGNITUDE:
+            # Finite rows this small cannot overflow a float32 chunk product (4096 · (2e16)² < 3e38): their products
+            # go straight into the state, so a (C, C) statistic never holds a second (C, C) float64 buffer.
+            sum1, _ = _shifted_sums(x, self._shift, True, out=self._sum2)
+            self._sum += sum1
+            self._count += x.shape[0]
+            return
         sum1, sum2 = _shifted_sums(x, self._shift, self._second)
         total = sum1.sum() if sum2 is None else sum1.sum() + sum2.sum()
         if not torch.isfinite(total):  # NaN / inf rows, or float32 overflow: drop the rows, redo in float64
@@ -469,7 +480,8 @@ class SecondMoment(Mean):
         """``E[x xᵀ]``: ``(C, C)``, float64, on the data's device."""
         self._require()
         s, sum1, n = self._shift, self._sum, self._count
-        return (self._sum2 + torch.outer(s, sum1) + torch.outer(sum1, s)) / n + torch.outer(s, s)
+        # In place on one new (C, C) buffer: at d = 14336 each temporary would be 1.6 GB.
+        return torch.addr(self._sum2, s, sum1).addr_(sum1, s).div_(n).addr_(s, s)
 
 
 class Covariance(SecondMoment):
@@ -867,7 +879,7 @@ def collect(
     module runs, for ``side="output"`` (what the memory writes) right after it. The keys or outputs are
     flattened by :func:`rows` (channels last for ``nn.Linear``, else in dim 1) and added to every statistic.
     A key module that does not run exactly once per forward is refused (:class:`~dissect.errors.LayerError`,
-    one forward of sample 0 checks it), since its statistics would mix different calls.
+    one forward of sample 0 checks it, once per model), since its statistics would mix different calls.
 
     ``stats`` is a fresh statistic or a sequence of them. With ``cache_dir``, the result is stored in a
     file keyed by the SHA-256 of: the :func:`fingerprint` of the weights the keys depend on, ``layer``,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -327,11 +328,23 @@ def call_counts(model: nn.Module, names: Iterable[str], inputs: Any) -> dict[str
     return counts
 
 
+# model -> (name, id of the module) found to run once: each is checked once per model, not on every read.
+_RUNS_ONCE: weakref.WeakKeyDictionary[nn.Module, set[tuple[str, int]]] = weakref.WeakKeyDictionary()
+
+
 def check_single_call(model: nn.Module, names: Iterable[str], inputs: Any) -> None:
     """Refuse (:class:`LayerError`) a module in ``names`` that does not run exactly once in the forward of
     ``inputs``: a module called twice (a shared block, a loop) sees different keys at each call, its statistics
-    and its rewrite would mix them, and an edit of its weight changes every call."""
-    for name, n in call_counts(model, names, inputs).items():
+    and its rewrite would mix them, and an edit of its weight changes every call.
+
+    One whole forward (:func:`call_counts`) per model and module: a module found to run once is remembered
+    for that model (pass one row: the answer does not depend on the batch)."""
+    verified = _RUNS_ONCE.setdefault(model, set())
+    todo = {name: (name, id(get_module(model, name))) for name in names}
+    todo = {name: key for name, key in todo.items() if key not in verified}
+    if not todo:
+        return
+    for name, n in call_counts(model, todo, inputs).items():
         if n == 0:
             raise LayerError(f"Layer {name!r} does not run in the model's forward: choose one the forward reaches "
                              f"(dissect.layers(model, example_input) lists each with its output size).")
@@ -341,6 +354,7 @@ def check_single_call(model: nn.Module, names: Iterable[str], inputs: Any) -> No
                 f"its keys differ at each call and an edit of its weight would change all {n}. dissect views and "
                 f"rewrites layers that run once per forward; choose another layer."
             )
+    verified.update(todo.values())
 
 
 @dataclass(frozen=True)

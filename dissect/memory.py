@@ -28,7 +28,7 @@ are given at the grid itself, and layers with one key per row take ``masks=None`
 
 Forward passes here run in eval mode under ``no_grad`` (modes restored after), so BatchNorm statistics and
 other buffers are never touched. A layer (or its key module) must run exactly once per forward: one forward of
-one row checks it the first time a LayerMemory records (``hooks.check_single_call``). Keys, values and weights
+one row checks it the first time the model's layer is recorded (``hooks.check_single_call``). Keys, values and weights
 holding NaN or Inf are refused (:class:`~dissect.errors.NonFiniteError`) before anything is solved.
 """
 
@@ -310,7 +310,6 @@ class LayerMemory:
         self._moment: Tensor | None = None
         self._factor: Tensor | None = None  # Cholesky factor L of the regularised C (float64, CPU)
         self._inverse_factor: Tensor | None = None  # L⁻¹, the whitening
-        self._runs_once = False  # set once one forward showed the layer runs once (check_single_call)
 
     # -- the weight ------------------------------------------------------------------------------------------
 
@@ -371,10 +370,8 @@ class LayerMemory:
         keys or values.
         """
         self.check_finite_weight()
-        if not self._runs_once:
-            one = to_device(select_rows(inputs, slice(0, 1)), model_device(self.model))
-            check_single_call(self.model, dict.fromkeys([self.key_layer, self.layer]), one)
-            self._runs_once = True
+        one = to_device(select_rows(inputs, slice(0, 1)), model_device(self.model))
+        check_single_call(self.model, dict.fromkeys([self.key_layer, self.layer]), one)
         call: dict[str, Any] = {}
 
         def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:

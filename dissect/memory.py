@@ -272,8 +272,9 @@ class LayerMemory:
         model: any ``nn.Module``; layer names are ``model.named_modules()`` names.
         layer: the layer to view: a supported module, or one with ``memory_key_module``.
         ridge: relative ridge for every solve with C (see the module docstring).
-        image_size: ``(H, W)`` masks are drawn at. Default: the larger of the model's 4-D input and output,
-            found by one forward of one row when masks are first checked.
+        image_size: ``(H, W)`` masks are drawn at. Default: the largest 4-D tensor among the model's inputs and
+            outputs (inside tuples, lists and dicts too), found by one forward of one row when masks are first
+            checked (:meth:`mask_size`).
     """
 
     def __init__(

@@ -11,7 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dissect.errors import DissectError
 from dissect.stats import (
+    DEFAULT_CACHE_DIR,
     Covariance,
     Mean,
     Quantile,
@@ -239,6 +241,11 @@ def test_truncated_or_corrupt_files_are_detected(tmp_path):
         Mean.load(path)
     with pytest.raises(FileNotFoundError):
         load_stats(tmp_path / "missing.safetensors")
+    assert issubclass(StatsFileError, DissectError)  # one line from the CLI, like every user-fixable problem
+
+
+def test_the_default_cache_lives_under_the_users_cache_directory():
+    assert DEFAULT_CACHE_DIR.parts[-2:] == ("dissect", "stats") and DEFAULT_CACHE_DIR.is_absolute()
 
 
 # -- order statistics --------------------------------------------------------------------------------------------

@@ -500,14 +500,18 @@ class AlignedImage(ImageParam):
 
     The shared tensors (``shared``, batch 1, or 2 interpolated linearly across frames) are upsampled to the image;
     what they draw appears in every frame at the same place, so frames of an interpolation stay aligned (the
-    article's aligned interpolation). The frames' own parameters are a :class:`FourierImage`.
+    article's aligned interpolation). The frames' own parameters are a :class:`FourierImage`. ``shared_weight``
+    scales the shared part: Adam moves every parameter about as far per step, and a low-resolution pixel moves many
+    image pixels at once, so at 1.0 the shared part dominates and 64-pixel frames come out nearly identical; at 0.1
+    the segmenter's frames keep their layout and still change along the interpolation.
     """
 
     def __init__(self, n: int, channels: int, size: int | Sequence[int], decorrelate: Tensor | None = None,
                  value_range: tuple[float, float] = (-1.0, 1.0), factors: Sequence[int] = (2, 4, 8, 16),
-                 sd: float = 0.01, seed: int = 0) -> None:
+                 shared_weight: float = 0.1, sd: float = 0.01, seed: int = 0) -> None:
         super().__init__(n, channels, size, decorrelate, value_range)
         h, w = self.size
+        self.shared_weight = shared_weight
         self.own = FourierImage(n, channels, size, sd=sd, seed=seed)
         shapes = [(1, f) for f in factors] + [(2, f) for f in factors if f >= 8]
         self.shared = nn.ParameterList(
@@ -521,7 +525,7 @@ class AlignedImage(ImageParam):
         t = torch.linspace(0, 1, self.n, device=x.device, dtype=x.dtype)[:, None, None, None]
         for p in self.shared:
             up = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
-            x = x + (up if p.shape[0] == 1 else (1 - t) * up[:1] + t * up[1:])
+            x = x + self.shared_weight * (up if p.shape[0] == 1 else (1 - t) * up[:1] + t * up[1:])
         return x
 
 
@@ -802,7 +806,7 @@ def style_transfer(
     content_layers: Sequence[str],
     style_layers: Sequence[str],
     param: ImageParam | None = None,
-    style_weight: float = 100.0,
+    style_weight: float = 10.0,
     steps: int = 256,
     lr: float = 0.05,
     transforms: Sequence[Transform] | None = (),

@@ -9,7 +9,7 @@ paired, compares the discriminator's features of G(z) and of the world's render 
 much as the discriminator attends to it. An EMA copy of G is what gets shipped.
 
 Those losses kept the large modes but not the small ones: the step-9500 generator follows its latent for dusk
-(91% agreement with the world's facts for the same z) but not for watermark, spire, dome or tree (41-60%,
+(92% agreement with the world's facts for the same z) but not for watermark, spire, dome or tree (46-56%,
 chance level), so it samples those from a few memorised layouts (issue 16). Two optional terms target that,
 both through the frozen shipped segmenter: ``--seg-weight`` (class-weighted cross-entropy of the segmenter's
 logits on G(z) against the world's labels for z: a paired loss where a spire or watermark weighs by its

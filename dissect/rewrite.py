@@ -323,21 +323,63 @@ class Paste(Request):
         return c, context or Context(self.inputs, ctx_mask, rank=1, seeds=self.seeds)
 
 
+def _surround(x: Tensor, hole: Tensor, channel_dim: int, iters: int = 200) -> Tensor:
+    """``x`` with its values over ``hole (N, *grid)`` bool replaced by a harmonic fill from the locations around
+    it: every hole location the mean of its grid neighbours, iterated (Laplace's equation with the surroundings as
+    the boundary), so the surroundings continue smoothly across the hole."""
+    v = channels_last(x, channel_dim)
+    h = hole[..., None].to(v.dtype)
+    dims = tuple(range(1, v.dim() - 1))
+    outside = (1 - h).sum(dims, keepdim=True)
+    if (outside == 0).any():
+        raise RequestError("An erased region covers the whole image, so nothing around it shows what should be "
+                           "there: brush only what to remove.")
+    known = v * (1 - h)
+    v = known + h * known.sum(dims, keepdim=True) / outside
+    ones = torch.ones_like(h)
+    steps = [[o if a == axis else 0 for a in range(len(dims))] for axis in range(len(dims)) for o in (-1, 1)]
+    count = sum(_shift(ones, s) for s in steps)
+    for _ in range(iters):
+        v = known + h * sum(_shift(v, s) for s in steps) / count
+    return v.movedim(-1, channel_dim)
+
+
+def _grow(box: Tensor) -> Tensor:
+    """``box (N, *grid)`` grown by one cell along every grid axis (bool)."""
+    grown = box > 0
+    for axis in range(box.dim() - 1):
+        for o in (-1, 1):
+            grown = grown | (_shift(box, [o if a == axis else 0 for a in range(box.dim() - 1)]) > 0)
+    return grown
+
+
+ERASE_FILLS = ("surround", "units")
+
+
 @dataclass
 class Erase(Request):
-    """Remove what the masked regions show (the authors' watermark removal).
+    """Remove what the masked regions show.
 
-    Target values are the layer's output with the ``units`` key channels most aligned with the context zeroed in
-    the keys (blended by the mask over each mask's bounding box); the rank-r insert through ``D`` generalises the
-    removal to every key in the context subspace. Default context: the erased regions themselves, rank 1.
+    ``fill="surround"`` (default): the target values over each mask's bounding box are the layer's values around
+    the box continued across it (a harmonic fill at the layer's grid), what the image would show if the brushed
+    thing were not there; a sloppy brush that takes in some background does no harm. ``fill="units"``: the
+    authors' watermark removal, the layer's output with the ``units`` key channels most aligned with the context
+    zeroed in the keys (blended by the mask; the only fill for a layer with one key per row). Either way the
+    rank-r insert through ``D`` generalises the removal to every key in the context subspace. Default context:
+    the erased regions themselves, rank 1.
     """
 
     inputs: Inputs
     masks: Tensor | None
     units: int = 30
     seeds: list[int] | None = None
+    fill: str = "surround"
 
     json_key: ClassVar[str] = "erase"
+
+    def __post_init__(self) -> None:
+        if self.fill not in ERASE_FILLS:
+            raise RequestError(f"An erase fills its region from {' or '.join(map(repr, ERASE_FILLS))}, got {self.fill!r}.")
 
     @classmethod
     def from_json(cls, spec: dict, reader: SpecReader) -> "Erase":
@@ -345,22 +387,32 @@ class Erase(Request):
         units = spec["erase"].get("units", 30)
         if isinstance(units, bool) or not isinstance(units, int) or units < 1:
             raise RequestError(f"erase: 'units' is a positive whole number of key channels, got {units!r}.")
-        return cls(reader.inputs(seeds), masks, units=units, seeds=seeds)
+        return cls(reader.inputs(seeds), masks, units=units, seeds=seeds, fill=spec["erase"].get("fill", "surround"))
 
     def constraint(self, memory: LayerMemory, context: Context | None) -> tuple[Constraint, Context]:
         context = context or Context(self.inputs, self.masks, rank=1, seeds=self.seeds)
         rec = _record(memory, self.inputs)
         alpha = memory.mask_weights(self.masks, self.inputs, rec.values)
-        units = memory.context_units(context.inputs, context.masks, self.units)
-        erased = _record(memory, self.inputs, zero_units=units)
+        box = bounding_boxes(alpha)
         cd = memory.adapter.channel_dim
+        if self.fill == "surround":
+            if not memory.grid(rec.values):
+                raise RequestError(f"Layer {memory.layer!r} has one key per row, with no surroundings to fill an erased "
+                                   f"region from: use Erase(..., fill='units').")
+            hole = _grow(box)
+            linear, values, blend = _surround(rec.linear, hole, cd), _surround(rec.values, hole, cd), box
+        else:
+            erased = _record(memory, self.inputs, zero_units=memory.context_units(context.inputs, context.masks,
+                                                                                   self.units))
+            linear, values, blend = erased.linear, erased.values, alpha
         c = Constraint(
             rec,
-            linear_target=_blend(alpha, erased.linear, rec.linear, cd),
-            target=_blend(alpha, erased.values, rec.values, cd),
-            weights=bounding_boxes(alpha),
+            linear_target=_blend(blend, linear, rec.linear, cd),
+            target=_blend(blend, values, rec.values, cd),
+            weights=box,
         )
         return c, context
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Solving

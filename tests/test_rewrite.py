@@ -378,7 +378,7 @@ def test_erase_stores_the_values_without_the_contexts_top_units():
     keys[:, units] = 0
     with torch.no_grad():
         wanted = model[2](keys)[0, :, 3, 4]
-    edit = Rewriter(model).rewrite(memory, Erase(x[:1], mask, units=3), budget=None)
+    edit = Rewriter(model).rewrite(memory, Erase(x[:1], mask, units=3, fill="units"), budget=None)
     assert edit.loss_after < 1e-8 < edit.loss_before
     torch.testing.assert_close(memory.values(x[:1])[0, :, 3, 4], wanted, rtol=0, atol=1e-5)
 

@@ -1,0 +1,337 @@
+"""Edits as a newcomer makes them in the dashboard, measured by how the images look (issue 14).
+
+    python benchmarks/eval_user.py                                   # 30 requests per task, 200 metric seeds
+    python benchmarks/eval_user.py --requests 6 --metric-n 100       # quick look
+    python benchmarks/eval_user.py --rank 4 --budget 0.01            # probe other settings (not the defaults)
+
+Each request is a different random draw among the first 48 seeds a user browses (the grid's first four pages).
+Masks are made as the canvas makes them: strokes of the default brush drawn over the region the segmenter finds,
+turned into a mask by the dashboard's own ``imaging.canvas_mask``, recorded with ``brushing.record_stroke``;
+the edit is solved and applied by ``editing.apply`` with the dashboard's recommended settings for the request
+kind (``requests.RECOMMENDED``), exactly as the *Apply edit* button does. Tasks:
+
+  erase   brush the watermark on 3 images (Context), Erase. Figure: removal, the share of the metric samples
+          marked before that are no longer marked. Baseline: zeroing the erase's 30 units (GAN dissection).
+  paste   copy one tree (Copy), paint one spire (Paste, onto the painted region), brush 3 other spires
+          (Context), Paste. Figure: the share of the original spire pixels the segmenter labels tree.
+          Baseline: fine-tuning the whole weight on the same constraint (Adam, as eval_edits).
+  trees   the third rule: remove trees. Brush the trees of 3 images (Context), Erase. Figure: the share of
+          original tree pixels that are no longer tree. Baseline: zeroing the erase's 30 units.
+
+Collateral: the perceptual distance (dissect.measure, segmenter features) between the original and the edited
+render of each *unrelated* metric sample (one that did not show the task's class), median over samples, in
+units of "a different image" (measure.calibrate; the noise re-render is printed beside it). A request succeeds
+when its figure meets the task's target and its collateral is within the bound: erase and trees at most half
+the 30-unit ablation's, paste at most fine-tuning's, on the same request. Metric seeds (600000+) were never used
+to choose any setting; --metric-start moves them (probes used 610000+), as --draw-start moves the request draws
+(probes used 500+).
+The last line is machine-readable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The canvas widget registers itself only inside a running app; here its strokes are simulated (stroke_mask), and
+# everything after the canvas (canvas_mask, record_stroke, the request, the solve) is the dashboard's own code.
+sys.modules.setdefault("streamlit_drawable_canvas", types.SimpleNamespace(st_canvas=None))
+
+from dashboard import brushing, editing  # noqa: E402
+from dashboard.defaults import CANVAS_SCALE  # noqa: E402
+from dashboard.imaging import canvas_mask  # noqa: E402
+from dashboard.requests import RECOMMENDED, Settings  # noqa: E402
+from dashboard.workspace import Workspace  # noqa: E402
+from dissect import measure  # noqa: E402
+from dissect.memory import LayerMemory  # noqa: E402
+from dissect.models.world import CLASSES  # noqa: E402
+from dissect.rewrite import Edit, constraint, constraint_loss, weight_sha256  # noqa: E402
+from dissect.visualize import image_grid, to_pil, to_unit  # noqa: E402
+
+BROWSED = range(48)  # the seeds a user browses: the grid's first four pages
+BRUSH = 14  # the dashboard's default brush size, in canvas pixels
+TREE, SPIRE, WATERMARK = CLASSES.index("tree"), CLASSES.index("spire"), CLASSES.index("watermark")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A simulated user
+# ---------------------------------------------------------------------------------------------------------
+
+
+def stroke_mask(region: torch.Tensor, rng: random.Random, brush: int = BRUSH, scale: int = CANVAS_SCALE) -> torch.Tensor:
+    """The mask the canvas gives for a person covering ``region (H, W) bool`` with the default brush: back-and-forth
+    strokes across each band of the region's rows, ends jittered by a few canvas pixels, drawn on an RGBA canvas
+    ``scale`` times the image and converted by the dashboard's ``canvas_mask``."""
+    h, w = region.shape
+    canvas = Image.new("RGBA", (w * scale, h * scale), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    rows = region.any(dim=1).nonzero()[:, 0]
+    step = max(1, round(0.6 * brush / scale))  # bands a brush width apart, overlapping a little, as a hand does
+    for y in range(int(rows.min()), int(rows.max()) + 1, step):
+        band = region[y : y + step].any(dim=0).nonzero()[:, 0]
+        if len(band) == 0:
+            continue
+        jitter = lambda: rng.uniform(-0.4, 0.4) * brush  # noqa: E731
+        x0, x1 = (float(band.min()) + 0.5) * scale + jitter(), (float(band.max()) + 0.5) * scale + jitter()
+        yc = (y + step / 2) * scale + jitter() / 2
+        draw.line([(x0, yc), (x1, yc)], fill=(255, 210, 0, 140), width=brush)
+        for x in (x0, x1):  # the round ends of a freehand stroke
+            draw.ellipse([x - brush / 2, yc - brush / 2, x + brush / 2, yc + brush / 2], fill=(255, 210, 0, 140))
+    return canvas_mask(np.asarray(canvas), (h, w))
+
+
+def brush(ws: Workspace, mode: str, seed: int, mask: torch.Tensor) -> None:
+    """One canvas drawing, recorded as the Images page records it."""
+    brushing.record_stroke(ws.brush, mode, seed, {"objects": [{"type": "path"}]}, mask)
+
+
+@dataclass
+class Outcome:
+    figure: float  # removal or conversion, in [0, 1]
+    collateral: float  # median perceptual distance on unrelated samples, in units of a different image
+    baseline_figure: float
+    baseline_collateral: float
+    seeds: dict[str, list[int]] = field(default_factory=dict)
+    edit: Edit | None = None  # the dashboard's edit, for the before/after sheets
+
+    def success(self, target: float, bound: float) -> bool:
+        return self.figure >= target and self.collateral <= bound * self.baseline_collateral
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    ws: Workspace
+    seg: torch.nn.Module
+    perceptual: measure.Perceptual
+    scale: measure.Scale
+    metric: list[int]
+    base: measure.Rendered
+    browsed: measure.Rendered
+
+    def render(self) -> measure.Rendered:
+        return measure.render(self.ws.model, self.ws.sampler, self.metric, self.seg)
+
+    def collateral(self, after: measure.Rendered, cls: int) -> float:
+        unrelated = ~measure.present(self.base.labels, CLASSES[cls])
+        d = measure.collateral_per_image(self.base[unrelated], after[unrelated], None, self.perceptual)["perceptual"]
+        return float(measure.relative(d.median(), self.scale))
+
+    def removal(self, after: measure.Rendered, cls: int) -> float:
+        marked = measure.present(self.base.labels, CLASSES[cls])
+        return 1 - float(measure.present(after.labels[marked], CLASSES[cls]).float().mean())
+
+    def pixels_changed(self, after: measure.Rendered, cls: int, to: int | None) -> float:
+        """Share of the base's ``cls`` pixels that became ``to`` (or, with None, anything else)."""
+        px = self.base.labels == cls
+        now = after.labels[px]
+        return float((now == to).float().mean() if to is not None else (now != cls).float().mean())
+
+
+def as_edit(memory: LayerMemory, delta: torch.Tensor, name: str) -> Edit:
+    """A full-weight change ``delta`` (the weight's layout) as an Edit through identity directions, so that the
+    baselines too change weights only through the Rewriter."""
+    w = memory.weight
+    lam = delta.movedim((memory.adapter.out_axis, memory.adapter.key_axis), (0, 1))
+    eye = torch.eye(memory.key_channels, dtype=w.dtype, device=w.device)
+    return Edit(layer=memory.layer, lam=lam.contiguous(), directions=eye, solver=name, base_sha256=weight_sha256(w),
+                loss_before=float("nan"), loss_closed_form=float("nan"), loss_after=float("nan"))
+
+
+def fine_tune(memory: LayerMemory, target, context, steps: int = 300, lr: float = 0.01) -> torch.Tensor:
+    """Unconstrained fine-tuning (the paper's baseline): Adam on every entry of the weight against the same
+    constraint. Returns ΔW."""
+    c, _ = constraint(memory, target, context)
+    base = memory.weight.detach()
+    weight = base.clone().requires_grad_(True)
+    opt = torch.optim.Adam([weight], lr=lr)
+    for _ in range(steps):
+        loss = constraint_loss(memory, c, weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (weight - base).detach()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------------------------------
+
+
+def shows(bench: Bench, cls: int) -> list[int]:
+    """Browsed seeds where the segmenter sees ``cls``."""
+    return [s for s, has in zip(BROWSED, measure.present(bench.browsed.labels, CLASSES[cls]).tolist()) if has]
+
+
+def region(bench: Bench, seed: int, cls: int) -> torch.Tensor:
+    return bench.browsed.labels[list(BROWSED).index(seed)] == cls
+
+
+def erase_task(bench: Bench, rng: random.Random, cls: int, settings: Settings) -> Outcome:
+    """Brush ``cls`` on 3 browsed images that show it, apply the dashboard's Erase; beside it, the 30-unit ablation."""
+    ws = bench.ws
+    seeds = rng.sample(shows(bench, cls), 3)
+    for s in seeds:
+        brush(ws, brushing.CONTEXT, s, stroke_mask(region(bench, s, cls), rng))
+    edit = editing.apply(ws, editing.ERASE, settings)
+    after = bench.render()
+    figure = bench.removal(after, cls) if cls == WATERMARK else bench.pixels_changed(after, cls, None)
+    outcome = Outcome(figure, bench.collateral(after, cls), 0, 0, {"context": seeds}, edit)
+    ws.rewriter.revert()
+    ws.weights_changed()
+    memory = ws.memory()
+    ctx = edit.request["context"]
+    with memory.ablate(memory.context_units(ctx.inputs, ctx.masks, settings.units)):
+        ablated = bench.render()
+    outcome.baseline_figure = bench.removal(ablated, cls) if cls == WATERMARK else bench.pixels_changed(ablated, cls, None)
+    outcome.baseline_collateral = bench.collateral(ablated, cls)
+    return outcome
+
+
+def paste_task(bench: Bench, rng: random.Random, settings: Settings) -> Outcome:
+    """Copy a tree, paste it onto a spire, brush 3 other spires as the context, apply the dashboard's Paste;
+    beside it, fine-tuning the weight on the same constraint."""
+    ws = bench.ws
+    tree_seed = rng.choice(shows(bench, TREE))
+    spires = rng.sample([s for s in shows(bench, SPIRE) if s != tree_seed], 4)
+    trees = region(bench, tree_seed, TREE)
+    # A person copies one tree: the largest connected blob is beyond a brush, so take the tree pixels nearest
+    # a random tree pixel (a 10 px window), as one would brush over a single tree.
+    ys, xs = trees.nonzero(as_tuple=True)
+    pick = rng.randrange(len(ys))
+    window = torch.zeros_like(trees)
+    cy, cx = int(ys[pick]), int(xs[pick])
+    window[max(0, cy - 5) : cy + 5, max(0, cx - 5) : cx + 5] = True
+    brush(ws, brushing.COPY, tree_seed, stroke_mask(trees & window, rng))
+    brush(ws, brushing.PASTE, spires[0], stroke_mask(region(bench, spires[0], SPIRE), rng))
+    for s in spires[1:]:
+        brush(ws, brushing.CONTEXT, s, stroke_mask(region(bench, s, SPIRE), rng))
+    edit = editing.apply(ws, editing.PASTE, settings)
+    after = bench.render()
+    outcome = Outcome(bench.pixels_changed(after, SPIRE, TREE), bench.collateral(after, SPIRE), 0, 0,
+                      {"copy": [tree_seed], "paste": spires[:1], "context": spires[1:]}, edit)
+    ws.rewriter.revert()
+    ws.weights_changed()
+    memory = ws.memory()
+    target, context = edit.request["target"], edit.request["context"]
+    tuned = as_edit(memory, fine_tune(memory, target, context), "fine_tune").scaled(edit.strength)
+    with ws.rewriter.trial([tuned]):
+        tuned_after = bench.render()
+    outcome.baseline_figure = bench.pixels_changed(tuned_after, SPIRE, TREE)
+    outcome.baseline_collateral = bench.collateral(tuned_after, SPIRE)
+    return outcome
+
+
+TASKS: dict[str, tuple[str, Callable[[Bench, random.Random, Settings], Outcome], float, float]] = {
+    # name: (request kind, run, target figure, collateral bound as a multiple of the baseline's)
+    "erase": (editing.ERASE, lambda b, r, s: erase_task(b, r, WATERMARK, s), 0.9, 0.5),
+    "paste": (editing.PASTE, paste_task, 0.5, 1.0),
+    "trees": (editing.ERASE, lambda b, r, s: erase_task(b, r, TREE, s), 0.5, 0.5),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sheets
+# ---------------------------------------------------------------------------------------------------------
+
+
+def sheet(bench: Bench, task: str, outcome: Outcome, path: Path) -> None:
+    """Before/after of 12 metric samples: the first 6 showing the task's class, then 6 unrelated ones."""
+    cls = {"erase": WATERMARK, "paste": SPIRE, "trees": TREE}[task]
+    has = measure.present(bench.base.labels, CLASSES[cls])
+    idx = has.nonzero()[:6, 0].tolist() + (~has).nonzero()[:6, 0].tolist()
+    seeds = [bench.metric[i] for i in idx]
+    with bench.ws.rewriter.trial([outcome.edit]):
+        edited = measure.render(bench.ws.model, bench.ws.sampler, seeds).images
+    pics = torch.cat([to_unit(bench.base.images[idx]), to_unit(edited)])
+    labels = [f"{s} before" for s in seeds] + [f"{s} after" for s in seeds]
+    to_pil(image_grid(pics, nrow=len(idx), labels=labels, scale=2)).save(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=30, help="requests per task")
+    p.add_argument("--metric-n", type=int, default=200)
+    p.add_argument("--metric-start", type=int, default=600_000)
+    p.add_argument("--tasks", default="erase,paste,trees")
+    p.add_argument("--draw-start", type=int, default=0, help="first request draw (probes used 500+)")
+    p.add_argument("--rank", type=int, default=None, help="override the recommended rank (a probe, not the default)")
+    p.add_argument("--budget", type=float, default=None, help="override the smoothness budget (a probe)")
+    p.add_argument("--strength", type=float, default=None, help="override the paste strength (a probe)")
+    p.add_argument("--layer", default=None, help="override the dashboard's layer (a probe)")
+    p.add_argument("--sheets", type=Path, default=None, help="write typical / worst before-after sheets here")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    ws = Workspace.open("spires")
+    if args.layer:
+        ws.layer = args.layer
+    seg = measure.load_segmenter()
+    perceptual = measure.Perceptual(seg)
+    scale = measure.calibrate(ws.model, ws.sampler, range(64), perceptual)
+    metric = list(range(args.metric_start, args.metric_start + args.metric_n))
+    bench = Bench(ws, seg, perceptual, scale, metric, measure.render(ws.model, ws.sampler, metric, seg),
+                  measure.render(ws.model, ws.sampler, list(BROWSED), seg))
+    print(f"layer {ws.layer}; perceptual scale: {scale}; {len(metric)} metric seeds from {args.metric_start}", flush=True)
+
+    summary: dict[str, str] = {}
+    for task in args.tasks.split(","):
+        kind, run, target, bound = TASKS[task]
+        settings = RECOMMENDED[kind]
+        overrides = {k: v for k, v in (("rank", args.rank), ("budget", args.budget), ("strength", args.strength))
+                     if v is not None and not (k == "strength" and kind != editing.PASTE)}
+        settings = Settings(**{**settings.__dict__, **overrides})
+        print(f"\n== {task}: {settings}", flush=True)
+        outcomes: list[Outcome] = []
+        for i in range(args.requests):
+            brushing.clear_all(ws.brush)
+            try:
+                o = run(bench, random.Random(1000 * list(TASKS).index(task) + args.draw_start + i), settings)
+            except ValueError as err:  # a request the defaults cannot serve counts as a failure
+                print(f"  request {i}: refused: {err}", flush=True)
+                o = Outcome(0.0, float("inf"), 0.0, 0.0)
+            outcomes.append(o)
+            change = o.edit.expected_change if o.edit else float("nan")
+            smooth = o.edit.smooth if o.edit else float("nan")
+            print(f"  request {i}: figure {o.figure:.3f} collateral {o.collateral:.4f} change {change:.4f} mu {smooth:.3g} | "
+                  f"baseline {o.baseline_figure:.3f} at {o.baseline_collateral:.4f} {o.seeds}", flush=True)
+        figures = sorted(o.figure for o in outcomes)
+        coll = [o.collateral for o in outcomes]
+        base_coll = [o.baseline_collateral for o in outcomes]
+        ok = sum(o.success(target, bound) for o in outcomes) / len(outcomes)
+        print(f"{task}: figure median {statistics.median(figures):.3f}, worst decile {figures[len(figures) // 10]:.3f}; "
+              f"collateral median {statistics.median(coll):.4f} of a different image (baseline "
+              f"{statistics.median(base_coll):.4f}); baseline figure median "
+              f"{statistics.median(o.baseline_figure for o in outcomes):.3f}; success {ok:.0%}", flush=True)
+        summary[task] = f"{ok:.2f}", f"{statistics.median(figures):.3f}", f"{statistics.median(coll):.4f}"
+        if args.sheets:
+            args.sheets.mkdir(parents=True, exist_ok=True)
+            order = sorted((j for j in range(len(outcomes)) if outcomes[j].edit), key=lambda j: outcomes[j].figure)
+            for name, j in (("typical", order[len(order) // 2]), ("worst", order[0])):
+                sheet(bench, task, outcomes[j], args.sheets / f"user-{task}-{name}.png")
+    e, t, third = summary.get("erase", ("nan",) * 3), summary.get("paste", ("nan",) * 3), summary.get("trees", ("nan",) * 3)
+    print(f"eval_user: erase_success={e[0]} erase_removal_median={e[1]} erase_collateral_median={e[2]} "
+          f"paste_success={t[0]} spire_to_tree_median={t[1]} paste_collateral_median={t[2]} third_success={third[0]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""The edit core: the smoothness term, the surround erase, the request registry, trials, all-or-nothing applies,
+and edit files that refuse anything but what dissect saved."""
+
+import io
+import json
+import pickle
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from dissect.errors import EditFileError, RequestError
+from dissect.memory import LayerMemory
+from dissect.rewrite import (
+    MAX_STRENGTH,
+    Constraint,
+    Context,
+    Copy,
+    Erase,
+    Paste,
+    Request,
+    Rewriter,
+    constraint,
+    load,
+    output_energy,
+    read_edits,
+    solve,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
+
+
+def _convnet() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+
+
+def _fitted(model: nn.Module, x: torch.Tensor, layer: str = "2") -> LayerMemory:
+    memory = LayerMemory(model, layer)
+    k = memory.flat_keys(memory.keys(x)).double()
+    memory.set_moment(k.T @ k / len(k))
+    return memory
+
+
+def _box(size: int, top: int, left: int, h: int, w: int) -> torch.Tensor:
+    m = torch.zeros(size, size)
+    m[top : top + h, left : left + w] = 1
+    return m
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+
+
+@pytest.fixture
+def setup():
+    model = _convnet()
+    x = torch.randn(16, 3, 10, 10)
+    memory = _fitted(model, x)
+    target = Paste(x[1:2], Copy(x[:1], _box(10, 2, 2, 4, 4)))
+    context = Context(x[2:6], torch.stack([_box(10, 2, 2, 4, 4)] * 4), rank=3)
+    return model, x, memory, target, context
+
+
+# -- the smoothness term ------------------------------------------------------------------------------------
+
+
+def test_the_budget_bounds_the_expected_change_and_trades_it_for_fit(setup):
+    model, x, memory, target, context = setup
+    free = solve(memory, target, context, budget=None)
+    assert free.smooth == 0 and free.expected_change > 0.05
+    edits = [solve(memory, target, context, budget=b) for b in (0.05, 0.01, 0.002)]
+    for b, e in zip((0.05, 0.01, 0.002), edits):
+        assert e.smooth > 0 and e.expected_change == pytest.approx(b, rel=1e-3)
+    losses = [free.loss_after] + [e.loss_after for e in edits]
+    assert losses == sorted(losses)  # less change, worse fit
+
+
+def test_expected_change_is_the_mean_output_change_over_the_data_for_a_pointwise_edit(setup):
+    model, x, memory, target, context = setup
+    edit = solve(memory, target, context, budget=0.01, pointwise=True)
+    keys = memory.flat_keys(memory.keys(x)).double()
+    delta = edit.lam.double()[:, :, 1, 1] @ edit.directions.double()
+    change = (keys @ delta.T).square().mean()  # E‖ΔW k‖² per output channel, over every location of the data
+    assert edit.expected_change == pytest.approx(float(change) / output_energy(memory), rel=1e-3)
+    # The scale: E‖W k‖² per channel with the kernel's taps taken one at a time.
+    w = memory.weight.detach().double()
+    taps = sum(float((keys @ w[:, :, i, j].T).square().mean()) for i in range(3) for j in range(3))
+    assert output_energy(memory) == pytest.approx(taps, rel=1e-3)
+
+
+def test_a_fixed_smoothness_weight_is_the_ridge_solution(setup):
+    model, x, memory, target, context = setup
+    edit = solve(memory, target, context, smooth=0.3, pointwise=True)
+    c, ctx = constraint(memory, target, context)
+    d = edit.directions.double()
+    proj = torch.einsum("ri,nihw->nhwr", d, c.rec.keys.double()).reshape(-1, d.shape[0])
+    res = (c.linear_target - c.rec.linear).double().permute(0, 2, 3, 1).reshape(-1, 4)
+    w = c.weights.reshape(-1).double()
+    used = w > 0
+    a = proj[used].T @ (proj[used] * (w[used] / w[used].sum())[:, None])
+    b = proj[used].T @ (res[used] * (w[used] / w[used].sum())[:, None])
+    lam = torch.linalg.solve(a + 0.3 * torch.eye(len(a), dtype=a.dtype), b).T
+    torch.testing.assert_close(edit.lam[:, :, 1, 1].double(), lam, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_budget_rank_and_strength_are_refused_by_name(setup):
+    model, x, memory, target, context = setup
+    for bad in (0, -1, float("nan"), "a lot"):
+        with pytest.raises(RequestError, match="budget"):
+            solve(memory, target, context, budget=bad)
+    for rank, words in ((0, "at least 1"), (-2, "at least 1"), (1.5, "whole number"), ("2", "whole number"),
+                        (True, "whole number")):
+        with pytest.raises(RequestError, match=words):
+            Context(x[:1], _box(10, 1, 1, 2, 2)[None], rank=rank)
+    edit = solve(memory, target, context)
+    for strength in (0, -1, float("inf"), 1e30, MAX_STRENGTH * 2):
+        with pytest.raises(RequestError, match="strength"):
+            edit.scaled(strength)
+    with pytest.raises(RequestError, match="already at strength"):
+        edit.scaled(MAX_STRENGTH).scaled(2)
+
+
+def test_non_finite_weights_are_refused_before_any_solve(setup):
+    model, x, memory, target, context = setup
+    with torch.no_grad():
+        model[2].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        solve(memory, target, context)
+
+
+# -- the surround erase -------------------------------------------------------------------------------------
+
+
+def test_a_surround_erase_continues_the_values_around_the_region():
+    # A 1x1 conv on a smooth ramp: the harmonic fill of a linear field is the field itself.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 1))
+    ramp = torch.linspace(-1, 1, 12)
+    x = torch.stack([ramp[None, :].expand(12, 12), ramp[:, None].expand(12, 12)])[None]
+    memory = _fitted(model, torch.randn(20, 2, 12, 12), "0")
+    c, _ = constraint(memory, Erase(x, _box(12, 4, 4, 3, 3)[None]))
+    with torch.no_grad():
+        field = model(x)
+    torch.testing.assert_close(c.target, field, rtol=0, atol=1e-3)
+    assert int(c.weights.sum()) == 9
+    bumped = x.clone()
+    bumped[:, :, 4:7, 4:7] += 3.0  # something painted on the ramp: the fill ignores it
+    c, _ = constraint(memory, Erase(bumped, _box(12, 4, 4, 3, 3)[None]))
+    torch.testing.assert_close(c.target[:, :, 4:7, 4:7], field[:, :, 4:7, 4:7], rtol=0, atol=1e-3)
+
+
+def test_erase_fill_is_checked():
+    with pytest.raises(RequestError, match="surround"):
+        Erase(torch.zeros(1, 3), None, fill="zeros")
+    model = nn.Sequential(nn.Linear(3, 4))
+    memory = _fitted(model, torch.randn(20, 3), "0")
+    with pytest.raises(RequestError, match="fill='units'"):
+        solve(memory, Erase(torch.randn(2, 3), None))
+
+
+# -- requests -----------------------------------------------------------------------------------------------
+
+
+def test_a_new_request_kind_is_one_class(setup):
+    model, x, memory, target, context = setup
+
+    @dataclass
+    class Darken(Request):
+        """Halve what the region emits (a toy kind)."""
+
+        inputs: torch.Tensor
+        mask: torch.Tensor
+
+        def constraint(self, memory, context):
+            rec = memory.record(self.inputs)
+            weights = memory.mask_weights(self.mask[None], self.inputs, rec.values)
+            c = Constraint(rec, rec.linear * 0.5, rec.values * 0.5, weights)
+            return c, context or Context(self.inputs, self.mask[None], rank=1)
+
+    try:
+        assert Request.kinds["Darken"] is Darken
+        rewriter = Rewriter(model)
+        edit = rewriter.rewrite(memory, Darken(x[3:4], _box(10, 3, 3, 3, 3)), budget=None)
+        assert edit.loss_after < edit.loss_before
+        buffer = io.BytesIO()
+        rewriter.save(buffer)
+        buffer.seek(0)
+        (again,) = read_edits(buffer)
+        assert isinstance(again.request["target"], Darken)
+    finally:
+        del Request.kinds["Darken"]
+
+
+def test_a_request_that_is_not_one_is_refused(setup):
+    model, x, memory, target, context = setup
+    with pytest.raises(RequestError, match="Request"):
+        solve(memory, Copy(x[:1], _box(10, 1, 1, 2, 2)))
+
+
+# -- the edit stack -----------------------------------------------------------------------------------------
+
+
+def test_a_trial_leaves_weights_history_and_redo_bitwise(setup):
+    model, x, memory, target, context = setup
+    rewriter = Rewriter(model)
+    first = rewriter.apply(solve(memory, target, context))
+    rewriter.undo()
+    state = _state(model)
+    second = solve(memory, Paste(x[3:4], Copy(x[:1], _box(10, 2, 2, 4, 4))), context)
+    with rewriter.trial([second]) as r:
+        assert r.history == [second] and not _same(model, state)
+    assert _same(model, state) and rewriter.history == [] and rewriter.redoable == [first]
+    with pytest.raises(RuntimeError, match="boom"), rewriter.trial([second]):
+        raise RuntimeError("boom")
+    assert _same(model, state) and rewriter.redoable == [first]
+
+
+def test_apply_all_is_all_or_nothing_with_no_buffer_left_behind():
+    from tests.test_rewrite import Modulated
+
+    model = Modulated().eval()
+    z = torch.randn(32, 6)
+    memory = _fitted(model, z, "conv1")
+    mask = _box(16, 4, 5, 4, 4)
+    good = solve(memory, Paste(z[1:2], Copy(z[:1], mask), position=(10, 10)))
+    model.conv1.demod_reference = None  # as on a fresh model
+    state = _state(model)
+    bad = good.__class__(**{**good.__dict__, "base_sha256": "0" * 64})
+    rewriter = Rewriter(model)
+    with pytest.raises(RequestError, match="sha256"):
+        rewriter.apply_all([good, bad])
+    assert _same(model, state) and model.conv1.demod_reference is None and rewriter.history == []
+
+
+# -- edit files ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(setup, tmp_path):
+    model, x, memory, target, context = setup
+    state = _state(model)
+    rewriter = Rewriter(model)
+    rewriter.apply(solve(memory, target, context))
+    rewriter.apply(solve(memory, Erase(x[4:6], torch.stack([_box(10, 3, 3, 3, 3)] * 2)), context))
+    path = tmp_path / "edits.safetensors"
+    rewriter.save(path)
+    rewriter.revert()
+    assert _same(model, state)
+    return model, state, path
+
+
+def test_a_saved_file_round_trips_through_paths_and_file_objects(saved):
+    model, state, path = saved
+    with open(path, "rb") as f:
+        rewriter = load(f, model)
+    assert len(rewriter.history) == 2 and rewriter.history[1].smooth >= 0
+    rewriter.revert()
+    assert _same(model, state)
+    assert not list(path.parent.glob(".*.tmp"))  # the atomic write left nothing behind
+
+
+def test_a_flipped_byte_is_refused_by_tensor_name(saved):
+    model, state, path = saved
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # inside the last tensor's bytes
+    bad = path.with_name("flipped.safetensors")
+    bad.write_bytes(bytes(data))
+    with pytest.raises(EditFileError, match="flipped.safetensors.*checksum"):
+        load(bad, model)
+    assert _same(model, state)
+
+
+@pytest.mark.parametrize("case", ["truncated", "pickle", "torch.save", "directory", "missing", "field", "format"])
+def test_bad_edit_files_are_refused_by_name(saved, case, tmp_path):
+    model, state, path = saved
+    bad = tmp_path / f"bad-{case}.safetensors"
+    if case == "truncated":
+        bad.write_bytes(path.read_bytes()[:-100])
+        words = "bad-truncated.*not a complete safetensors"
+    elif case == "pickle":
+        bad.write_bytes(pickle.dumps({"lambda": [1, 2]}))
+        words = "bad-pickle.*pickle"
+    elif case == "torch.save":
+        torch.save({"x": torch.zeros(2)}, bad)
+        words = "bad-torch.save.*pickle"
+    elif case == "directory":
+        bad = tmp_path
+        words = "is a directory"
+    elif case == "missing":
+        bad = tmp_path / "nowhere.safetensors"
+        words = "No edit file at .*nowhere"
+    else:
+        from safetensors.torch import load_file, save_file
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["dissect"])
+        if case == "field":
+            del meta["edits"][1]["smooth"]
+            words = "bad-field.*'smooth'"
+        else:
+            meta["format"] = "dissect-edits/1"
+            words = "bad-format.*format"
+        save_file(load_file(str(path)), str(bad), metadata={"dissect": json.dumps(meta)})
+    with pytest.raises(EditFileError, match=words):
+        load(bad, model)
+    assert _same(model, state)

@@ -192,3 +192,79 @@ def test_an_edited_model_works_under_every_control(G, sampler):
     for b, a in zip(before, again):
         assert torch.equal(a, b)
 
+
+
+# -- the dashboard's Style page, through streamlit's AppTest on the tiny entry-point model ------------------------
+
+
+def grid_captions(at) -> list[str]:
+    from dashboard import browse
+
+    grids = [e.proto for e in at.get("bidi_component") if e.proto.component_name.endswith(browse.COMPONENT)]
+    return [c for g in grids for c in browse.grid_captions(g.json)]
+
+
+def _style_page_app() -> None:
+    """The Style page alone, on the tiny model (AppTest runs this function's body as the app script)."""
+    from dashboard import style_page, workspace
+    from dashboard.requests import Settings
+
+    ws = workspace.current() or workspace.switch("tiny_model:generator")
+    style_page.render(ws, list(range(4)), Settings(rank=1, refine=False, iterations=0, units=4))
+
+
+@pytest.fixture
+def page(monkeypatch):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "tests" / "e2e"))  # the tiny model's entry point
+    monkeypatch.syspath_prepend(str(root))
+    from streamlit.testing.v1 import AppTest
+
+    from dashboard import style_page
+
+    monkeypatch.setattr(style_page, "FIT_SEEDS", range(600_000, 600_040))
+    at = AppTest.from_function(_style_page_app, default_timeout=120).run()
+    assert not at.exception, at.exception
+    return at
+
+
+@pytest.mark.slow
+def test_style_page_controls_combine_with_an_edit(page):
+    from dashboard import workspace
+
+    at = page
+    ws = at.session_state[workspace.KEY]
+    assert grid_captions(at)[:4] == ["seed 0", "seed 1", "seed 2", "seed 3"]
+    assert "unedited" in " ".join(c.value for c in at.caption)
+    # An edit applied in the session: the page renders the edited model under every control.
+    memory = LayerMemory(ws.model, "synthesis.b16.conv1")
+    memory.fit_moment(ws.sampler, 32, progress=False)
+    z, masks = ws.inputs([0, 1]), torch.zeros(2, 64, 64)
+    masks[:, 40:60, 40:60] = 1
+    ws.rewriter.apply(solve(memory, Erase(z, masks, units=4), Context(z, masks, rank=1), refine=False))
+    ws.weights_changed()
+    at.slider(key="style_psi").set_value(0.5).run()
+    at.multiselect(key="style_mix").set_value(["coarse", "fine"]).run()
+    at.selectbox(key="style_noise_middle").set_value("resample").run()
+    assert not at.exception and not at.warning, (at.exception, [w.value for w in at.warning])
+    assert "1 applied edit" in " ".join(c.value for c in at.caption)
+
+
+@pytest.mark.slow
+def test_style_page_says_what_an_attribute_lacks(page):
+    at = page
+    at.slider(key="alpha_watermark").set_value(1.0).run()  # the random tiny model draws no watermarks
+    assert "No vector for watermark" in " ".join(w.value for w in at.warning)
+    at.slider(key="alpha_watermark").set_value(0.0).run()
+    at.text_input(key="attr_pos").set_value("3, 8, 20").run()
+    at.text_input(key="attr_neg").set_value("0-2").run()
+    at.slider(key="alpha_user").set_value(1.0).run()
+    warnings = " ".join(w.value for w in at.warning)
+    assert "3 positive and 3 negative" in warnings and "at least 10 of each" in warnings
+    at.text_input(key="attr_pos").set_value("100-111").run()
+    at.text_input(key="attr_neg").set_value("200-211").run()
+    assert not at.warning and not at.exception
+    at.selectbox(key="attr_space").set_value("synthesis.b16.conv1").run()
+    assert not at.warning and not at.exception

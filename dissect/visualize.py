@@ -12,10 +12,10 @@ import colorsys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
-import torchvision
 from PIL import Image, ImageDraw, ImageFont
 from plotly.subplots import make_subplots
 from torch import Tensor, nn
@@ -70,6 +70,8 @@ def to_pil(image: Tensor) -> Image.Image:
     if image.dim() not in (2, 3) or (image.dim() == 3 and image.shape[0] not in (1, 3)):
         raise ValueError(f"to_pil takes one picture (3, H, W) or (H, W) in [0, 1], got {tuple(image.shape)}; "
                          "index a batch first, or build a grid with image_grid.")
+    import torchvision  # here: importing it costs seconds (torch._dynamo), which the dashboard's first page never pays
+
     return torchvision.transforms.functional.to_pil_image(image.detach().float().clamp(0, 1).cpu())
 
 
@@ -97,7 +99,8 @@ def _text_strip(texts: Sequence[str], width: int, height: int, font: ImageFont.I
 
 
 def _pil_to_tensor(image: Image.Image) -> Tensor:
-    return torchvision.transforms.functional.pil_to_tensor(image).float() / 255
+    """An RGB PIL image -> ``(3, H, W)`` in [0, 1]."""
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
 
 
 def image_grid(
@@ -125,6 +128,8 @@ def image_grid(
         strips = _text_strip([str(t) for t in labels], images.shape[3], height, font)
         captions = torch.stack([_pil_to_tensor(s) for s in strips]).to(images)
         images = torch.cat([images.expand(-1, 3, -1, -1), captions], dim=2)
+    import torchvision  # see to_pil
+
     return torchvision.utils.make_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
 
 

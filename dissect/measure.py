@@ -353,7 +353,7 @@ def format_distance(d: float, scale: Scale | None = None, digits: int = 3) -> st
     """``"0.120 (0.05 of a different image; noise re-render 0.0007, different image 2.42)"``: a perceptual
     figure always shown with its scale (the bare number when ``scale`` is None)."""
     text = f"{d:.{digits}f}"
-    return text if scale is None else f"{text} ({relative(d, scale):.2f} of a different image; {scale})"
+    return text if scale is None else f"{text} ({relative(d, scale):.2g} of a different image; {scale})"
 
 
 def _has_noise_mode(model: Model) -> bool:

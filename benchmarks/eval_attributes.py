@@ -1,6 +1,6 @@
 """Attribute vectors on the embedded generator, and side by side with a rank-one rewrite for the same goal.
 
-    python benchmarks/eval_attributes.py                       # the figures in RESULTS.md (about 10 min on 1 core)
+    python benchmarks/eval_attributes.py                       # the figures in RESULTS.md (about 7 min of one core)
     python benchmarks/eval_attributes.py --fit-n 200 --n 40 --grid-n 20 --alphas -1 1    # quick
 
 Fitting: the segmenter labels --fit-n samples (watermark, tree, dusk sky, spire vs dome); each attribute's vector
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -36,7 +37,8 @@ from dissect.models import load
 from dissect.models.segmenter import load_segmenter
 from dissect.rewrite import Context, Erase, Rewriter, solve
 from dissect.stats import DEFAULT_CACHE_DIR
-from dissect.style import Shift, Style, styles, synthesize
+from dissect.style import GROUPS, Shift, Style, interpolate, render, styles, synthesize
+from dissect.visualize import image_grid, to_pil, to_unit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the dashboard's defaults, eval_edits' request
 from eval_edits import watermark_request  # noqa: E402
@@ -69,19 +71,49 @@ def monotone(prevalences: list[float], n: int) -> bool:
     return all(b >= a - 1.0 / n - 1e-9 for a, b in zip(prevalences, prevalences[1:]))
 
 
+def figure(G, sampler, vectors: dict, path: str, seeds: Sequence[int] = range(0, 6), other: int = 11) -> None:
+    """One row per control on ``seeds``: the style controls, then attribute moves (w, mean difference)."""
+    def move(attribute: str, alpha: float) -> list[Shift]:
+        return [vectors[(attribute, *MAIN)].shift(alpha)]
+
+    rows = [
+        ("as sampled", Style(), []),
+        ("psi 0.5", Style(truncation=0.5), []),
+        (f"coarse from {other}", Style(mix_seed=other, mix=("coarse",)), []),
+        (f"middle from {other}", Style(mix_seed=other, mix=("middle",)), []),
+        (f"fine from {other}", Style(mix_seed=other, mix=("fine",)), []),
+        ("noise resampled", Style(noise={g: "resample" for g in GROUPS}), []),
+        ("dusk +0.5", Style(), move("dusk", 0.5)),
+        ("dusk -0.5", Style(), move("dusk", -0.5)),
+        ("watermark -0.5", Style(), move("watermark", -0.5)),
+        ("watermark +0.5", Style(), move("watermark", 0.5)),
+        ("tree -0.5", Style(), move("tree", -0.5)),
+    ]
+    pictures, labels = [], []
+    with torch.no_grad():
+        for label, style, shifts in rows:
+            pictures.append(to_unit(render(G, sampler, list(seeds), style, shifts)).cpu())
+            labels += [label] + [""] * (len(seeds) - 1)
+        path_ws = interpolate(G, sampler([seeds[0]]), sampler([other]), len(seeds), "w")
+        pictures.append(to_unit(synthesize(G, path_ws, [seeds[0]] * len(seeds))).cpu())
+        labels += [f"w: {seeds[0]} to {other}"] + [""] * (len(seeds) - 1)
+    to_pil(image_grid(torch.cat(pictures), nrow=len(seeds), labels=labels, scale=2)).save(path)
+    print(f"figure: {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--fit-n", type=int, default=400)
-    p.add_argument("--n", type=int, default=120, help="metric seeds: main sweeps and the watermark comparison")
-    p.add_argument("--grid-n", type=int, default=60, help="metric seeds for the other spaces and methods")
-    p.add_argument("--alphas", type=float, nargs="+", default=[-1.0, -0.5, -0.25, 0.25, 0.5, 1.0],
-                   help="0 is always added")
+    p.add_argument("--fit-n", type=int, default=300)
+    p.add_argument("--n", type=int, default=100, help="metric seeds: main sweeps and the watermark comparison")
+    p.add_argument("--grid-n", type=int, default=40, help="metric seeds for the other spaces and methods")
+    p.add_argument("--alphas", type=float, nargs="+", default=[-1.0, -0.5, 0.5, 1.0], help="0 is always added")
     p.add_argument("--layer", default="synthesis.b16.conv1")
     p.add_argument("--ctx", type=int, default=5, help="the rewrite's context images")
     p.add_argument("--ranks", type=int, nargs="*", default=[16], help="rewrite ranks besides 1 (the dashboard's is 16)")
     p.add_argument("--summary-vector", default="w,mean", help="space,method reported on the last line ('layer' for --layer)")
     p.add_argument("--summary-alpha", type=float, default=-1.0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--figure", default=None, help="also save a picture of the controls and moves here (PNG)")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -109,6 +141,8 @@ def main() -> None:
                 vectors[attribute, space, method, groups] = AttributeVector(
                     G, space, method, name=attribute, groups=groups).fit(z, labels, x=feats[space])
     del feats
+    if args.figure:
+        figure(G, sampler, vectors, args.figure)
 
     seeds = list(range(METRIC_SEEDS, METRIC_SEEDS + args.n))
     base = measure.render(G, sampler, seeds, seg)

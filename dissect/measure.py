@@ -62,6 +62,7 @@ __all__ = [
     "prevalence",
     "region",
     "Perceptual",
+    "default_perceptual",
     "rmse",
     "ssim",
     "Scale",
@@ -387,8 +388,9 @@ def calibrate(
     Fixed weights give a fixed scale, so it is kept for the process and in a small JSON file in ``cache_dir``
     (the statistics cache by default; None keeps none), keyed by the SHA-256 of the model's weights, the
     perceptual network, the sampler's description and the seeds (a callable that is not an ``nn.Module`` is
-    never cached). The default seeds give every caller of one model the same cached scale. At least two
-    seeds are needed.
+    never cached). The default seeds give every caller of one model the same cached scale; calibrate the base
+    model, not an edited one (an edit changes the weights, so it would be measured again). At least two seeds
+    are needed.
     """
     seeds = [int(s) for s in seeds]
     if len(seeds) < 2:

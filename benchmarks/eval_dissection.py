@@ -6,9 +6,10 @@
 generator   every synthesis conv layer (conv0 / conv1 of each block; torgb's three RGB channels left out) dissected
             over seeds 0 .. n-1 in one run (two passes over the data shared by all layers), classes from the
             segmenter on the generated images; per layer the units per class at IoU >= 0.04 (GAN Dissection's figure).
-ablation    at the layer with the most tree units (ties: the highest mean IoU of its top k tree units), zero the top k
-            tree units everywhere, against k random units of the same layer (seeded); on fresh seeds, the share of
-            the images showing trees (the segmenter's presence rule) that no longer do.
+ablation    zero the top k tree units of a layer everywhere; the best layer is the one where that removes trees from
+            the most images on --select-n selection seeds. There, against k random units of the same layer (seeded),
+            on other fresh seeds: the share of the images showing trees (the segmenter's presence rule) that no
+            longer do.
 insertion   the same units set to their 0.999 quantile inside a box on the ground (GANPaint), on the same fresh seeds:
             the share of the box's pixels, not tree before, that the segmenter labels tree after; beside k random units.
 image models  the segmenter dissected as an image model on world images with the world's exact labels (Network
@@ -19,6 +20,7 @@ The last line is machine-readable.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -39,7 +41,8 @@ from dissect.models.segmenter import load_segmenter
 GENERATOR_LAYERS = [f"synthesis.b{r}.conv{i}" for r in (4, 8, 16, 32, 64) for i in (0, 1) if (r, i) != (4, 0)]
 SEGMENTER_LAYERS = ["down.0", "down.1", "down.2", "down.3", "up.0", "up.1", "up.2"]  # block outputs, after ReLU
 RESNET_LAYERS = ["relu", "layer1", "layer2", "layer3", "layer4"]
-METRIC_SEEDS = 600_000  # fresh seeds for the causal tests (dissection uses 0 .. n-1)
+METRIC_SEEDS = 600_000  # fresh seeds for the causal tests (dissection uses 0 .. n-1)…
+SELECTION_SEEDS = 650_000  # …and others to choose the layer they run at
 WORLD_SEEDS = 700_000
 INSERT_BOX = (36, 8, 60, 28)  # y0, x0, y1, x1 of a 64x64 image: ground at the left, where trees stand
 
@@ -53,12 +56,22 @@ def print_layers(title: str, result: Dissection) -> None:
         print(f"{layer:22s} {d.grid[0]:>3d}x{d.grid[1]:<2d} {d.units:5d} {d.interpretable_share():7.1%}  {per_class}")
 
 
-def best_layer(result: Dissection, name: str, k: int) -> str:
-    def score(layer: str) -> tuple[int, float]:
-        d = result[layer]
-        return d.units_per_class().get(name, 0), float(d.iou[d.top(name, k), d.class_index(name)].mean())
-
-    return max((layer for layer, d in result.layers.items() if d.units >= k), key=score)
+def best_layer(G, sampler, seg, result: Dissection, name: str, k: int, n: int, batch_size: int) -> str:
+    """The layer where ablating the top ``k`` units of class ``name`` removes it from the most images, on ``n``
+    selection seeds (disjoint from the seeds the figures are measured on). Candidates hold at least 4k units, so
+    the ablation stays a small share of the layer (GAN Dissection zeroes 20 of 512); the others are printed."""
+    selection = GeneratedSamples(sampler, range(SELECTION_SEEDS, SELECTION_SEEDS + n))
+    removed = {}
+    print(f"\nablating the top {k} {name} units, per layer, on {n} selection seeds:")
+    for layer, d in result.layers.items():
+        if d.units >= k:
+            effect = measure_ablation(G, layer, d.top(name, k), selection, seg, name, batch_size=batch_size)
+            if d.units >= 4 * k:
+                removed[layer] = effect.removed
+            print(f"  {layer:22s} {name} units at IoU >= {IOU_LEVEL}: {d.units_per_class().get(name, 0):3d}; "
+                  f"removed from {effect.removed:.1%} of the images showing it"
+                  + ("" if d.units >= 4 * k else f" ({k} of {d.units} units: not a candidate)"))
+    return max(removed, key=removed.get)
 
 
 def main() -> None:
@@ -66,6 +79,7 @@ def main() -> None:
     p.add_argument("--model", default="spires")
     p.add_argument("--n", type=int, default=2000, help="generator samples dissected (seeds 0 .. n-1)")
     p.add_argument("--measure-n", type=int, default=500, help="fresh seeds for ablation and insertion")
+    p.add_argument("--select-n", type=int, default=100, help="seeds on which the best tree layer is chosen")
     p.add_argument("--world-n", type=int, default=500, help="world images for the image models")
     p.add_argument("--k", type=int, default=20, help="units ablated / inserted")
     p.add_argument("--batch-size", type=int, default=50)
@@ -75,20 +89,21 @@ def main() -> None:
     G, sampler = load(args.model)
     seg = load_segmenter()
 
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     result = dissect(G, GENERATOR_LAYERS, GeneratedSamples(sampler, range(args.n)), segmenter=seg,
                      batch_size=args.batch_size)
-    seconds = time.perf_counter() - began
+    seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
     print_layers("generator (classes: segmenter on its images)", result)
-    print(f"dissecting {len(result.layers)} layers took {seconds:.1f} s wall ({result.seconds:.1f} s in the passes) "
-          f"on {args.threads} thread(s)")
+    print(f"dissecting {len(result.layers)} layers took {seconds:.1f} s wall, {cpu:.1f} s of CPU, on {args.threads} "
+          f"thread(s) ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end)")
 
-    layer = best_layer(result, "tree", args.k)
+    layer = best_layer(G, sampler, seg, result, "tree", args.k, args.select_n, args.batch_size)
     d = result[layer]
     tree_units = d.top("tree", args.k)
     random_units = torch.randperm(d.units, generator=torch.Generator().manual_seed(0))[: args.k]
-    print(f"\nbest tree layer {layer}: top {args.k} tree units {tree_units.tolist()} (IoU "
-          f"{float(d.iou[tree_units, d.class_index('tree')].min()):.3f}..{float(d.iou[tree_units, d.class_index('tree')].max()):.3f})")
+    ious = d.iou[tree_units, d.class_index("tree")]
+    print(f"\nbest tree layer {layer}: top {args.k} tree units {tree_units.tolist()} (IoU {float(ious.min()):.3f}.."
+          f"{float(ious.max()):.3f}); measured on {args.measure_n} fresh seeds")
     fresh = GeneratedSamples(sampler, range(METRIC_SEEDS, METRIC_SEEDS + args.measure_n))
     region = torch.zeros(64, 64)
     y0, x0, y1, x1 = INSERT_BOX

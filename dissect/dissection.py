@@ -412,6 +412,12 @@ def _labels_of(samples: Samples, labels: Tensor | None, output: Any, segmenter: 
     return segmenter.segment(output.clamp(-1, 1))
 
 
+def _linear_resize(n_in: int, n_out: int, like: Tensor) -> Tensor:
+    """``(n_out, n_in)``: the weights of ``F.interpolate(..., mode="linear", align_corners=False)`` along one axis."""
+    eye = torch.eye(n_in, dtype=like.dtype, device=like.device)[None]
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T
+
+
 def _count_overlaps(maps: Tensor, thresholds: Tensor, labels: Tensor, classes: int) -> tuple[Tensor, Tensor]:
     """For unit maps ``(B, U, h, w)`` and labels ``(B, H, W)``: per unit and class, the pixels where the bilinearly
     upsampled map is above the unit's threshold and the label is the class (``(U, K)``), and per unit the pixels
@@ -431,9 +437,9 @@ def _count_overlaps(maps: Tensor, thresholds: Tensor, labels: Tensor, classes: i
     chunk = max(1, UPSAMPLED_VALUES // pixels)
     for start in range(0, len(active), chunk):
         sample, unit = active[start : start + chunk].unbind(1)
-        part = maps[sample, unit][:, None]  # (P, 1, h, w)
-        if part.shape[2:] != size:
-            part = F.interpolate(part, size=size, mode="bilinear", align_corners=False)
+        part = maps[sample, unit]  # (P, h, w)
+        if part.shape[1:] != size:  # bilinear upsampling is separable: rows, then columns (as BLAS products)
+            part = _linear_resize(part.shape[1], size[0], part) @ part @ _linear_resize(part.shape[2], size[1], part).T
         row, pixel = (part.reshape(len(unit), pixels) > thresholds.to(maps)[unit, None]).nonzero().unbind(1)
         hit_unit = unit[row]
         inter += torch.bincount(hit_unit * classes + flat_labels[sample[row], pixel], minlength=u * classes)

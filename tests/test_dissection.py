@@ -305,3 +305,29 @@ def test_cli_units_writes_a_report(tmp_path, capsys):
 
 def test_module_exports_exist():
     assert all(hasattr(dissection, name) for name in dissection.__all__)
+
+
+def _dissect_page_app() -> None:
+    import streamlit as st
+
+    from dashboard import dissect_page, workspace
+
+    if "ws" not in st.session_state:
+        st.session_state.ws = workspace.Workspace.open("tests.test_dissection:tiny_model")
+    dissect_page.render(st.session_state.ws, [0, 1, 2], None)
+
+
+@pytest.mark.slow
+def test_dashboard_page_dissects_shows_a_unit_and_ablates_or_inserts():
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_function(_dissect_page_app, default_timeout=300).run()
+    assert not at.exception and not at.warning
+    assert at.selectbox(key="dissect_layer").value == "synthesis.b16.conv1"
+    captions = [c for image in at.get("image") for c in image.captions]
+    assert any(c.startswith("Top 6 images of unit") for c in captions)
+    assert sum(c.endswith("· ablate") for c in captions) == 3  # the grid's seeds, with the units ablated
+    at.selectbox(key="dissect_n").set_value(50).run()
+    at.radio(key="dissect_action").set_value("Insert").run()
+    at.button(key="dissect_measure").click().run()
+    assert not at.exception and any("of the box becomes tree" in m.value for m in at.markdown)

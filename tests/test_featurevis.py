@@ -301,3 +301,46 @@ def test_model_that_does_not_take_images() -> None:
     with pytest.raises(ModelError, match="images of shape"):
         visualise(TinyNet(channels=1), channel("conv1", 0), PixelImage(1, 3, 16), steps=5)
     assert hook_count(mlp) == 0
+
+
+@pytest.mark.parametrize(("dtype", "param_dtype"), [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)])
+def test_dtype_follows_the_model(dtype: torch.dtype, param_dtype: torch.dtype) -> None:
+    model = TinyNet().to(dtype)
+    result = visualise(model, channel("conv2", 0), FourierImage(1, 3, 16), steps=2)
+    assert result.images.dtype == param_dtype and result.values.isfinite().all()
+
+
+def _visualise_app() -> None:
+    """A dashboard with only the sidebar and the Visualise page (AppTest runs this function's body as the app)."""
+    from dashboard import sidebar, visualise_page
+
+    ws, seeds, settings = sidebar.render()
+    if ws is not None:
+        visualise_page.render(ws, seeds, settings)
+
+
+@pytest.mark.slow
+def test_dashboard_page(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "tests" / "e2e"))
+    monkeypatch.syspath_prepend(str(root))
+    from streamlit.testing.v1 import AppTest
+
+    from dashboard import workspace
+
+    monkeypatch.setattr(workspace, "STATS_DIR", tmp_path)
+    at = AppTest.from_function(_visualise_app, default_timeout=300).run()
+    at.radio(key="model_source").set_value("Your model (entry point)").run()
+    at.text_input(key="entry_point").set_value("tiny_model:generator").run()
+    at.slider(key="featurevis_steps").set_value(8).run()
+    at.button(key="featurevis_run").click().run()
+    assert not at.exception, at.exception
+    assert any("unit 0 of synthesis.b16.conv1 (8 steps)" in c.value for c in at.caption)
+    at.segmented_control(key="featurevis_what").set_value("Context direction").run()
+    assert any("context is empty" in i.value for i in at.info)
+    at.radio(key="featurevis_model").set_value("Segmenter").run()
+    at.button(key="featurevis_run").click().run()
+    assert not at.exception, at.exception
+    assert any("of segmenter" in c.value and "(8 steps)" in c.value for c in at.caption)

@@ -16,7 +16,8 @@ and, as a control, torchvision's resnet18 with random weights (``weights=None``,
   value(with transforms) / value(without);
 * ``seconds_per_step``: one 64-pixel image on the segmenter, Fourier + decorrelated + transforms (median of 3);
 * ``hooks_leaked``: forward hooks left on the segmenter after ``--hook-calls`` calls of ``visualise`` (one step
-  each; a quarter of them end in an exception from the callback, a quarter in a bad-unit error);
+  on an 8-pixel image each; a quarter of them end in an exception from the callback, a quarter in a bad-unit
+  error before any step);
 * ``lucent``: torch-lucent in its own venv, on the same segmenter units with its FFT + decorrelated image and its
   standard transforms (its images in [0, 1] mapped to the segmenter's [-1, 1]); ``ran``, or why not.
 
@@ -220,7 +221,7 @@ def main() -> None:
     for i in range(args.hook_calls):
         try:
             objective = channel("down.2.5", 999 if i % 4 == 2 else i % 64)
-            visualise(seg, objective, FourierImage(1, 3, 16), steps=1, transforms=standard_transforms(16),
+            visualise(seg, objective, FourierImage(1, 3, 8), steps=1, transforms=standard_transforms(8),
                       callback=interrupt if i % 4 == 1 else None)
         except (KeyboardInterrupt, RequestError):
             pass

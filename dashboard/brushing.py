@@ -9,7 +9,6 @@ from __future__ import annotations
 import streamlit as st
 import torch
 from PIL import Image
-from streamlit_drawable_canvas import st_canvas
 
 from dashboard import derived
 from dashboard.browse import BRUSH_COLORS, swatch
@@ -168,6 +167,10 @@ def pick(seed: int) -> None:
 
 def render(ws: Workspace, seeds: list[int], edited: bool, settings: Settings) -> int:
     """The brush controls and the canvas; returns the seed being brushed."""
+    # Imported here: the component registers its files on import, which fails outside a running app, and the
+    # page's helpers (masks, stamps, clearing) are used by other pages and tests without one.
+    from streamlit_drawable_canvas import st_canvas
+
     brush = ws.brush
     mode = st.segmented_control("Brush", MODES, key="brush_mode", persist_state="session", default=CONTEXT,
                                 required=True, help=" ".join(f"{m}: {LEGEND[m]}." for m in MODES))

@@ -22,8 +22,10 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from dashboard import browse, derived, editing, recipes, workspace  # noqa: E402
 from dashboard.defaults import CANVAS_SCALE, DEFAULT_LAYER  # noqa: E402
 from dashboard.imaging import canvas_mask, format_seeds, mask_centre, parse_seeds  # noqa: E402
+from dissect import stats  # noqa: E402
 from dissect.memory import LayerMemory  # noqa: E402
 from dissect.models.world import CLASSES  # noqa: E402
+from dissect.rewrite import Context, Erase, solve  # noqa: E402
 
 APP = str(ROOT / "dashboard" / "streamlit_app.py")
 TINY = "tiny_model:generator"
@@ -393,3 +395,21 @@ def test_a_cluster_context_names_its_layer_and_is_dropped_when_the_layer_changes
     assert ws.brush.cluster is None and "does not carry over" in messages(at)
     at.run()
     assert "does not carry over" not in messages(at)  # said once
+
+
+def test_applying_an_edit_keeps_the_edited_layers_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The held demodulation an edit adds never changes the cache key of the layer's own C (no re-collection);
+    a later layer, whose keys the edit changed, is collected again."""
+    ws = workspace.Workspace.open(TINY)
+    masks = torch.zeros(2, 64, 64)
+    masks[:, 20:40, 20:40] = 1
+    z = ws.inputs([1, 2])
+    ws.rewriter.apply(solve(ws.memory(), Erase(z, masks), Context(z, masks, rank=2), refine=False))
+    ws.weights_changed()
+    assert ws.edited and not ws._memories  # the edit dropped the session's memories…
+    collected = []
+    monkeypatch.setattr(stats, "save_stats", lambda path, found: collected.append(path))
+    ws.memory()  # …and the edited layer's C comes back from the disk cache
+    assert collected == []
+    ws.memory("synthesis.b32.conv1")
+    assert len(collected) == 1

@@ -344,6 +344,16 @@ def test_the_grid_carries_its_pictures_inline_and_marks_the_brushed_image() -> N
     assert at.selectbox(key="brush_seed").value == 7 and [i["seed"] for i in grid_items(at) if i["selected"]] == [7]
 
 
+def test_a_stroke_shows_in_the_grid_of_the_same_run() -> None:
+    at = open_app()
+    brush(at, "Context", 5, (0, 40, 0, 40))  # mounts seed 5's canvas
+    before = {i["seed"]: i["src"] for i in grid_items(at)}
+    brush(at, "Context", 5, (80, 160, 80, 160))  # one run: the stroke arrives, then the grid is drawn
+    after = {i["seed"]: i["src"] for i in grid_items(at)}
+    assert [s for s in SEEDS if before[s] != after[s]] == [5]
+    assert "Context on seed 5: 1 stroke" in " ".join(c.value for c in at.caption)
+
+
 def test_redraws_reuse_the_grids_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     at = open_app()
     brush(at, "Context", 3, (80, 160, 80, 160))

@@ -310,7 +310,6 @@ class LayerMemory:
         ]
         self._moment: Tensor | None = None
         self._factor: Tensor | None = None  # Cholesky factor L of the regularised C (float64, CPU)
-        self._inverse_factor: Tensor | None = None  # L⁻¹, the whitening
 
     # -- the weight ------------------------------------------------------------------------------------------
 
@@ -538,7 +537,7 @@ class LayerMemory:
         if not torch.trace(moment) > 0:
             raise RequestError(f"C for layer {self.layer!r} is zero: its keys never fire on the data it was fitted on.")
         self._moment = moment.detach()
-        self._factor = self._inverse_factor = None
+        self._factor = None
         return self._moment
 
     @property
@@ -572,19 +571,14 @@ class LayerMemory:
             self._factor = factor
         return self._factor
 
-    def _whitener(self) -> Tensor:
-        """``L⁻¹ (C, C)`` (a triangular solve against the identity), float64 on the CPU; cached."""
-        if self._inverse_factor is None:
-            factor = self.cholesky()
-            eye = torch.eye(factor.shape[0], dtype=factor.dtype)
-            self._inverse_factor = torch.linalg.solve_triangular(factor, eye, upper=False)
-        return self._inverse_factor
-
     def whiten(self, keys: Tensor) -> Tensor:
-        """``L⁻¹ k`` for ``keys (..., C)`` (channels last), in the keys' dtype and device: keys with identity second
-        moment over the data. ``C^{-1/2} k`` up to one fixed rotation, which norms, distances and clusters of the
-        whitened keys do not see."""
-        return keys @ self._whitener().T.to(keys)
+        """``L⁻¹ k`` for ``keys (..., C)`` (channels last; a triangular solve), in the keys' dtype and device: keys
+        with identity second moment over the data. ``C^{-1/2} k`` up to one fixed rotation, which norms, distances
+        and clusters of the whitened keys do not see."""
+        flat = keys.reshape(-1, keys.shape[-1])
+        # Rows: k L⁻ᵀ, i.e. the X with X Lᵀ = k.
+        white = torch.linalg.solve_triangular(self.cholesky().T.to(keys), flat, upper=True, left=False)
+        return white.reshape(keys.shape)
 
     def solve_moment(self, keys: Tensor) -> Tensor:
         """``C^{-1} k`` for ``keys (..., C)`` (two triangular solves with the Cholesky factor): the
@@ -651,8 +645,7 @@ class LayerMemory:
         used = weights > 0
         k = keys[used].double().cpu()
         w = weights[used].double().cpu()
-        whitener = self._whitener()
-        z = (k @ whitener.T) * w.sqrt()[:, None]
+        z = self.whiten(k) * w.sqrt()[:, None]
         _, s, vh = torch.linalg.svd(z, full_matrices=False)
         # Numerical rank as in matrix_rank, at the precision the keys came in.
         spans = int((s > s[0] * max(z.shape) * torch.finfo(keys.dtype).eps).sum())
@@ -661,7 +654,7 @@ class LayerMemory:
                 f"The context's keys at layer {self.layer!r} span only {spans} direction(s), so rank {rank} would add "
                 f"arbitrary ones: lower the rank to {spans}, or add context that differs."
             )
-        d = vh[:rank] @ whitener
+        d = torch.linalg.solve_triangular(self.cholesky(), vh[:rank], upper=False, left=False)  # Vᵀ L⁻¹
         signs = torch.sign((k @ d.T * w[:, None]).sum(0))
         d = d * torch.where(signs == 0, 1.0, signs)[:, None]
         ref = self.weight

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dissect import measure, rewrite
-from dissect.errors import DissectError
+from dissect.errors import DissectError, RequestError
 from dissect.hooks import call_model, layers, to_device
 from dissect.memory import LayerMemory
 from dissect.models.loaders import load
@@ -114,15 +114,19 @@ A request is a JSON object, or a list of them applied in order:
 
   {"layer": "synthesis.b16.conv1",
    "copy":    {"seed": 3, "box": [y0, x0, y1, x1]},     values copied from a region of seed 3
-   "paste":   {"seed": 7, "center": [y, x]},            pasted into seed 7 (no center: where they were)
+   "paste":   {"seed": 7, "center": [y, x],             pasted into seed 7 (no center: where they were),
+               "region": {"box": [...]}},               only onto this part of it (optional)
    "context": {"rank": 4, "regions": [{"seed": 1, "box": [...]}, {"seed": 2, "mask": "m.png"}]}}
 
-  {"layer": "...", "erase": {"regions": [{"seed": 5, "box": [...]}], "units": 30}, "context": {...}}
+  {"layer": "...", "erase": {"regions": [{"seed": 5, "box": [...]}]}, "context": {...}}
+     the erased regions become what surrounds them ("fill": "surround"), or lose their context's most aligned
+     key units ("fill": "units", "units": 30)
 
 Regions are a "box" in image pixels (end exclusive) or a "mask": a grayscale PNG at image resolution
 (white = inside), relative to the JSON file. "context" is optional (default: the target's own region, rank 1).
-Optional on any request: "pointwise": true (change only the kernel's centre) and "strength": 2.5 (scale the
-solved change; see dissect.rewrite.Edit.scaled).
+Optional on any request: "pointwise": true (change only the kernel's centre), "strength": 2.5 (scale the
+solved change; see dissect.rewrite.Edit.scaled) and "budget": 0.02 (the most the edit may change the layer's
+output over the data, as a share of its energy: the paper's smoothness term; default 0.02).
 C is collected (and cached) over seeds 0 .. --stats-n - 1 first."""
 
 
@@ -173,32 +177,42 @@ def _regions(entry: dict, size: tuple[int, int], base_dir: Path, what: str) -> t
     return seeds, masks
 
 
+class _Reader:
+    """How request kinds (``rewrite.Request.from_spec``) read their JSON here: seeds through the model's sampler,
+    masks from boxes or mask images beside the JSON file, every field named by where it sits."""
+
+    def __init__(self, sampler: _OnDevice, size: tuple[int, int], base_dir: Path, where: str) -> None:
+        self.sampler, self.size, self.base_dir, self.where = sampler, size, base_dir, where
+
+    def inputs(self, seeds: list[int]) -> Any:
+        return self.sampler(seeds)
+
+    def seed(self, entry: Any, what: str) -> int:
+        return _integer(entry, "seed", f"{self.where} {what}")
+
+    def mask(self, entry: Any, what: str) -> Tensor:
+        if not isinstance(entry, dict):
+            raise CliError(f"{self.where} {what}: a region is {{'box': [y0, x0, y1, x1]}} or {{'mask': 'file.png'}}, "
+                           f"got {entry!r}.")
+        return _mask(entry, self.size, self.base_dir, f"{self.where} {what}")
+
+    def regions(self, entry: Any, what: str) -> tuple[list[int], Tensor]:
+        return _regions(entry, self.size, self.base_dir, f"{self.where} {what}")
+
+
 def _request(
     spec: dict, sampler: _OnDevice, size: tuple[int, int], base_dir: Path, where: str
-) -> tuple[rewrite.Paste | rewrite.Erase, rewrite.Context | None]:
-    """The target and context requests one JSON request describes; ``where`` names it (``request.json``)."""
-    if ("erase" in spec) == ("copy" in spec or "paste" in spec):
-        raise CliError(f"{where}: a request has either 'copy' and 'paste', or 'erase' (see `dissect rewrite --help`).")
-    if "erase" in spec:
-        seeds, masks = _regions(spec["erase"], size, base_dir, f"{where} erase")
-        units = _integer(spec["erase"], "units", f"{where} erase", default=30)
-        target: rewrite.Paste | rewrite.Erase = rewrite.Erase(sampler(seeds), masks, units=units, seeds=seeds)
-    else:
-        source, dest = _field(spec, "copy", "A copy-and-paste request"), _field(spec, "paste", "A copy request")
-        seed = _integer(source, "seed", f"{where} copy")
-        copied = rewrite.Copy(sampler([seed]), _mask(source, size, base_dir, f"{where} copy"), seeds=[seed])
-        center = dest.get("center") if isinstance(dest, dict) else None
-        if center is not None and not (isinstance(center, list) and len(center) == 2
-                                       and all(isinstance(v, int) and not isinstance(v, bool) for v in center)):
-            raise CliError(f"{where} paste: 'center' is [y, x] in integer image pixels, got {center!r}.")
-        seed = _integer(dest, "seed", f"{where} paste")
-        target = rewrite.Paste(sampler([seed]), copied, tuple(center) if center else None, seeds=[seed])
-    context = None
-    if "context" in spec:
-        seeds, masks = _regions(spec["context"], size, base_dir, f"{where} context")
-        rank = _integer(spec["context"], "rank", f"{where} context", default=1)
-        context = rewrite.Context(sampler(seeds), masks, rank=rank, seeds=seeds)
-    return target, context
+) -> tuple[rewrite.Request, rewrite.Context | None]:
+    """The target and context requests one JSON request describes (any registered kind); ``where`` names it
+    (``request.json``)."""
+    if not isinstance(spec, dict):
+        raise CliError(f"{where}: a request is a JSON object, got {json.dumps(spec)}.")
+    if "context" in spec and isinstance(spec["context"], dict):
+        _integer(spec["context"], "rank", f"{where} context", default=1)
+    try:
+        return rewrite.Request.from_spec(spec, _Reader(sampler, size, base_dir, where))
+    except RequestError as err:
+        raise CliError(f"{where}: {err}") from err
 
 
 def _check_request(memory: LayerMemory, target: rewrite.Paste | rewrite.Erase, context: rewrite.Context | None,
@@ -215,9 +229,12 @@ def _check_request(memory: LayerMemory, target: rewrite.Paste | rewrite.Erase, c
         memory.context_keys(target.inputs, target.masks)
 
 
-def _solver_options(spec: dict, what: str) -> tuple[bool, float]:
-    """A request's optional ``pointwise`` and ``strength``."""
+def _solver_options(spec: dict, what: str) -> tuple[bool, float, float]:
+    """A request's optional ``pointwise``, ``strength`` and ``budget``."""
     pointwise, strength = spec.get("pointwise", False), spec.get("strength", 1.0)
+    budget = spec.get("budget", rewrite.DEFAULT_BUDGET)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < float("inf"):
+        raise CliError(f"{what}: 'budget' is a positive share of the layer's output energy (e.g. 0.02), got {budget!r}.")
     if not isinstance(pointwise, bool):
         raise CliError(f"{what}: 'pointwise' is true or false, got {pointwise!r}.")
     try:
@@ -225,8 +242,9 @@ def _solver_options(spec: dict, what: str) -> tuple[bool, float]:
             raise ValueError
         rewrite.check_strength(strength)
     except ValueError:
-        raise CliError(f"{what}: 'strength' is a positive number (1 = the solved edit), got {strength!r}.") from None
-    return pointwise, float(strength)
+        raise CliError(f"{what}: 'strength' is a positive number up to {rewrite.MAX_STRENGTH:g} (1 = the solved edit), "
+                       f"got {strength!r}.") from None
+    return pointwise, float(strength), float(budget)
 
 
 def _apply_edits(model: nn.Module, sampler: _OnDevice, args: argparse.Namespace) -> rewrite.Rewriter:
@@ -250,12 +268,12 @@ def _apply_edits(model: nn.Module, sampler: _OnDevice, args: argparse.Namespace)
     plans = [(LayerMemory(model, str(_field(spec, "layer", f"Request {i}"))),
               *_request(spec, sampler, size, path.parent, where), *_solver_options(spec, f"Request {i}"))
              for i, (spec, where) in enumerate(zip(specs, wheres))]
-    for (memory, target, context, _, _), where in zip(plans, wheres):
+    for (memory, target, context, *_), where in zip(plans, wheres):
         _check_request(memory, target, context, where)
     rewriter = rewrite.Rewriter(model)
-    for memory, target, context, pointwise, strength in plans:
+    for memory, target, context, pointwise, strength, budget in plans:
         _fit_moment(memory, sampler, args)
-        edit = rewrite.solve(memory, target, context, refine=not args.no_refine, pointwise=pointwise)
+        edit = rewrite.solve(memory, target, context, refine=not args.no_refine, pointwise=pointwise, budget=budget)
         rewriter.apply(edit.scaled(strength))
     return rewriter
 
@@ -264,7 +282,8 @@ def _describe(rewriter: rewrite.Rewriter) -> None:
     for edit in rewriter.history:
         how = f"rank {edit.rank}, {edit.solver}" + (", pointwise" if edit.pointwise else "")
         print(f"{edit.layer}: {how}, strength {edit.strength:g}; constraint loss {edit.loss_before:.4g} -> "
-              f"{edit.loss_after:.4g} (closed form {edit.loss_closed_form:.4g}; at strength 1)")
+              f"{edit.loss_after:.4g} (closed form {edit.loss_closed_form:.4g}; at strength 1); moves "
+              f"{edit.expected_change:.1%} of the layer's output energy")
 
 
 # ----------------------------------------------------------------------------------------------------------

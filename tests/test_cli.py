@@ -214,7 +214,8 @@ def test_clusters_names_clusters_and_writes_png(tmp_path, segmenter_path, capsys
         (["rewrite", "--model", TINY, "--edit", "{tmp}/missing.safetensors", "--export", "{tmp}/o"], "No edit file"),
         (["rewrite", "--model", TINY, "--edit", "{tmp}/garbage.safetensors", "--export", "{tmp}/o"],
          "garbage.safetensors"),
-        (["rewrite", "--model", TINY, "--edit", "{tmp}/bad.json", "--export", "{tmp}/o"], "needs a 'paste' field"),
+        (["rewrite", "--model", TINY, "--edit", "{tmp}/bad.json", "--export", "{tmp}/o"],
+         "names exactly one kind, one of the keys 'paste', 'erase'"),
         (["rewrite", "--model", TINY, "--edit", "{tmp}/garbage.safetensors"], "Nothing to write"),
         (["rewrite", "--model", TINY, "--edit", "{tmp}/weak.json", "--export", "{tmp}/o"], "'strength' is a positive"),
         (["layers", "--model", f"{__name__}:raising_model"],
@@ -223,7 +224,7 @@ def test_clusters_names_clusters_and_writes_png(tmp_path, segmenter_path, capsys
         (["rewrite", "--model", TINY, "--edit", "{tmp}/seed.json", "--export", "{tmp}/o"],
          "seed 'x' in seed.json copy.seed is not an integer"),
         (["rewrite", "--model", TINY, "--edit", "{tmp}/units.json", "--export", "{tmp}/o"],
-         "units 2.5 in units.json [0] erase.units is not an integer"),
+         "units.json [0]: erase: 'units' is a positive whole number of key channels, got 2.5"),
     ],
 )
 def test_user_errors_are_one_line_with_status_2(args, message, tmp_path, capsys):

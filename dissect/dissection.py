@@ -43,7 +43,7 @@ from dissect.errors import LayerError, ModelError, RequestError
 from dissect.hooks import TraceDict, call_model, eval_mode, get_module, key_module_name, model_device, to_device
 from dissect.memory import resize_masks
 from dissect.models.world import CLASSES, World
-from dissect.visualize import image_grid, match_overlay, to_pil
+from dissect.visualize import image_grid, match_overlay, palette, to_pil
 
 __all__ = [
     "IOU_LEVEL",
@@ -673,11 +673,12 @@ def measure_insertion(model: nn.Module, layer: str, units: Sequence[int] | Tenso
 def units_per_class_figure(result: Dissection, level: float = IOU_LEVEL) -> go.Figure:
     """Stacked bars: per layer, how many units have each class as their best at IoU ``>= level``."""
     layers = list(result.layers)
+    colors = palette(len(result.classes))  # a class keeps its colour whichever classes have units
     fig = go.Figure()
-    for name in result.classes:
+    for name, color in zip(result.classes, colors):
         counts = [result[layer].units_per_class(level).get(name, 0) for layer in layers]
         if any(counts):
-            fig.add_trace(go.Bar(x=layers, y=counts, name=name))
+            fig.add_trace(go.Bar(x=layers, y=counts, name=name, marker_color="rgb({},{},{})".format(*color)))
     fig.update_layout(barmode="stack", title=f"Units per class at IoU >= {level:g} ({result.samples} samples)",
                       xaxis_title="layer", yaxis_title="units")
     return fig
@@ -736,7 +737,7 @@ def report_html(model: nn.Module, samples: Samples, result: Dissection, level: f
         "<style>body{font-family:sans-serif;margin:2em} table{border-collapse:collapse} "
         "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left} img{image-rendering:pixelated}</style>",
         "</head><body><h1>Layer dissection</h1>",
-        f"<p>{result.samples} samples, {len(result.layers)} layers, {result.units} units; "
+        f"<p>{result.samples} samples, {len(result.layers)} layer(s), {result.units} units; "
         f"{result.forward_passes} passes over the data in {result.seconds:.1f} s. A unit's region is where its "
         f"upsampled activation exceeds its {next(iter(result.layers.values())).quantile:g} quantile; its class is "
         f"the one of highest IoU with that region. {result.interpretable_share(level):.1%} of the units reach IoU "

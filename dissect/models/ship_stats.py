@@ -6,8 +6,8 @@ Every spatial and mapping layer's C = E[k kᵀ] over seeds ``0 .. n-1``, collect
 (a :class:`~dissect.hooks.TraceDict` on every key module) instead of one partial pass per layer, then written
 with the fingerprint of the weights it depends on (:func:`dissect.shipped.save`). Run it again after the
 generator's weights change: a shipped C whose fingerprint no longer matches is never used.
-The collected moments are kept under ``--work`` (per model and n), so re-packaging after a change of the
-fingerprint rule costs seconds.
+The collected moments are kept under ``--work`` (per model, weights and n), so re-packaging after a change of
+the fingerprint rule costs seconds.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def main() -> None:
     model, sampler = load(args.model)
     model.requires_grad_(False)
     names = shipped_layers(model, sampler([0]))
-    work = args.work / f"{args.model}-n{args.n}.safetensors"
+    weights = stats.fingerprint(model, "", sampler([0]), side="output")[:16]  # new weights never reuse old moments
+    work = args.work / f"{args.model}-{weights}-n{args.n}.safetensors"
     if work.exists():
         moments = dict(zip(names, stats.load_stats(work), strict=True))
     else:

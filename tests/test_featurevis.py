@@ -310,6 +310,21 @@ def test_dtype_follows_the_model(dtype: torch.dtype, param_dtype: torch.dtype) -
     assert result.images.dtype == param_dtype and result.values.isfinite().all()
 
 
+class ImageSampler:
+    """Seeded 16-pixel images in [-1, 1]: the inputs of a user's image classifier."""
+
+    description = "uniform images 16x16"
+
+    def __call__(self, seeds) -> torch.Tensor:
+        return torch.stack([torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in seeds])
+
+
+def classifier() -> tuple[nn.Module, ImageSampler]:
+    """Entry point ``test_featurevis:classifier``: a model that takes images, as a user's classifier does."""
+    torch.manual_seed(0)
+    return TinyNet().eval(), ImageSampler()
+
+
 def _visualise_app() -> None:
     """A dashboard with only the sidebar and the Visualise page (AppTest runs this function's body as the app)."""
     from dashboard import sidebar, visualise_page
@@ -344,3 +359,10 @@ def test_dashboard_page(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     at.button(key="featurevis_run").click().run()
     assert not at.exception, at.exception
     assert any("of segmenter" in c.value and "(8 steps)" in c.value for c in at.caption)
+    at.text_input(key="entry_point").set_value("test_featurevis:classifier").run()
+    assert at.radio(key="featurevis_model").options[0] == "test_featurevis:classifier: optimise an image"
+    at.radio(key="featurevis_model").set_value(at.radio(key="featurevis_model").options[0]).run()
+    at.segmented_control(key="featurevis_what").set_value("Unit").run()
+    at.button(key="featurevis_run").click().run()
+    assert not at.exception, at.exception
+    assert any("unit 0 of conv" in c.value and "(8 steps)" in c.value for c in at.caption)

@@ -137,8 +137,8 @@ class Trace:
     Args:
         model: any ``nn.Module``.
         layer: a name from ``model.named_modules()``.
-        retain_input: keep the layer's first positional input as ``.input``.
-        retain_output: keep the layer's output as ``.output``.
+        retain_input: keep a copy of the layer's first positional input, taken before the layer runs, as ``.input``.
+        retain_output: keep a copy of the layer's output (after ``edit_output``) as ``.output``.
         edit_output: ``fn(output, layer_name) -> output`` replaces what the layer emits.
         stop: end the forward right after the layer, so an early layer never pays for the rest of the network.
         detach: store detached tensors; ``False`` keeps the autograd graph (for optimising through the trace).

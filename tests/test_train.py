@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from dissect.errors import ModelError
 from dissect.models.loaders import WEIGHTS_DIR, load, load_weights
 from dissect.models.train import Trainer, build_parser, checkpoint_path, snapshot_path, train
-from dissect.models.world import World
+from dissect.models.world import CLASSES, World
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from diversity import latent_agreement, load_model, near_duplicate_pairs, near_duplicate_share  # noqa: E402
@@ -93,6 +93,15 @@ def test_d_warmup_trains_d_but_gives_g_no_adversarial_gradient(tmp_path):
     before_g = params(adversarial.G)
     adversarial.step()
     assert not all(torch.equal(before_g[k], v) for k, v in params(adversarial.G).items())
+
+
+def test_class_weighted_l1_has_mean_weight_one_per_pixel_and_weighs_small_classes_more(tmp_path):
+    trainer = Trainer(_args(tmp_path / "run", 0, "--l1-class-power", "0.5"))
+    _, labels = trainer.world.render(trainer.world.sample_latents(range(-200, 0)))
+    assert trainer.pixel_weights[labels].mean().item() == pytest.approx(1.0, abs=1e-4)
+    sky, spire = trainer.pixel_weights[CLASSES.index("sky")], trainer.pixel_weights[CLASSES.index("spire")]
+    assert spire > 5 * sky
+    assert math.isfinite(trainer.step()["regress"])
 
 
 def test_segmenter_losses_train_g_and_leave_the_segmenter_frozen(tmp_path):

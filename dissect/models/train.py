@@ -15,8 +15,9 @@ both through the frozen shipped segmenter: ``--seg-weight`` (class-weighted cros
 logits on G(z) against the world's labels for z: a paired loss where a spire or watermark weighs by its
 class, not its pixel count) and ``--div-weight`` (a diversity-sensitive hinge, after the mode-seeking loss of
 Mao et al. 2019: a pair of G's label maps must differ at least as much as the world's pair for the same two
-latents). ``--init-from`` starts G from an exported generator; ``--d-warmup-steps`` then trains the fresh
-discriminator for a while before its gradient reaches G.
+latents). ``--l1-class-power`` weighs the pixel L1 by the class of the world's pixel, so small objects count
+without the segmenter. ``--init-from`` starts G from an exported generator; ``--d-warmup-steps`` then trains
+the fresh discriminator alone for a while.
 
 Checkpoints are resumable and written atomically under ``--out`` (default ``~/.cache/dissect/train-spires``):
 run the same command again and it continues from the latest one.
@@ -41,7 +42,7 @@ from ..errors import ModelError
 from .loaders import load_generator, load_state_dict
 from .segmenter import Segmenter, load_segmenter
 from .stylegan import Discriminator, Generator
-from .world import World
+from .world import CLASSES, World
 
 DEFAULT_OUT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dissect" / "train-spires"
 
@@ -81,8 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", type=Path, default=None,
                    help="start G (and its EMA) from this exported generator (safetensors); ignored on resume")
     p.add_argument("--d-warmup-steps", type=int, default=0,
-                   help="steps after warm-up in which D trains but G gets no adversarial gradient (a fresh D "
-                        "beside a warm-started G)")
+                   help="steps after warm-up in which only D trains and G stays as it is (a fresh D beside a "
+                        "warm-started G)")
+    p.add_argument("--l1-class-power", type=float, default=0.0,
+                   help="weigh the pixel L1 by the world's class frequency^-P at each pixel of the target (mean "
+                        "weight 1 over pixels), so spires, domes, windows and the watermark count; 0: unweighted")
     p.add_argument("--r1-gamma", type=float, default=0.2)
     p.add_argument("--r1-every", type=int, default=16, help="lazy R1: penalise every N steps, scaled by N")
     p.add_argument("--ema-beta", type=float, default=0.998)
@@ -128,6 +132,11 @@ class Trainer:
 
             self.seg = load_segmenter(self.device).eval().requires_grad_(False)
             self.class_weights = class_weights(self.world, n=200).to(self.device)
+        if args.l1_class_power > 0:
+            _, labels = self.world.render(self.world.sample_latents(range(-200, 0)))
+            freq = torch.bincount(labels.flatten(), minlength=len(CLASSES)).double() / labels.numel()
+            weight = freq.clamp(min=1e-4) ** -args.l1_class_power
+            self.pixel_weights = (weight / (freq * weight).sum()).float().to(self.device)  # per-pixel mean 1
 
     def _init_generator(self, path: Path) -> None:
         source = load_generator(path)
@@ -164,12 +173,18 @@ class Trainer:
         return out
 
     def step(self) -> dict[str, float]:
-        """One step: a D update (with lazy R1) then a G update, sharing one G forward."""
+        """One step: a D update (with lazy R1) then a G update, sharing one G forward; during the D warm-up
+        (``--d-warmup-steps`` after ``--warmup-steps``) G only renders."""
         a = self.args
+        g_frozen = a.warmup_steps <= self.step_count < a.warmup_steps + a.d_warmup_steps
         z, z_real = self._z(), self._z()
         target, target_labels = self._world(z)
-        fake = self.G(z, noise_mode="random")
-        regress = (fake - target).abs().mean()
+        with torch.set_grad_enabled(not g_frozen):
+            fake = self.G(z, noise_mode="random")
+        error = (fake - target).abs()
+        if a.l1_class_power > 0:
+            error = error * self.pixel_weights[target_labels].unsqueeze(1)
+        regress = error.mean()
         stats = {"regress": regress.item()}
         if self.step_count < a.warmup_steps:
             loss_g = regress
@@ -183,11 +198,15 @@ class Trainer:
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             self.opt_d.step()
+            stats["loss_d"] = loss_d.item()
+            if g_frozen:
+                self._update_ema()
+                self.step_count += 1
+                return stats
             logits, fake_features = self.D.forward_features(fake)
             adv = F.softplus(-logits).mean()
-            d_warming = self.step_count < a.warmup_steps + a.d_warmup_steps
-            loss_g = (0.0 if d_warming else adv) + a.regress_weight * regress
-            stats.update(loss_d=loss_d.item(), adv=adv.item())
+            loss_g = adv + a.regress_weight * regress
+            stats["adv"] = adv.item()
             if a.fm_weight > 0:
                 with torch.no_grad():
                     target_features = self.D.forward_features(target)[1]

@@ -84,6 +84,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=20, help="units ablated / inserted")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dissect-only", action="store_true", help="time the generator's dissection alone; skip the rest")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     G, sampler = load(args.model)
@@ -97,6 +98,11 @@ def main() -> None:
     print(f"dissecting {len(result.layers)} layers took {seconds:.1f} s wall, {cpu:.1f} s of CPU, on {args.threads} "
           f"thread(s) ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end)")
 
+    if args.dissect_only:
+        print(f"eval_dissection: layers={len(result.layers)} units={result.units} "
+              f"interpretable_share={result.interpretable_share():.3f} forward_passes={result.forward_passes} "
+              f"seconds={seconds:.1f} cpu_seconds={cpu:.1f}")
+        return
     layer = best_layer(G, sampler, seg, result, "tree", args.k, args.select_n, args.batch_size)
     d = result[layer]
     tree_units = d.top("tree", args.k)

@@ -329,6 +329,10 @@ class LayerDissection:
         counts = torch.bincount(self.best_class[keep], minlength=len(self.classes))
         return {c: int(n) for c, n in zip(self.classes, counts) if n}
 
+    def share_per_class(self, level: float = IOU_LEVEL) -> dict[str, float]:
+        """The share of the layer's units that each class owns at IoU ``>= level`` (:meth:`units_per_class` / U)."""
+        return {c: n / self.units for c, n in self.units_per_class(level).items()}
+
     def interpretable_share(self, level: float = IOU_LEVEL) -> float:
         """Share of the layer's units whose best IoU is ``>= level``."""
         return float((self.best_iou >= level).double().mean())

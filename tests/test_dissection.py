@@ -87,6 +87,7 @@ def test_a_planted_unit_is_named_by_its_class_and_ranked_first():
     assert d.best_class[0] == 1 and d.best_iou[0] > 0.5 and d.best_iou[1] < 0.3
     assert d.ranked("b")[0] == 0 and d.top("b", 1).tolist() == [0]
     assert d.units_per_class(0.5) == {"b": 1} and d.interpretable_share(0.5) == pytest.approx(1 / 3)
+    assert d.share_per_class(0.5) == {"b": pytest.approx(1 / 3)}
     assert d.table(0.5) == [(0, "b", pytest.approx(float(d.best_iou[0])))]
 
 

@@ -7,8 +7,9 @@
 Each request is a different random draw among the first 48 seeds a user browses (the grid's first four pages).
 Masks are made as the canvas makes them: strokes of the default brush drawn over the region the segmenter finds,
 turned into a mask by the dashboard's own ``imaging.canvas_mask``, recorded with ``brushing.record_stroke``;
-the edit is solved and applied by ``editing.apply`` with the dashboard's recommended settings for the request
-kind (``requests.RECOMMENDED``), exactly as the *Apply edit* button does. Tasks:
+then *Add the best matches to the context* (``editing.add_matches``, one button), and the edit is solved and
+applied by ``editing.apply`` with the dashboard's recommended settings for the request kind
+(``requests.RECOMMENDED``), as the *Apply edit* button does. Tasks:
 
   erase   brush the watermark on 3 images (Context), Erase. Figure: removal, the share of the metric samples
           marked before that are no longer marked. Baseline: zeroing the erase's 30 units (GAN dissection).
@@ -31,6 +32,7 @@ The last line is machine-readable.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
@@ -123,6 +125,7 @@ class Bench:
     metric: list[int]
     base: measure.Rendered
     browsed: measure.Rendered
+    grow: bool = True  # the recommended flow's "Add the best matches to the context" before Apply
 
     def render(self) -> measure.Rendered:
         return measure.render(self.ws.model, self.ws.sampler, self.metric, self.seg)
@@ -188,6 +191,8 @@ def erase_task(bench: Bench, rng: random.Random, cls: int, settings: Settings) -
     seeds = rng.sample(shows(bench, cls), 3)
     for s in seeds:
         brush(ws, brushing.CONTEXT, s, stroke_mask(region(bench, s, cls), rng))
+    if bench.grow:
+        editing.add_matches(ws, editing.ERASE, settings)
     edit = editing.apply(ws, editing.ERASE, settings)
     after = bench.render()
     figure = bench.removal(after, cls) if cls == WATERMARK else bench.pixels_changed(after, cls, None)
@@ -221,6 +226,8 @@ def paste_task(bench: Bench, rng: random.Random, settings: Settings) -> Outcome:
     brush(ws, brushing.PASTE, spires[0], stroke_mask(region(bench, spires[0], SPIRE), rng))
     for s in spires[1:]:
         brush(ws, brushing.CONTEXT, s, stroke_mask(region(bench, s, SPIRE), rng))
+    if bench.grow:
+        editing.add_matches(ws, editing.PASTE, settings)
     edit = editing.apply(ws, editing.PASTE, settings)
     after = bench.render()
     outcome = Outcome(bench.pixels_changed(after, SPIRE, TREE), bench.collateral(after, SPIRE), 0, 0,
@@ -278,8 +285,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--strength", type=float, default=None, help="override the paste strength (a probe)")
     p.add_argument("--layer", default=None, help="override the dashboard's layer (a probe)")
     p.add_argument("--sheets", type=Path, default=None, help="write typical / worst before-after sheets here")
+    p.add_argument("--no-grow", action="store_true", help="skip 'Add the best matches to the context' (a probe)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, default=None, help="also write each task's figures here (see --combine)")
+    p.add_argument("--combine", type=Path, nargs="+", default=None,
+                   help="print the summary line of runs made task by task (their --json files) and stop")
     args = p.parse_args(argv)
+    if args.combine:
+        summary = {}
+        for path in args.combine:
+            summary.update(json.loads(path.read_text()))
+        print(summary_line(summary))
+        return
     torch.set_num_threads(args.threads)
 
     ws = Workspace.open("spires")
@@ -290,10 +307,10 @@ def main(argv: list[str] | None = None) -> None:
     scale = measure.calibrate(ws.model, ws.sampler, range(64), perceptual)
     metric = list(range(args.metric_start, args.metric_start + args.metric_n))
     bench = Bench(ws, seg, perceptual, scale, metric, measure.render(ws.model, ws.sampler, metric, seg),
-                  measure.render(ws.model, ws.sampler, list(BROWSED), seg))
+                  measure.render(ws.model, ws.sampler, list(BROWSED), seg), grow=not args.no_grow)
     print(f"layer {ws.layer}; perceptual scale: {scale}; {len(metric)} metric seeds from {args.metric_start}", flush=True)
 
-    summary: dict[str, str] = {}
+    summary: dict[str, list[str]] = {}
     for task in args.tasks.split(","):
         kind, run, target, bound = TASKS[task]
         settings = RECOMMENDED[kind]
@@ -312,7 +329,10 @@ def main(argv: list[str] | None = None) -> None:
             outcomes.append(o)
             change = o.edit.expected_change if o.edit else float("nan")
             smooth = o.edit.smooth if o.edit else float("nan")
-            print(f"  request {i}: figure {o.figure:.3f} collateral {o.collateral:.4f} change {change:.4f} mu {smooth:.3g} | "
+            strength = o.edit.strength if o.edit else float("nan")
+            ctx = len(o.edit.request["context"].seeds or []) if o.edit else 0
+            print(f"  request {i}: figure {o.figure:.3f} collateral {o.collateral:.4f} change {change:.4f} mu {smooth:.3g} "
+                  f"strength {strength:.2f} context {ctx} | "
                   f"baseline {o.baseline_figure:.3f} at {o.baseline_collateral:.4f} {o.seeds}", flush=True)
         figures = sorted(o.figure for o in outcomes)
         coll = [o.collateral for o in outcomes]
@@ -322,15 +342,21 @@ def main(argv: list[str] | None = None) -> None:
               f"collateral median {statistics.median(coll):.4f} of a different image (baseline "
               f"{statistics.median(base_coll):.4f}); baseline figure median "
               f"{statistics.median(o.baseline_figure for o in outcomes):.3f}; success {ok:.0%}", flush=True)
-        summary[task] = f"{ok:.2f}", f"{statistics.median(figures):.3f}", f"{statistics.median(coll):.4f}"
+        summary[task] = [f"{ok:.2f}", f"{statistics.median(figures):.3f}", f"{statistics.median(coll):.4f}"]
         if args.sheets:
             args.sheets.mkdir(parents=True, exist_ok=True)
             order = sorted((j for j in range(len(outcomes)) if outcomes[j].edit), key=lambda j: outcomes[j].figure)
             for name, j in (("typical", order[len(order) // 2]), ("worst", order[0])):
                 sheet(bench, task, outcomes[j], args.sheets / f"user-{task}-{name}.png")
-    e, t, third = summary.get("erase", ("nan",) * 3), summary.get("paste", ("nan",) * 3), summary.get("trees", ("nan",) * 3)
-    print(f"eval_user: erase_success={e[0]} erase_removal_median={e[1]} erase_collateral_median={e[2]} "
-          f"paste_success={t[0]} spire_to_tree_median={t[1]} paste_collateral_median={t[2]} third_success={third[0]}")
+    if args.json:
+        args.json.write_text(json.dumps(summary))
+    print(summary_line(summary))
+
+
+def summary_line(summary: dict[str, list[str]]) -> str:
+    e, t, third = (summary.get(task, ["nan"] * 3) for task in ("erase", "paste", "trees"))
+    return (f"eval_user: erase_success={e[0]} erase_removal_median={e[1]} erase_collateral_median={e[2]} "
+            f"paste_success={t[0]} spire_to_tree_median={t[1]} paste_collateral_median={t[2]} third_success={third[0]}")
 
 
 if __name__ == "__main__":

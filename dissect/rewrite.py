@@ -56,12 +56,14 @@ from dissect.memory import (
     channels_last,
     eval_mode,
     num_rows,
+    rank_by_peak,
     select_rows,
 )
 
 __all__ = [
     "Request", "Copy", "Paste", "Context", "Erase", "Constraint", "Edit", "constraint", "constraint_loss", "solve",
     "Rewriter", "load", "read_edits", "weight_sha256", "check_rank", "check_strength", "DEFAULT_BUDGET", "SpecReader",
+    "matched_strength",
 ]
 
 FORMAT = "dissect-edits/2"  # /2: every tensor carries a SHA-256 in the metadata
@@ -99,6 +101,31 @@ def check_strength(factor: Any) -> float:
         raise RequestError(f"An edit's strength factor must be a positive number up to {MAX_STRENGTH:g} (1 = the "
                            f"solved edit), got {factor!r}.")
     return float(factor)
+
+
+def concat_rows(a: Inputs, b: Inputs) -> Inputs:
+    """Two batches of the same structure (tensor, tuple / list or dict of tensors) as one, rows of ``a`` first."""
+    if isinstance(a, Tensor):
+        return torch.cat([a, b.to(a.device)])
+    if isinstance(a, dict):
+        return {k: concat_rows(v, b[k]) if isinstance(v, Tensor) else v for k, v in a.items()}
+    if isinstance(a, (tuple, list)):
+        return type(a)(concat_rows(x, y) if isinstance(x, Tensor) else x for x, y in zip(a, b))
+    raise RequestError(f"Cannot join inputs of type {type(a).__name__}; give tensors, tuples or dicts of them.")
+
+
+Buffers = list[tuple[nn.Module, dict[str, Any]]]
+
+
+def _buffer_slots(module: nn.Module) -> Buffers:
+    """Every submodule's buffer slots (a hold adds one), to put back with :func:`_restore_buffers`."""
+    return [(m, dict(m._buffers)) for m in module.modules()]
+
+
+def _restore_buffers(slots: Buffers) -> None:
+    for module, state in slots:
+        module._buffers.clear()
+        module._buffers.update(state)
 
 
 def _check_finite(what: str, x: Tensor) -> None:
@@ -159,6 +186,32 @@ class Context:
             raise RequestError(f"Cluster {cluster} covers none (or all) of every image given: pass other images.")
         kept_seeds = [seeds[int(i)] for i in keep] if seeds is not None else None
         return cls(select_rows(inputs, keep), masks[keep], rank, kept_seeds)
+
+    def grown(self, memory: LayerMemory, pool: Inputs, n: int = 16, quantile: float = 0.99,
+              pool_seeds: Sequence[int] | None = None) -> "Context":
+        """This context plus the ``n`` images of ``pool`` whose keys match it best, each masked where its match
+        score ``‖D k‖`` passes the ``quantile`` of every score over the pool (what the key-match view outlines):
+        a context brushed on a few images, thickened by the model's own matches. ``pool_seeds`` (one per row)
+        are kept as provenance; images already in the context (by seed) are skipped."""
+        d = memory.directions(self.inputs, self.masks, self.rank)
+        keys = memory.keys(pool)
+        scores = memory.match_keys(d, keys)  # (N, *grid)
+        level = torch.quantile(scores.flatten().float(), quantile)
+        taken = set(self.seeds or [])
+        order, peak = rank_by_peak(scores)
+        chosen = [int(i) for i, p in zip(order, peak) if p > level
+                  and (pool_seeds is None or pool_seeds[int(i)] not in taken)][:n]
+        if not chosen:
+            return self
+        hits = (scores[chosen] > level).to(self.masks.dtype if self.masks is not None else torch.float32)
+        grid = memory.grid(keys)
+        if len(grid) == 2:
+            size = memory.mask_size(pool, grid)
+            hits = torch.nn.functional.interpolate(hits[:, None], size=tuple(size), mode="nearest")[:, 0]
+        index = torch.tensor(chosen)
+        seeds = None if self.seeds is None or pool_seeds is None else list(self.seeds) + [pool_seeds[i] for i in chosen]
+        masks = torch.cat([self.masks, hits.to(self.masks)]) if self.masks is not None else None
+        return Context(concat_rows(self.inputs, select_rows(pool, index)), masks, self.rank, seeds)
 
     @classmethod
     def from_json(cls, spec: Any, reader: SpecReader) -> "Context":
@@ -399,7 +452,9 @@ class Erase(Request):
             if not memory.grid(rec.values):
                 raise RequestError(f"Layer {memory.layer!r} has one key per row, with no surroundings to fill an erased "
                                    f"region from: use Erase(..., fill='units').")
-            hole = _grow(box)
+            grown = _grow(box)  # the box's own border is brushed too: fill from just outside it, where there is room
+            room = (~grown).flatten(1).any(1).view(-1, *[1] * (box.dim() - 1))
+            hole = torch.where(room, grown, box > 0)
             linear, values, blend = _surround(rec.linear, hole, cd), _surround(rec.values, hole, cd), box
         else:
             erased = _record(memory, self.inputs, zero_units=memory.context_units(context.inputs, context.masks,
@@ -470,6 +525,24 @@ class Edit:
             raise RequestError(f"This edit is already at strength {self.strength:g}; {factor:g} times that passes "
                                f"{MAX_STRENGTH:g}.")
         return dataclasses.replace(self, lam=self.lam * factor, strength=self.strength * factor)
+
+
+def matched_strength(memory: LayerMemory, edit: Edit, limit: float = 4.0) -> float:
+    """The strength that gives a typical context location the change the request's own locations get.
+
+    A location changes by ``Λ D k``; the solve fits the request's keys, so a context key that projects less onto
+    ``D`` changes less. The factor is the mean ``‖D k‖`` over the constraint's locations over the mean over the
+    context's masked locations, clamped to ``[1, limit]`` (the request images alone: no metric, no segmenter).
+    """
+    target, context = edit.request["target"], edit.request["context"]
+    c, _ = constraint(memory, target, context)
+    d = edit.directions
+    own = memory.match_keys(d, c.rec.keys)
+    own = float((own * c.weights).sum() / c.weights.sum())
+    keys = memory.keys(context.inputs)
+    w = memory.mask_weights(context.masks, context.inputs, keys)
+    theirs = float((memory.match_keys(d, keys) * w).sum() / w.sum())
+    return min(max(own / max(theirs, 1e-12), 1.0), limit)
 
 
 def weight_sha256(weight: Tensor) -> str:
@@ -609,8 +682,8 @@ def _refine(memory: LayerMemory, c: Constraint, directions: Tensor, lam: Tensor,
 def solve(memory: LayerMemory, target: Request, context: Context | None = None, refine: bool = True,
           max_iter: int = 50, pointwise: bool = False, budget: float | None = DEFAULT_BUDGET,
           smooth: float | None = None) -> Edit:
-    """Solve a rewrite of ``memory``'s layer; the model's weights and outputs are not changed (apply the result
-    with :class:`Rewriter`), though its layer is held (:meth:`LayerMemory.hold`) once the request is valid.
+    """Solve a rewrite of ``memory``'s layer; the model (weights and buffers) is not changed: apply the result
+    with :class:`Rewriter`.
 
     Minimises ``L_constraint + μ · L_smooth`` (see the module docstring). The closed form fits the layer's
     linear part (exact for Conv / ConvTranspose / Linear layers). A layer with a nonlinear rest is then refined by
@@ -631,6 +704,15 @@ def solve(memory: LayerMemory, target: Request, context: Context | None = None, 
         smooth: μ itself (overrides ``budget``); ``0`` for plain least squares.
     """
     start = time.perf_counter()
+    buffers = _buffer_slots(memory.module)
+    try:
+        return _solve(memory, target, context, refine, max_iter, pointwise, budget, smooth, start)
+    finally:
+        _restore_buffers(buffers)  # the layer is held while solving; Rewriter.apply holds it again
+
+
+def _solve(memory: LayerMemory, target: Request, context: Context | None, refine: bool, max_iter: int,
+           pointwise: bool, budget: float | None, smooth: float | None, start: float) -> Edit:
     if budget is not None and not (isinstance(budget, (int, float)) and 0 < budget < math.inf):
         raise RequestError(f"budget is a positive share of the layer's output energy (e.g. 0.02), got {budget!r}.")
     if smooth is not None and not (isinstance(smooth, (int, float)) and 0 <= smooth < math.inf):
@@ -685,6 +767,8 @@ class _Applied:
     parameter: nn.Parameter
     before: Tensor  # exact copies, so undo and redo are bitwise
     after: Tensor
+    buffers_before: Buffers  # the layer's buffer slots either side (a hold adds one), likewise
+    buffers_after: Buffers
 
 
 PathOrFile = str | os.PathLike | IO[bytes]
@@ -727,7 +811,7 @@ class Rewriter:
         """Apply ``edits`` in order, all or none: on any refusal the model (weights, held buffers) and this
         Rewriter's history are exactly as before."""
         done, undone = len(self._done), list(self._undone)
-        buffers = {id(m): (m, dict(m._buffers)) for m in self.model.modules()}
+        buffers = _buffer_slots(self.model)
         try:
             for edit in edits:
                 self._apply_one(edit)
@@ -736,9 +820,7 @@ class Rewriter:
                 applied = self._done.pop()
                 self._write(applied.parameter, applied.before)
             self._undone = undone
-            for module, state in buffers.values():
-                module._buffers.clear()
-                module._buffers.update(state)
+            _restore_buffers(buffers)
             raise
         return list(edits)
 
@@ -764,16 +846,18 @@ class Rewriter:
             after = before + memory.delta(edit.lam.to(param), edit.directions.to(param))
         if not torch.isfinite(after).all():
             raise NonFiniteError(f"The edit of layer {edit.layer!r} gives non-finite weights; not applied.")
+        buffers = _buffer_slots(memory.module)
         memory.hold()  # as when it was solved: an edit read from a file may meet a fresh model
         self._write(param, after)
-        self._done.append(_Applied(edit, param, before, after))
+        self._done.append(_Applied(edit, param, before, after, buffers, _buffer_slots(memory.module)))
         self._undone.clear()
 
     @contextlib.contextmanager
     def trial(self, edits: Sequence[Edit] = ()) -> Iterator["Rewriter"]:
         """Within the block, ``edits`` are applied on top of this Rewriter's (previews, measurements); after it,
-        whatever happened inside, the weights, the history and the redo stack are bitwise as before."""
-        done, undone = len(self._done), list(self._undone)
+        whatever happened inside, the weights, held buffers, the history and the redo stack are bitwise as
+        before."""
+        done, undone, buffers = len(self._done), list(self._undone), _buffer_slots(self.model)
         self.apply_all(edits)
         try:
             yield self
@@ -783,6 +867,7 @@ class Rewriter:
             while len(self._done) < done and self._undone:
                 self.redo()
             self._undone = undone
+            _restore_buffers(buffers)
 
     @staticmethod
     def _write(param: nn.Parameter, value: Tensor) -> None:
@@ -809,6 +894,7 @@ class Rewriter:
         applied = self._done[-1]
         self._check_untouched(applied, applied.after)
         self._write(applied.parameter, applied.before)
+        _restore_buffers(applied.buffers_before)
         self._undone.append(self._done.pop())
         return applied.edit
 
@@ -819,6 +905,7 @@ class Rewriter:
         applied = self._undone[-1]
         self._check_untouched(applied, applied.before)
         self._write(applied.parameter, applied.after)
+        _restore_buffers(applied.buffers_after)
         self._done.append(self._undone.pop())
         return applied.edit
 

@@ -312,3 +312,23 @@ def test_bad_edit_files_are_refused_by_name(saved, case, tmp_path):
     with pytest.raises(EditFileError, match=words):
         load(bad, model)
     assert _same(model, state)
+
+
+def test_solve_and_undo_leave_the_state_dict_bitwise_held_buffers_included():
+    from tests.test_rewrite import Modulated
+
+    model = Modulated().eval()
+    z = torch.randn(32, 6)
+    memory = _fitted(model, z, "conv1")
+    state = _state(model)
+    edit = solve(memory, Paste(z[1:2], Copy(z[:1], _box(16, 4, 5, 4, 4)), position=(10, 10)))
+    assert _same(model, state)  # solving held the layer only while it ran
+    rewriter = Rewriter(model)
+    rewriter.apply(edit)
+    assert model.conv1.demod_reference is not None
+    rewriter.undo()
+    assert _same(model, state)
+    rewriter.redo()
+    assert model.conv1.demod_reference is not None
+    rewriter.revert()
+    assert _same(model, state)

@@ -161,10 +161,15 @@ def controls(ws: Workspace) -> tuple[bool, str]:
         st.pills("Classes", CLASSES, selection_mode="multi", key="shown_classes", persist_state="session",
                  default=list(SHOWN_CLASSES), help="Where the shipped segmenter sees each class.")
     elif overlay == MATCHES:
-        st.slider("Match threshold: the top % of locations", 0.1, 10.0, round(100 * (1 - MATCH_QUANTILE), 1), 0.1,
-                  key="match_top", persist_state="session", format="%.1f%%",
-                  help="A location matches when its score is among this share of the scores over 16 pool images.")
+        threshold_slider()
     return edited and ws.edited, overlay
+
+
+def threshold_slider() -> None:
+    """The key-match threshold (one value for the Images and Inspect pages; read it with :func:`match_quantile`)."""
+    st.slider("Match threshold: the top % of locations", 0.1, 10.0, round(100 * (1 - MATCH_QUANTILE), 1), 0.1,
+              key="match_top", persist_state="session", format="%.1f%%",
+              help="A location matches when its score is among this share of the scores over 16 pool images.")
 
 
 def swatch(color: tuple[int, int, int], label: str) -> str:

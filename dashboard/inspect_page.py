@@ -6,7 +6,7 @@ import streamlit as st
 import torch
 
 from dashboard import derived, requests
-from dashboard.browse import match_quantile, show_grid, show_legend
+from dashboard.browse import match_quantile, show_grid, show_legend, threshold_slider
 from dashboard.brushing import cluster_label
 from dashboard.defaults import DEFAULT_CLUSTERS, DISPLAY_SCALE, GRID_COLUMNS, POOL_SEEDS
 from dashboard.imaging import to_uint8
@@ -44,6 +44,8 @@ def pool_matches(ws: Workspace, settings: Settings) -> tuple[list[int], torch.Te
 
 def render_matches(ws: Workspace, settings: Settings) -> None:
     st.subheader("Key matches")
+    with st.columns([1, 2])[0]:
+        threshold_slider()
     try:
         best, best_scores, scores, threshold = pool_matches(ws, settings)
     except NeedsInput as exc:
@@ -53,9 +55,7 @@ def render_matches(ws: Workspace, settings: Settings) -> None:
         st.warning(f"No matches: {exc}")
         return
     st.caption(f"The {BEST} best-matching images of {len(POOL_SEEDS)} samples (seeds {POOL_SEEDS.start}–"
-               f"{POOL_SEEDS.stop - 1}); matching regions kept, the rest dimmed. A location matches when its score "
-               f"is in the top {100 * (1 - match_quantile()):.1f}% (the threshold slider of the Images page's "
-               f"*Key matches*).")
+               f"{POOL_SEEDS.stop - 1}); matching regions kept, the rest dimmed.")
     pictures = match_overlay(ws.images(best), best_scores, threshold)
     show_grid(to_uint8(pictures), [f"seed {s}" for s in best])
     st.plotly_chart(score_histogram_figure(scores, threshold), key="score_histogram")

@@ -40,6 +40,8 @@ def small_statistics(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.T
     monkeypatch.setattr(workspace, "STATS_DIR", tmp_path_factory.getbasetemp() / "stats")
     monkeypatch.setattr(derived, "CLUSTER_SEEDS", range(300_000, 300_016))
     monkeypatch.setattr(recipes, "MEASURE_SEEDS", range(400_000, 400_020))
+    # The tiny random model changes a lot under any edit; the confirmation step has its own test.
+    monkeypatch.setattr(editing, "COLLATERAL_BOUND", float("inf"))
 
 
 def strokes_png(box: tuple[int, int, int, int], size: int = 64 * CANVAS_SCALE) -> str:
@@ -85,6 +87,11 @@ def apply_edit(at: AppTest, kind: str) -> None:
     at.radio(key="edit_kind").set_value(kind).run()
     at.button(key="apply").click().run()
     assert not at.exception, at.exception
+
+
+def advanced(at: AppTest) -> None:
+    """Open the sidebar's own solver settings instead of each request kind's recommended ones."""
+    at.checkbox(key="recommended").uncheck().run()
 
 
 def captions(at: AppTest) -> list[str]:
@@ -215,6 +222,7 @@ def test_paste_onto_the_painted_region_sends_it_as_the_paste_region() -> None:
     at = open_app()
     brush(at, "Copy", 2, (40, 120, 40, 120))
     brush(at, "Paste", 5, (160, 200, 160, 200))
+    advanced(at)
     at.checkbox(key="onto_region").check().run()
     apply_edit(at, "Paste")
     ws = ws_of(at)
@@ -228,6 +236,7 @@ def test_pointwise_and_strength_reach_the_applied_edit() -> None:
     at = open_app()
     brush(at, "Copy", 2, (40, 120, 40, 120))
     brush(at, "Paste", 5, (160, 200, 160, 200))
+    advanced(at)
     at.checkbox(key="pointwise").check().run()
     at.slider(key="strength").set_value(2.5).run()
     apply_edit(at, "Paste")
@@ -272,7 +281,7 @@ def test_edit_file_round_trip_and_bad_uploads() -> None:
 
     c = open_app()
     wc = ws_of(c)
-    with pytest.raises(ValueError, match="not a dissect edit file"):
+    with pytest.raises(ValueError, match="not a complete safetensors edit file"):
         editing.load_edit_file(wc, b"this is not safetensors")
     other = workspace.Workspace.open(TINY)
     with torch.no_grad():
@@ -317,6 +326,7 @@ def test_matches_follow_the_copied_region_and_a_too_large_rank_is_a_message() ->
     brush(at, "Copy", 2, (40, 120, 40, 120))
     at.segmented_control(key="overlay").set_value("Key matches").run()
     assert not at.exception and not messages(at), messages(at)  # the copied region is the selection
+    advanced(at)
     at.number_input(key="rank").set_value(16).run()
     brush(at, "Context", 3, (0, 12, 0, 12))  # a 3x3-pixel context: one or two keys, not 16 directions
     assert not at.exception and "No overlay" in messages(at)
@@ -423,3 +433,71 @@ def test_applying_an_edit_keeps_the_edited_layers_statistics(monkeypatch: pytest
     assert collected == []
     ws.memory("synthesis.b32.conv1")
     assert len(collected) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Edits as a newcomer makes them: recommended settings, the collateral check, uploads
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_the_recommended_settings_reach_the_applied_edit() -> None:
+    at = open_app()
+    brush(at, "Copy", 2, (40, 120, 40, 120))
+    brush(at, "Paste", 5, (160, 200, 160, 200))
+    apply_edit(at, "Paste")
+    (edit,) = ws_of(at).rewriter.history
+    want = editing.requests.RECOMMENDED["Paste"]
+    assert edit.pointwise == want.pointwise and edit.rank == want.rank, messages(at)
+    assert edit.request["target"].region is not None  # onto the painted region
+    assert 1 <= edit.strength <= 4  # matched to the context on the request images
+    assert "Applied" in " ".join(s.value for s in at.success), messages(at)
+
+
+def test_an_edit_that_changes_unrelated_samples_waits_for_confirmation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(editing, "COLLATERAL_BOUND", 0.0)
+    at = open_app()
+    brush(at, "Context", 1, (80, 160, 80, 160))
+    ws = ws_of(at)
+    state = {k: v.clone() for k, v in ws.model.state_dict().items()}
+    apply_edit(at, "Erase")
+    assert not ws.edited and "not applied yet" in messages(at)
+    assert all(torch.equal(v, state[k]) for k, v in ws.model.state_dict().items())  # the trial left no trace
+    at.button(key="discard").click().run()
+    assert not ws.edited and editing.PENDING not in at.session_state
+    apply_edit(at, "Erase")
+    at.button(key="apply_anyway").click().run()
+    assert ws.edited and len(ws.rewriter.history) == 1
+    at.button(key="undo").click().run()
+    assert all(torch.equal(v, state[k]) for k, v in ws.model.state_dict().items())
+
+
+def test_an_uploaded_edit_file_shows_in_the_history_of_the_same_run() -> None:
+    a = open_app()
+    brush(a, "Context", 1, (80, 160, 80, 160))
+    apply_edit(a, "Erase")
+    data = editing.edit_file(ws_of(a))
+    b = open_app()
+    b.session_state["page"] = "Edit"
+    b.run()
+    ws = ws_of(b)
+    b.file_uploader(key="upload").set_value(("edits.safetensors", data, "application/octet-stream")).run()
+    assert not b.exception, b.exception
+    assert ws.edited and "Loaded 1 edit(s)" in " ".join(s.value for s in b.success), messages(b)
+    # Drawn in the same run as the upload: the history holds the edit, Undo works, nothing to redo.
+    assert not b.button(key="undo").disabled and b.button(key="redo").disabled
+    assert "No edits yet" not in " ".join(c.value for c in b.caption)
+    b.file_uploader(key="upload").set_value(("notes.safetensors", b"not an edit file", "text/plain")).run()
+    assert "notes.safetensors was not loaded" in messages(b) and len(ws.rewriter.history) == 1
+
+
+def test_one_match_threshold_for_the_inspect_and_images_pages() -> None:
+    at = open_app()
+    brush(at, "Context", 3, (80, 160, 80, 160))
+    at.session_state["page"] = "Inspect"
+    at.run()
+    at.slider(key="match_top").set_value(5.0).run()
+    assert not at.exception, at.exception
+    at.session_state["page"] = "Images"
+    at.run()
+    at.segmented_control(key="overlay").set_value("Key matches").run()
+    assert at.slider(key="match_top").value == 5.0 and not at.exception

@@ -109,6 +109,7 @@ def main() -> None:
     p.add_argument("--alphas", type=float, nargs="+", default=[-1.0, -0.5, 0.5, 1.0], help="0 is always added")
     p.add_argument("--layer", default="synthesis.b16.conv1")
     p.add_argument("--ctx", type=int, default=5, help="the rewrite's context images")
+    p.add_argument("--units", type=int, default=DEFAULT_UNITS, help="the erase's zeroed key units (the dashboard's default)")
     p.add_argument("--ranks", type=int, nargs="*", default=[16], help="rewrite ranks besides 1 (the dashboard's is 16)")
     p.add_argument("--summary-vector", default="w,mean", help="space,method reported on the last line ('layer' for --layer)")
     p.add_argument("--summary-alpha", type=float, default=-1.0)
@@ -199,14 +200,14 @@ def main() -> None:
     memory.fit_moment(sampler, STATS_SAMPLES, cache_dir=str(DEFAULT_CACHE_DIR), progress=False)
     rewriter = Rewriter(G)
     for rank in [1, *args.ranks]:
-        rewriter.apply(solve(memory, Erase(wm_z, wm_masks, units=DEFAULT_UNITS, seeds=wm_seeds),
+        rewriter.apply(solve(memory, Erase(wm_z, wm_masks, units=args.units, seeds=wm_seeds),
                              Context(wm_z, wm_masks, rank=rank, seeds=wm_seeds)))
-        rows[f"rewrite: Erase at {args.layer}, rank {rank}"] = removal(measure.render(G, sampler, seeds, seg))
+        rows[f"rewrite: Erase at {args.layer}, rank {rank}, {args.ctx} images"] = removal(measure.render(G, sampler, seeds, seg))
         rewriter.undo()
-    rewrite = rows[f"rewrite: Erase at {args.layer}, rank 1"]
-    print(f"{'how':56s} {'after':>6s} {'collateral':>10s}")
+    rewrite = rows[f"rewrite: Erase at {args.layer}, rank 1, {args.ctx} images"]
+    print(f"{'how':60s} {'after':>6s} {'collateral':>10s}")
     for how, (after, coll) in rows.items():
-        print(f"{how:56s} {after:6.3f} {coll:10.4f}")
+        print(f"{how:60s} {after:6.3f} {coll:10.4f}")
 
     space, method = args.summary_vector.split(",")
     vec_after, vec_coll = rows[f"vector {name(('watermark', args.layer if space == 'layer' else space, method, ()))} "

@@ -154,8 +154,9 @@ class Shift:
 
 def styles(G: nn.Module, z: Tensor, style: Style = Style(), z_mix: Tensor | None = None,
            shifts: Sequence[Shift] = ()) -> Tensor:
-    """``z (N, z_dim)`` -> ``ws (N, num_ws, w_dim)``: z shifts added, mapped and truncated, w shifts added, the
-    ``mix`` groups taken from ``z_mix`` (``(1 or N, z_dim)``, needed when ``style.mix``; shifted alike)."""
+    """``z (N, z_dim)`` -> ``ws (N, num_ws, w_dim)``: z shifts added, mapped and truncated, the ``mix`` groups
+    taken from ``z_mix`` (``(1 or N, z_dim)``, unshifted; needed when ``style.mix``), then w shifts added to
+    their rows (mixed ones included)."""
     _check_generator(G)
     z = z + sum((s.vector.to(z) for s in shifts if s.space == "z"), torch.zeros_like(z[0]))
 

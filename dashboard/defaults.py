@@ -2,7 +2,12 @@
 
 DEFAULT_MODEL = "spires"
 DEFAULT_LAYER = "synthesis.b16.conv1"  # best erase on the step-9500 generator (benchmarks/RESULTS.md)
-DEFAULT_RANK = 16  # there, the browser test's 3-image erase: prevalence 0.290 -> 0.115 (0.240 at rank 4)
+DEFAULT_RANK = 16  # the Advanced section's starting rank
+# The recommended settings per request kind (dashboard.requests.RECOMMENDED), from benchmarks/eval_user.py.
+ERASE_RANK = 4
+ERASE_BUDGET = 0.5
+PASTE_RANK = 1
+PASTE_BUDGET = 0.2
 DEFAULT_ITERATIONS = 50  # L-BFGS iterations after the closed form (dissect.rewrite.solve's default)
 DEFAULT_SEEDS = "0-11"
 GRID_COLUMNS = 6
@@ -13,9 +18,13 @@ CANVAS_SCALE = 4  # …and brushed at 256
 STATS_SAMPLES = 2000
 POOL_SEEDS = range(100_000, 100_256)  # the larger pool searched for best matches and match thresholds
 FRESH_SEEDS = range(200_000, 200_006)  # before/after pairs: seeds never brushed or shown in the grid
+COLLATERAL_SEEDS = range(250_000, 250_024)  # fresh samples an edit is tried on before it is applied…
+COLLATERAL_BOUND = 0.1  # …and above this median perceptual change (of a different image) it waits for confirmation
 CLUSTER_SEEDS = range(300_000, 300_064)  # images whose keys the k-means clustering is fitted on
 MEASURE_SEEDS = range(400_000, 400_200)  # fresh samples on which the recipes measure prevalence
 MATCH_QUANTILE = 0.99  # a location "matches" above this quantile of scores over the pool…
 THRESHOLD_IMAGES = 16  # …estimated on the pool's first images
+GROW_POOL = 64  # "Add the best matches to the context" searches the pool's first images…
+GROW_IMAGES = 12  # …and adds this many, each masked where it matches
 DEFAULT_CLUSTERS = 12
 DEFAULT_UNITS = 30  # the authors zero the 30 most watermark-aligned units

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import io
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -11,13 +11,15 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from dashboard import requests
+from dashboard import derived, requests
 from dashboard.browse import show_grid
-from dashboard.defaults import DISPLAY_SCALE, FRESH_SEEDS
+from dashboard.defaults import COLLATERAL_BOUND, COLLATERAL_SEEDS, DISPLAY_SCALE, FRESH_SEEDS, GROW_IMAGES
 from dashboard.imaging import to_uint8
 from dashboard.requests import NeedsInput, Settings
-from dashboard.workspace import Workspace
-from dissect.rewrite import Edit, Rewriter, read_edits, solve
+from dashboard.workspace import STATS_DIR, Workspace, base_model
+from dissect import measure
+from dissect.errors import DissectError
+from dissect.rewrite import Edit, matched_strength, read_edits, solve
 from dissect.visualize import to_unit
 
 ERASE, PASTE = "Erase", "Paste"
@@ -36,10 +38,12 @@ def show_flashes() -> None:
 
 def solve_request(ws: Workspace, kind: str, settings: Settings) -> Edit:
     """Solve (never apply) the session's current request at the chosen layer."""
+    settings = requests.for_kind(kind, settings)
     target, context = requests.erase(ws, settings) if kind == ERASE else requests.paste(ws, settings)
-    edit = solve(ws.memory(), target, context, refine=settings.refine, max_iter=settings.iterations,
-                 pointwise=settings.pointwise)
-    return edit.scaled(settings.strength)
+    memory = ws.memory()
+    edit = solve(memory, target, context, refine=settings.refine, max_iter=settings.iterations,
+                 pointwise=settings.pointwise, budget=settings.budget)
+    return edit.scaled(settings.strength or matched_strength(memory, edit))
 
 
 def apply(ws: Workspace, kind: str, settings: Settings,
@@ -59,12 +63,29 @@ def apply(ws: Workspace, kind: str, settings: Settings,
 
 
 def preview_paste(ws: Workspace, settings: Settings) -> torch.Tensor:
-    """The paste's target image as the edit would make it: solved, applied to a scratch copy, rendered."""
+    """The paste's target image as the edit would make it: solved, tried (weights, history and redo bitwise
+    after), rendered."""
     edit = solve_request(ws, PASTE, settings)
-    scratch = copy.deepcopy(ws.model)  # never the session's own model: its redo history must survive
-    Rewriter(scratch).apply(edit)
-    with torch.no_grad():
-        return scratch(ws.inputs([ws.brush.paste[0]]))
+    with ws.rewriter.trial([edit]), torch.no_grad():
+        return ws.model(ws.inputs([ws.brush.paste[0]]))
+
+
+def collateral(ws: Workspace, edit: Edit) -> float | None:
+    """How much ``edit`` changes fresh samples (:data:`COLLATERAL_SEEDS`) that no request showed: the median
+    perceptual distance between the current and the edited renders, as a share of the distance between two
+    different images (``dissect.measure``). None when it cannot be measured (no segmenter, or the model does not
+    draw RGB images)."""
+    seg = derived.segmenter()
+    seeds = list(COLLATERAL_SEEDS)
+    before = ws.images(seeds)
+    if seg is None or before.dim() != 4 or before.shape[1] != 3:
+        return None
+    perceptual = measure.Perceptual(seg)
+    base, sampler, _ = base_model(ws.spec)
+    scale = measure.calibrate(base, sampler, range(64), perceptual, cache_dir=STATS_DIR / "measure")
+    with ws.rewriter.trial([edit]), torch.no_grad():
+        after = ws.model(ws.inputs(seeds))
+    return float(measure.relative(perceptual.distance(before, after).median(), scale))
 
 
 def undo(ws: Workspace) -> None:
@@ -93,10 +114,9 @@ def _step(ws: Workspace, action, verb: str) -> None:
 
 def edit_file(ws: Workspace) -> bytes:
     """The session's edits as a dissect edit file (safetensors)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "edits.safetensors"
-        ws.rewriter.save(str(path))
-        return path.read_bytes()
+    buffer = io.BytesIO()
+    ws.rewriter.save(buffer)
+    return buffer.getvalue()
 
 
 def exported_weights(ws: Workspace) -> bytes:
@@ -107,25 +127,15 @@ def exported_weights(ws: Workspace) -> bytes:
         return path.read_bytes()
 
 
-def load_edit_file(ws: Workspace, data: bytes) -> int:
+def load_edit_file(ws: Workspace, data: bytes, name: str = "the uploaded file") -> int:
     """Apply every edit in ``data`` on top of the session's edits, all or none; returns how many.
 
-    Raises ValueError with what to do for a file that is not an edit file or was made for another model.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "upload.safetensors"
-        path.write_bytes(data)
-        try:
-            edits = read_edits(str(path))
-        except Exception as exc:  # a foreign file fails in the safetensors parser or in the format check
-            raise ValueError(f"That file is not a dissect edit file ({type(exc).__name__}: {exc}). Upload a file "
-                             "saved with *Download edit file*.") from exc
-    # Trial run on a scratch copy first, so a refusal leaves the session's model and its undo/redo untouched.
-    trial = Rewriter(copy.deepcopy(ws.model))
-    for edit in edits:
-        trial.apply(edit)
-    for edit in edits:
-        ws.rewriter.apply(edit)
+    Raises :class:`~dissect.errors.DissectError` with what to do for a file that is not an edit file or was made
+    for another model; the session's model and its undo/redo are then untouched."""
+    upload = io.BytesIO(data)
+    upload.name = name
+    edits = read_edits(upload)
+    ws.rewriter.apply_all(edits)
     if edits:
         ws.weights_changed()
     return len(edits)
@@ -157,19 +167,119 @@ def _next_fresh() -> None:
     st.session_state.fresh_offset = st.session_state.get("fresh_offset", 0) + len(FRESH_SEEDS)
 
 
+PENDING = "pending_edit"  # session_state key: a solved edit whose collateral waits for the user's confirmation
+
+
+def _refused(exc: Exception) -> None:
+    if isinstance(exc, NeedsInput):
+        st.warning(str(exc))
+    else:
+        st.error(f"The edit was not applied (the model is unchanged): {exc}")
+
+
 def apply_with_progress(ws: Workspace, kind: str, settings: Settings) -> bool:
     """:func:`apply` behind a progress bar; a refused edit becomes a message in the page. True when applied."""
     bar = st.progress(0.0, text="Starting…")
     try:
         apply(ws, kind, settings, progress=lambda f, t: bar.progress(f, text=t))
         return True
-    except NeedsInput as exc:
+    except (DissectError, RuntimeError) as exc:
         bar.empty()
-        st.warning(str(exc))
-    except (ValueError, RuntimeError, TypeError, FloatingPointError, NotImplementedError) as exc:
-        bar.empty()
-        st.error(f"The edit was not applied (the model is unchanged): {exc}")
+        _refused(exc)
     return False
+
+
+def _describe(edit: Edit, change: float | None) -> str:
+    seen = f"changes unrelated fresh samples by {change:.3f} of a different image" if change is not None else \
+        "its effect on unrelated samples cannot be measured for this model"
+    return (f"rank {edit.rank}, {edit.solver}, strength {edit.strength:g}, {edit.seconds:.1f} s; moves "
+            f"{edit.expected_change:.1%} of the layer's output energy; {seen}")
+
+
+def _commit(ws: Workspace, edit: Edit, change: float | None) -> None:
+    ws.rewriter.apply(edit)
+    ws.weights_changed()
+    st.session_state.pop(PENDING, None)
+    flash("success", f"Applied: {_describe(edit, change)}.")
+
+
+def _discard() -> None:
+    st.session_state.pop(PENDING, None)
+    flash("info", "Discarded the edit; the model is unchanged.")
+
+
+def solve_and_check(ws: Workspace, kind: str, settings: Settings) -> None:
+    """The *Apply edit* button: solve, measure the collateral on fresh samples, and apply; an edit above
+    :data:`COLLATERAL_BOUND` waits for *Apply anyway* (kept in the session as pending)."""
+    bar = st.progress(0.05, text="Key statistics of the layer…")
+    try:
+        ws.memory()
+        bar.progress(0.25, text="Solving…")
+        edit = solve_request(ws, kind, settings)
+        bar.progress(0.7, text=f"Trying it on {len(COLLATERAL_SEEDS)} fresh samples…")
+        change = collateral(ws, edit)
+    except (DissectError, RuntimeError) as exc:
+        bar.empty()
+        _refused(exc)
+        return
+    bar.empty()
+    if change is not None and change > COLLATERAL_BOUND:
+        st.session_state[PENDING] = (edit, change)
+    else:
+        _commit(ws, edit, change)
+
+
+def render_pending(ws: Workspace) -> None:
+    """A solved edit that changes unrelated samples a lot: say so, show it, and let the user decide."""
+    edit, change = st.session_state[PENDING]
+    st.warning(f"This edit {_describe(edit, change)}: more than {COLLATERAL_BOUND:.2f}, so it visibly changes images "
+               f"the request did not show. Try a smaller *Change budget* or rank under *Advanced*, a tighter brush, "
+               f"or more context images. It is not applied yet.")
+    seeds = list(COLLATERAL_SEEDS)[:6]
+    with ws.rewriter.trial([edit]), torch.no_grad():
+        after = ws.model(ws.inputs(seeds))
+    pics = torch.cat([to_unit(ws.images(seeds)), to_unit(after)])
+    show_grid(to_uint8(pics, DISPLAY_SCALE), [f"seed {s} · now" for s in seeds] + [f"seed {s} · with the edit"
+                                                                                     for s in seeds])
+    c1, c2 = st.columns(2)
+    c1.button("Apply anyway", on_click=_commit, args=(ws, edit, change), key="apply_anyway", width="stretch")
+    c2.button("Discard", on_click=_discard, key="discard", width="stretch")
+
+
+def add_matches(ws: Workspace, kind: str, settings: Settings) -> int:
+    """*Add the best matches to the context*: the pool images that match the brushed context best join it, each
+    stamped where it matches (shown like brushed ones, and cleared the same way). Returns how many joined."""
+    from dashboard import brushing  # brushing imports this module for its previews
+
+    ctx = requests.grown_context(ws, requests.for_kind(kind, settings).rank)
+    added = [(s, m) for s, m in zip(ctx.seeds or [], ctx.masks) if s not in ws.brush.context]
+    for seed, mask in added:
+        brushing.stamp(ws.brush, brushing.CONTEXT, seed, mask)
+    return len(added)
+
+
+def _add_matches(ws: Workspace, kind: str, settings: Settings) -> None:
+    try:
+        n = add_matches(ws, kind, settings)
+    except (DissectError, RuntimeError) as exc:
+        flash("warning", str(exc))
+        return
+    flash("success" if n else "info", f"Added {n} matching image(s) to the context (seeds from the pool)." if n else
+          "No pool image matches the context above the threshold; brush more examples instead.")
+
+
+def _load_upload(ws: Workspace) -> None:
+    """The uploader's callback: runs before the page is drawn, so the history below already shows the loaded
+    edits."""
+    upload = st.session_state.get("upload")
+    if upload is None or upload.file_id in ws.loaded_uploads:
+        return
+    ws.loaded_uploads.add(upload.file_id)  # a kept upload must not be applied again on every rerun
+    try:
+        n = load_edit_file(ws, upload.getvalue(), upload.name)
+        flash("success", f"Loaded {n} edit(s) from {upload.name}.")
+    except (DissectError, RuntimeError) as exc:
+        flash("error", f"{upload.name} was not loaded; the model is unchanged. {exc}")
 
 
 def render(ws: Workspace, settings: Settings) -> None:
@@ -177,8 +287,17 @@ def render(ws: Workspace, settings: Settings) -> None:
     st.subheader("Rewrite the layer")
     kind = st.radio("Request", list(KINDS), key="edit_kind", persist_state="session", format_func=KINDS.__getitem__,
                     horizontal=True)
-    if st.button("Apply edit", type="primary", key="apply"):
-        apply_with_progress(ws, kind, settings)
+    c1, c2 = st.columns([1, 2])
+    if c1.button("Apply edit", type="primary", key="apply", width="stretch"):
+        solve_and_check(ws, kind, settings)
+        show_flashes()
+    c2.button("Add the best matches to the context", key="add_matches", on_click=_add_matches,
+              args=(ws, kind, settings), width="stretch",
+              help=f"Thickens a context brushed on a few images with the {GROW_IMAGES} images of the pool whose keys "
+                   f"match it best, each where it matches (as the key-match view outlines). A rule then reaches "
+                   f"more of its kind.")
+    if PENDING in st.session_state:
+        render_pending(ws)
 
     if ws.edited:
         st.subheader("Before / after on fresh seeds")
@@ -203,12 +322,5 @@ def render(ws: Workspace, settings: Settings) -> None:
     d2.download_button("Export edited weights", data=lambda: exported_weights(ws),
                        file_name="edited-weights.safetensors", mime="application/octet-stream", on_click="ignore",
                        disabled=not history, width="stretch")
-    upload = st.file_uploader("Load an edit file", type=["safetensors"], key="upload",
-                              help="Applies the file's edits on top of this session's, if made for this model.")
-    if upload is not None and upload.file_id not in ws.loaded_uploads:
-        ws.loaded_uploads.add(upload.file_id)  # a kept upload must not be applied again on every rerun
-        try:
-            n = load_edit_file(ws, upload.getvalue())
-            st.success(f"Loaded {n} edit(s) from {upload.name}.")
-        except (ValueError, RuntimeError) as exc:
-            st.error(f"{upload.name} was not loaded; the model is unchanged. {exc}")
+    st.file_uploader("Load an edit file", type=["safetensors"], key="upload", on_change=_load_upload, args=(ws,),
+                     help="Applies the file's edits on top of this session's, if made for this model.")

@@ -4,26 +4,33 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import derived, editing
-from dashboard.defaults import DEFAULT_CLUSTERS, MEASURE_SEEDS
-from dashboard.requests import NeedsInput, Settings
+from dashboard import brushing, derived, editing
+from dashboard.defaults import MEASURE_SEEDS
+from dashboard.requests import RECOMMENDED, NeedsInput, Settings
 from dashboard.workspace import Workspace
+from dissect.memory import bounding_boxes
 from dissect.models.segmenter import present
 from dissect.models.world import CLASSES
 
 WATERMARK, SPIRE_TREE = "Remove watermark", "Spire -> tree"
 RECIPES = (WATERMARK, SPIRE_TREE)
-BRUSHED, CLUSTER = "My brushed context", "The watermark key cluster"
+BRUSHED, SEGMENTED = "My brushed context", "Watermarks the segmenter finds in the grid"
 
 
-def watermark_cluster(ws: Workspace, k: int = DEFAULT_CLUSTERS) -> int:
-    """The cluster the segmenter names "watermark" with the best IoU; NeedsInput when there is none."""
-    names, ious = derived.cluster_names(ws, k)
-    found = [c for c, name in enumerate(names) if name == "watermark"]
-    if not found or ious is None:
-        raise NeedsInput(f"No key cluster of {ws.layer} is named 'watermark' (or no segmenter is installed): brush "
-                         "a few watermarks in Context mode instead, or try another layer.")
-    return max(found, key=lambda c: ious[c])
+def segmented_context(ws: Workspace, seeds: list[int], name: str, n: int = 3) -> list[int]:
+    """Start a context from what the segmenter sees: the bounding boxes of ``name`` on the first ``n`` of ``seeds``
+    that show it, as if brushed (NeedsInput when too few show it)."""
+    labels = derived.labels(ws, seeds, edited=False)
+    if labels is None:
+        raise NeedsInput("The segmenter's weights are not installed: brush the context yourself in Context mode.")
+    found = [i for i, has in enumerate(present(labels, name).tolist()) if has][:n]
+    if len(found) < n:
+        raise NeedsInput(f"Only {len(found)} of the grid's images show a {name}; show more seeds (sidebar) or brush "
+                         f"the context yourself.")
+    boxes = bounding_boxes((labels[found] == CLASSES.index(name)).float())
+    for i, box in zip(found, boxes):
+        brushing.record_stroke(ws.brush, brushing.CONTEXT, seeds[i], None, box)
+    return [seeds[i] for i in found]
 
 
 def prevalence(ws: Workspace, name: str) -> tuple[float, float]:
@@ -51,28 +58,37 @@ def _measure(ws: Workspace, name: str) -> None:
               delta=f"{(after - before) * 100:+.1f} points (was {before:.1%})", delta_color="inverse")
 
 
-def remove_watermark(ws: Workspace, settings: Settings) -> None:
-    st.markdown("1. **Find the watermark**: use the key cluster the segmenter names *watermark*, or brush a few "
-                "watermarks in *Context* mode on the Images page.\n2. **Erase** it at the chosen layer and rank.\n"
-                "3. **Check** how many fresh samples still show one.")
-    source = st.radio("Context", [CLUSTER, BRUSHED], key="watermark_source", persist_state="session", horizontal=True,
-                      index=1 if ws.brush.context else 0)
+def _result(ws: Workspace, name: str) -> None:
+    """Before/after of fresh samples that showed ``name``, and the measured prevalence."""
+    shown = shown_in(ws, list(MEASURE_SEEDS)[:48], name)[:6]
+    if shown:
+        st.caption(f"Fresh samples that showed a {name} before the edit (original above, edited below):")
+        editing.before_after(ws, shown)
+    _measure(ws, name)
+
+
+def remove_watermark(ws: Workspace, seeds: list[int]) -> None:
+    st.markdown("1. **Find the watermark**: the segmenter's watermark boxes on three images of the grid, or your "
+                "own brushed context.\n2. **Erase** it with the recommended settings (each request's, under "
+                "*Advanced*).\n3. **Check** the fresh samples below, and how many still show one.")
+    source = st.radio("Context", [SEGMENTED, BRUSHED], key="watermark_source", persist_state="session",
+                      horizontal=True, index=1 if ws.brush.context else 0)
     if st.button("Remove the watermark", type="primary", key="run_watermark"):
         try:
-            if source == CLUSTER:
-                c = watermark_cluster(ws)
-                ws.brush.cluster, ws.brush.cluster_k = c, DEFAULT_CLUSTERS
-                ws.brush.changed()
-            elif ws.brush.cluster is not None:
+            if source == SEGMENTED:
+                brushing.clear_all(ws.brush)
+                used = segmented_context(ws, seeds, "watermark")
+                st.caption(f"Context: the watermarks of seeds {', '.join(map(str, used))}.")
+            elif ws.brush.cluster is not None:  # the brushed context was chosen, not a cluster picked earlier
                 ws.brush.cluster = None
                 ws.brush.changed()
         except NeedsInput as exc:
             st.warning(str(exc))
         else:
-            if editing.apply_with_progress(ws, editing.ERASE, settings):
+            if editing.apply_with_progress(ws, editing.ERASE, RECOMMENDED[editing.ERASE]):
                 st.success("Erased. The grid on the Images page now shows the edited model.")
     if ws.edited:
-        _measure(ws, "watermark")
+        _result(ws, "watermark")
 
 
 def shown_in(ws: Workspace, seeds: list[int], name: str) -> list[int]:
@@ -81,32 +97,30 @@ def shown_in(ws: Workspace, seeds: list[int], name: str) -> list[int]:
     return [] if found is None else [s for s, has in zip(seeds, present(found, name).tolist()) if has]
 
 
-def spire_tree(ws: Workspace, seeds: list[int], settings: Settings) -> None:
-    st.markdown("1. **Copy a tree**: on the Images page, brush over a tree in *Copy* mode.\n2. **Paste it on a "
-                "spire**: in *Paste* mode, paint over a spire of another image, with *Paste: only onto the painted "
-                "region* ticked in the sidebar.\n3. **Context**: brush several spires "
-                "in *Context* mode, so the rule reaches every spire.\n4. **Solve** at rank 1 with *Pointwise* "
-                "ticked, **apply**, and check how much of the spires the segmenter now calls tree; undo and raise "
-                "the *Strength* (the evaluation settles near 2.5) until more stops helping. A second paste onto a "
-                "spire that stayed reaches the next kind of spire.")
+def spire_tree(ws: Workspace, seeds: list[int]) -> None:
+    st.markdown("1. **Copy a tree**: on the Images page, brush over one tree in *Copy* mode.\n2. **Paste it on a "
+                "spire**: in *Paste* mode, paint over a spire of another image.\n3. **Context**: brush three or more "
+                "other spires in *Context* mode, so the rule reaches every spire.\n4. **Apply** here: rank 1, "
+                "pointwise, onto the painted spire only, at the recommended strength; check the fresh samples below.")
     trees, spires = shown_in(ws, seeds, "tree"), shown_in(ws, seeds, "spire")
     if derived.segmenter() is not None:
         st.caption(f"In the grid the segmenter sees a tree on seeds {', '.join(map(str, trees)) or 'none'} and a "
                    f"spire on seeds {', '.join(map(str, spires)) or 'none'} (more seeds in the sidebar).")
     if st.button("Make spires trees", type="primary", key="run_spire_tree"):
-        if editing.apply_with_progress(ws, editing.PASTE, settings):
+        if editing.apply_with_progress(ws, editing.PASTE, RECOMMENDED[editing.PASTE]):
             st.success("Applied. The grid on the Images page now shows the edited model.")
     if ws.edited:
-        _measure(ws, "spire")
+        _result(ws, "spire")
         if derived.segmenter() is not None:
             st.metric("Original spire pixels now labelled tree", f"{spire_to_tree(ws):.1%}")
 
 
 def render(ws: Workspace, seeds: list[int], settings: Settings) -> None:
+    """The recipes set their own (recommended) settings; ``settings`` is the sidebar's, unused here."""
     recipe = st.segmented_control("Recipe", RECIPES, key="recipe", persist_state="session", default=WATERMARK,
                                   required=True)
     editing.show_flashes()
     if recipe == WATERMARK:
-        remove_watermark(ws, settings)
+        remove_watermark(ws, seeds)
     else:
-        spire_tree(ws, seeds, settings)
+        spire_tree(ws, seeds)

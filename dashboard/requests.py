@@ -10,27 +10,56 @@ from dataclasses import dataclass
 import torch
 
 from dashboard import derived
-from dashboard.defaults import CLUSTER_SEEDS
+from dashboard.defaults import (
+    CLUSTER_SEEDS,
+    DEFAULT_ITERATIONS,
+    DEFAULT_UNITS,
+    ERASE_BUDGET,
+    ERASE_RANK,
+    GROW_IMAGES,
+    GROW_POOL,
+    MATCH_QUANTILE,
+    PASTE_BUDGET,
+    PASTE_RANK,
+    POOL_SEEDS,
+)
 from dashboard.imaging import mask_centre
 from dashboard.workspace import Workspace
-from dissect.rewrite import Context, Copy, Erase, Paste
+from dissect.errors import RequestError
+from dissect.rewrite import DEFAULT_BUDGET, Context, Copy, Erase, Paste
 
 
-class NeedsInput(ValueError):
+class NeedsInput(RequestError):
     """The request lacks something only the user can give; the message says what."""
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The sidebar's solver settings."""
+    """The solver settings of one request: the recommended ones per kind (:data:`RECOMMENDED`), or the sidebar's
+    *Advanced* values."""
 
     rank: int
-    refine: bool  # after the closed form, L-BFGS through the layer's nonlinear rest…
-    iterations: int  # …for at most this many iterations
-    units: int  # erase: key channels zeroed in the target values
+    refine: bool = True  # after the closed form, L-BFGS through the layer's nonlinear rest…
+    iterations: int = DEFAULT_ITERATIONS  # …for at most this many iterations
+    units: int = DEFAULT_UNITS  # erase: key channels zeroed in the target values
     onto_region: bool = False  # paste: constrain only where the user painted in Paste mode
     pointwise: bool = False  # change only the kernel's centre (each value by its own key)
-    strength: float = 1.0  # the solved edit's Λ times this
+    strength: float | None = 1.0  # the solved edit's Λ times this; None: matched to the context (matched_strength)
+    budget: float = DEFAULT_BUDGET  # the smoothness budget: at most this share of the layer's output energy moves
+    recommended: bool = False  # use each request kind's RECOMMENDED settings instead of these
+
+
+# What the dashboard uses unless the user opens *Advanced*, per request kind; measured with the dashboard's own
+# request code on held-out simulated requests (benchmarks/eval_user.py, benchmarks/RESULTS.md).
+RECOMMENDED = {
+    "Erase": Settings(rank=ERASE_RANK, budget=ERASE_BUDGET),
+    "Paste": Settings(rank=PASTE_RANK, onto_region=True, pointwise=True, strength=None, budget=PASTE_BUDGET),
+}
+
+
+def for_kind(kind: str, settings: Settings) -> Settings:
+    """The settings a request of ``kind`` is solved with."""
+    return RECOMMENDED[kind] if settings.recommended else settings
 
 
 def context(ws: Workspace, rank: int) -> Context:
@@ -44,6 +73,13 @@ def context(ws: Workspace, rank: int) -> Context:
         raise NeedsInput("The context is empty: brush in *Context* mode on one or more images (or choose a key "
                          "cluster as the context under *Inspect*), then try again.")
     return Context(ws.inputs(seeds), torch.stack([ws.brush.context[s] for s in seeds]), rank=rank, seeds=seeds)
+
+
+def grown_context(ws: Workspace, rank: int, n: int = GROW_IMAGES) -> Context:
+    """The brushed context thickened by the model's own best matches among the pool's first images
+    (:meth:`dissect.rewrite.Context.grown`): what *Add the best matches to the context* adds."""
+    seeds = list(POOL_SEEDS)[:GROW_POOL]
+    return context(ws, rank).grown(ws.memory(), ws.inputs(seeds), n, MATCH_QUANTILE, pool_seeds=seeds)
 
 
 def selection(ws: Workspace, rank: int) -> Context:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import streamlit as st
 
 from dashboard import workspace
 from dashboard.defaults import DEFAULT_ITERATIONS, DEFAULT_MODEL, DEFAULT_RANK, DEFAULT_SEEDS, DEFAULT_UNITS
 from dashboard.imaging import format_seeds, parse_seeds
-from dashboard.requests import Settings
+from dashboard.requests import RECOMMENDED, Settings
 from dashboard.workspace import ModelLoadError, Workspace, spatial_layers
 from dissect.hooks import LayerInfo
+from dissect.rewrite import DEFAULT_BUDGET
 
 EMBEDDED, ENTRY_POINT = "Embedded generator", "Your model (entry point)"
 
@@ -42,32 +45,51 @@ def _more_seeds() -> None:
 
 
 def _settings(ws: Workspace) -> Settings:
+    """The *Advanced* solver settings, or (``recommended=True``) each request kind's recommended ones."""
     channels = ws.memory_channels()
-    st.subheader("Solver")
-    rank = st.number_input("Rank", 1, channels, min(DEFAULT_RANK, channels), key="rank",
-                           help="Dimensions of the context subspace D an edit may change; higher generalises wider.")
-    refine = st.radio("Solve", [True, False], key="refine", format_func=lambda r: REFINE[r],
-                      help="The closed form is exact for the layer's linear part; L-BFGS then fits the real "
-                           "layer (demodulation, bias, activation) while staying inside span(D).")
-    iterations = st.number_input("L-BFGS iterations", 1, 500, DEFAULT_ITERATIONS, key="iterations",
-                                 disabled=not refine, help="More fit the layer better and take longer.")
-    units = st.number_input("Erase: units zeroed", 1, channels, min(DEFAULT_UNITS, channels), key="units",
-                            help="Key channels most aligned with the context that an erase switches off in its "
-                                 "target values.")
-    onto = st.checkbox("Paste: only onto the painted region", key="onto_region",
-                       help="The copy must appear only where you painted in Paste mode (over a spire, say); the "
-                            "rest of its box may keep its own look. A smaller, more specific edit: the evaluation's "
-                            "spire -> tree rule is pasted this way.")
-    pointwise = st.checkbox("Pointwise (kernel centre only)", key="pointwise",
-                            help="Each location's value changes by its own key alone, not its neighbours'. A paste "
-                                 "onto a small object (a spire) then reaches the other objects of its kind.")
-    strength = st.slider("Strength", 0.25, 5.0, 1.0, 0.25, key="strength",
-                         help="Scales the solved change. The solve fits the request's own keys; other keys of the "
-                              "context change less where they match less. Raise it until more stops helping; "
-                              "everything else changes proportionally more.")
-    return Settings(int(rank), bool(refine), int(iterations), int(units), bool(onto), bool(pointwise), float(strength))
+    with st.expander("Advanced: solver settings"):
+        if st.checkbox("Recommended settings for each request", value=True, key="recommended",
+                       help="The settings that did best on simulated newcomer requests (benchmarks/eval_user.py), "
+                            "per request kind; untick to set your own."):
+            st.caption(" · ".join(f"**{kind}**: {_describe(s)}" for kind, s in RECOMMENDED.items()))
+            return dataclasses.replace(RECOMMENDED["Erase"], recommended=True)
+        rank = st.number_input("Rank", 1, channels, min(DEFAULT_RANK, channels), key="rank",
+                               help="Dimensions of the context subspace D an edit may change; higher generalises "
+                                    "wider.")
+        budget = st.select_slider("Change budget", BUDGETS, DEFAULT_BUDGET, key="budget",
+                                  format_func=lambda b: f"{b:.0%}" if b >= 0.01 else f"{b:.1%}",
+                                  help="The most an edit may change the layer's output, averaged over the data (the "
+                                       "paper's smoothness term): larger fits the request more closely and changes "
+                                       "more of everything else.")
+        refine = st.radio("Solve", [True, False], key="refine", format_func=lambda r: REFINE[r],
+                          help="The closed form is exact for the layer's linear part; L-BFGS then fits the real "
+                               "layer (demodulation, bias, activation) while staying inside span(D).")
+        iterations = st.number_input("L-BFGS iterations", 1, 500, DEFAULT_ITERATIONS, key="iterations",
+                                     disabled=not refine, help="More fit the layer better and take longer.")
+        units = st.number_input("Erase: units zeroed", 1, channels, min(DEFAULT_UNITS, channels), key="units",
+                                help="Key channels most aligned with the context that an erase switches off in its "
+                                     "target values.")
+        onto = st.checkbox("Paste: only onto the painted region", key="onto_region",
+                           help="The copy must appear only where you painted in Paste mode (over a spire, say); the "
+                                "rest of its box may keep its own look: a smaller, more specific edit.")
+        pointwise = st.checkbox("Pointwise (kernel centre only)", key="pointwise",
+                                help="Each location's value changes by its own key alone, not its neighbours'. A "
+                                     "paste onto a small object (a spire) then reaches the other objects of its kind.")
+        strength = st.slider("Strength", 0.25, 5.0, 1.0, 0.25, key="strength",
+                             help="Scales the solved change. The solve fits the request's own keys; other keys of "
+                                  "the context change less where they match less.")
+    return Settings(int(rank), bool(refine), int(iterations), int(units), bool(onto), bool(pointwise), float(strength),
+                    float(budget))
 
 
+def _describe(s: Settings) -> str:
+    parts = [f"rank {s.rank}", f"budget {s.budget:.0%}"]
+    parts += ["pointwise"] * s.pointwise + ["onto the painted region"] * s.onto_region
+    strength = "strength matched to the context" if s.strength is None else f"strength {s.strength:g}"
+    return ", ".join(parts + [strength])
+
+
+BUDGETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 REFINE = {True: "Closed form + L-BFGS", False: "Closed form only"}
 
 

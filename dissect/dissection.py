@@ -226,8 +226,11 @@ def _check_side(side: str) -> None:
 
 def _traced_name(model: nn.Module, layer: str, side: str) -> str:
     """The module whose output (side output) or first input (side input: the layer's keys) holds the units."""
-    get_module(model, layer)
-    return layer if side == "output" else key_module_name(model, layer)
+    name = layer if side == "output" else key_module_name(model, layer)
+    if isinstance(get_module(model, name), (nn.Conv1d, nn.ConvTranspose1d)):  # (N, C, L) would pass for tokens
+        raise LayerError(f"Layer {layer!r} is a 1-D convolution: its maps (N, C, L) have no 2-D grid to score against "
+                         f"label maps. Choose a 2-D convolution, or a Linear over a square token grid.")
+    return name
 
 
 class _Forwards:

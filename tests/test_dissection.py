@@ -225,6 +225,9 @@ def test_a_token_grid_is_dissected_and_a_layer_without_a_map_is_refused():
     with pytest.raises(LayerError, match="token grid"):
         with torch.no_grad(), ablate(model, "head", [0]):
             model(samples.images)
+    sequence = nn.Sequential(nn.Conv1d(3, 16, 1))  # (N, 16, L): 16 is a square, yet these are no tokens
+    with pytest.raises(LayerError, match="1-D convolution"):
+        dissect(sequence, ["0"], samples, progress=False)
 
 
 def test_world_samples_carry_the_worlds_exact_labels():

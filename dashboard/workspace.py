@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import streamlit as st
 import torch
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 from torch import nn
 
 from dashboard.defaults import DEFAULT_LAYER, STATS_SAMPLES
@@ -164,7 +165,10 @@ class Workspace:
         if layer not in self._memories:
             memory = LayerMemory(self.model, layer)
             note = f"Key statistics of {layer} over {STATS_SAMPLES} samples (first use only; then cached on disk)"
-            slot = self.status or st.empty()  # atop the page (streamlit_app sets it), so nothing below is hidden
+            # Atop the page (streamlit_app sets the slot each run), so nothing below it is hidden; outside a run
+            # (a test, a benchmark) the slot of a finished run must not be written to.
+            in_run = get_script_run_ctx(suppress_warning=True) is not None
+            slot = self.status if in_run and self.status is not None else st.empty()
 
             def report(done: int) -> None:
                 if done > 1:  # a shipped or cached C reads one sample (its fingerprint): no bar for that

@@ -183,8 +183,8 @@ def render(ws: Workspace, seeds: list[int], edited: bool, settings: Settings) ->
     seed = c1.selectbox("Image", seeds, key="brush_seed", format_func=lambda s: f"seed {s}",
                         help="Or click a picture in the grid.")
     width = c2.slider("Brush size", 3, 40, 14, key="brush_size", persist_state="session")
-    model = f"the **edited** model ({len(ws.rewriter.history)} edit(s))" if edited else "the **original** model"
-    st.markdown(f"**{mode}** on **seed {seed}**, drawn by {model}:")
+    # Room above the canvas for its own toolbar (undo, redo, clear), which shows there on hover.
+    st.markdown('<div style="height: 2.6rem"></div>', unsafe_allow_html=True)
 
     picture = to_unit(ws.images([seed], edited=edited))
     stamped = brush.stamps.get((mode, seed))
@@ -207,7 +207,9 @@ def render(ws: Workspace, seeds: list[int], edited: bool, settings: Settings) ->
     rgba = result.image_data
     if rgba is not None and result.json_data != brush.drawings.get((mode, seed)):
         record_stroke(brush, mode, seed, result.json_data, canvas_mask(rgba, (h // scale, w // scale)))
-    st.caption(stroke_note(brush, mode, seed) + " · undo a stroke with the canvas's own arrows.")
+    model = f"the **edited** model ({len(ws.rewriter.history)} edit(s))" if edited else "the **original** model"
+    st.markdown(f"{stroke_note(brush, mode, seed)}, as drawn by {model}. Undo or redo a stroke with the arrows "
+                "above the canvas (shown on hover).")
 
     c1, c2 = st.columns([3, 2], vertical_alignment="bottom")
     name = c1.selectbox("Segmenter class", CLASSES, index=CLASSES.index(STAMP_DEFAULT[mode]), key=f"stamp_{mode}",

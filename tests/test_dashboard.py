@@ -361,7 +361,7 @@ def test_a_stroke_shows_in_the_grid_of_the_same_run() -> None:
     brush(at, "Context", 5, (80, 160, 80, 160))  # one run: the stroke arrives, then the grid is drawn
     after = {i["seed"]: i["src"] for i in grid_items(at)}
     assert [s for s in SEEDS if before[s] != after[s]] == [5]
-    assert "Context on seed 5: 1 stroke" in " ".join(c.value for c in at.caption)
+    assert "Context on seed 5: 1 stroke" in " ".join(m.value for m in at.markdown)
 
 
 def test_redraws_reuse_the_grids_keys(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -139,7 +139,7 @@ def pick_image(page, seed: int) -> None:
     """Click the grid's picture of ``seed``, which makes it the image being brushed."""
     page.locator(f"figure[data-seed='{seed}']").click()
     wait_idle(page)
-    page.get_by_text(f"on seed {seed}, drawn by").wait_for(timeout=RUN_TIMEOUT_MS)
+    page.get_by_text(f" on seed {seed}: ").wait_for(timeout=RUN_TIMEOUT_MS)
 
 
 def grid_pixels(page, count: int) -> list[np.ndarray]:

@@ -211,3 +211,48 @@ def test_load_facts_as_an_entry_point() -> None:
 
     model, sampler = load("dissect.models.facts:load_facts")
     assert isinstance(model, FactsGPT) and sampler([0]).shape == (1, SEQ_LEN)
+
+
+def test_request_kinds_refuse_bad_input_before_any_solve(tiny) -> None:
+    from dissect.rewrite import Request, solve
+    from dissect.valuetargets import OutputTarget, Pairs
+
+    model, corpus, sampler = tiny
+    assert Request.kinds["Pairs"] is Pairs and Request.kinds["OutputTarget"] is OutputTarget
+    memory = fitted(model, "blocks.0.mlp.proj", sampler)
+    tokens = sampler([1, 2])
+    masks = positions(torch.tensor([8, 8]), SEQ_LEN).float()
+    weight = memory.weight.detach().clone()
+    with pytest.raises(RequestError, match="indices in \\[0, "):
+        solve(memory, OutputTarget(tokens, masks, torch.tensor([0, len(corpus.vocab)]), position=-2))
+    with pytest.raises(RequestError, match="one integer target per input row"):
+        solve(memory, OutputTarget(tokens, masks, torch.tensor([1]), position=-2))
+    with pytest.raises(RequestError, match="outside the model's"):
+        solve(memory, OutputTarget(tokens, masks, torch.tensor([1, 2]), position=SEQ_LEN))
+    with pytest.raises(RequestError, match="shape of its output"):
+        solve(memory, Pairs(tokens, masks, values=torch.zeros(2, SEQ_LEN, 31)))
+    with pytest.raises(RequestError, match="either values"):
+        solve(memory, Pairs(tokens, masks))
+    assert torch.equal(memory.weight, weight)
+
+
+class Squashed(nn.Module):
+    memory_key_module = "lin"  # a composite layer: its weight, then a nonlinear rest
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x))
+
+
+def test_value_requests_need_the_weights_own_module() -> None:
+    from dissect.rewrite import solve
+    from dissect.valuetargets import Pairs
+
+    model = nn.Sequential(Squashed())
+    memory = LayerMemory(model, "0")
+    memory.set_moment(torch.eye(4))
+    with pytest.raises(RequestError, match="nonlinear rest"):
+        solve(memory, Pairs(torch.randn(2, 4), None, values=torch.zeros(2, 3)))

@@ -324,7 +324,10 @@ def _shifted_sums(x: Tensor, shift: Tensor, second: bool, batched: bool | None =
             sum1 += chunk.sum(1).sum(0, dtype=torch.float64)
             if sum2 is not None:
                 prod = torch.bmm(chunk.transpose(1, 2), chunk)
-                sum2 += prod[0] if len(prod) == 1 else prod.sum(0, dtype=torch.float64)  # one chunk: no float64 copy
+                if len(prod) > 1:
+                    sum2 += prod.sum(0, dtype=torch.float64)
+                for start in range(0, c, 256) if len(prod) == 1 else ():  # in row blocks: a float32 product is cast
+                    sum2[start : start + 256] += prod[0, start : start + 256]  # block by block, never as a (C, C) copy
     return sum1, sum2
 
 

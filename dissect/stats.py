@@ -326,8 +326,9 @@ def _shifted_sums(x: Tensor, shift: Tensor, second: bool, batched: bool | None =
                 prod = torch.bmm(chunk.transpose(1, 2), chunk)
                 if len(prod) > 1:
                     sum2 += prod.sum(0, dtype=torch.float64)
-                for start in range(0, c, 256) if len(prod) == 1 else ():  # in row blocks: a float32 product is cast
-                    sum2[start : start + 256] += prod[0, start : start + 256]  # block by block, never as a (C, C) copy
+                else:  # in row blocks: a float32 product is cast block by block, never as a (C, C) float64 copy
+                    for start in range(0, c, 256):
+                        sum2[start : start + 256] += prod[0, start : start + 256]
     return sum1, sum2
 
 

@@ -56,20 +56,32 @@ def print_layers(title: str, result: Dissection) -> None:
         print(f"{layer:22s} {d.grid[0]:>3d}x{d.grid[1]:<2d} {d.units:5d} {d.interpretable_share():7.1%}  {per_class}")
 
 
+def ground_box() -> torch.Tensor:
+    region = torch.zeros(64, 64)
+    y0, x0, y1, x1 = INSERT_BOX
+    region[y0:y1, x0:x1] = 1
+    return region
+
+
 def best_layer(G, sampler, seg, result: Dissection, name: str, k: int, n: int, batch_size: int) -> str:
     """The layer where ablating the top ``k`` units of class ``name`` removes it from the most images, on ``n``
     selection seeds (disjoint from the seeds the figures are measured on). Candidates hold at least 4k units, so
-    the ablation stays a small share of the layer (GAN Dissection zeroes 20 of 512); the others are printed."""
+    the ablation stays a small share of the layer (GAN Dissection zeroes 20 of 512); the others are printed, with
+    what inserting the same units in the ground box draws, for reference."""
     selection = GeneratedSamples(sampler, range(SELECTION_SEEDS, SELECTION_SEEDS + n))
     removed = {}
-    print(f"\nablating the top {k} {name} units, per layer, on {n} selection seeds:")
+    print(f"\nthe top {k} {name} units, per layer, on {n} selection seeds: ablated, then inserted in {INSERT_BOX}")
     for layer, d in result.layers.items():
         if d.units >= k:
-            effect = measure_ablation(G, layer, d.top(name, k), selection, seg, name, batch_size=batch_size)
+            units = d.top(name, k)
+            effect = measure_ablation(G, layer, units, selection, seg, name, batch_size=batch_size)
+            drawn = measure_insertion(G, layer, units, d.high[units], ground_box(), selection, seg, name,
+                                      batch_size=batch_size)
             if d.units >= 4 * k:
                 removed[layer] = effect.removed
             print(f"  {layer:22s} {name} units at IoU >= {IOU_LEVEL}: {d.units_per_class().get(name, 0):3d}; "
-                  f"removed from {effect.removed:.1%} of the images showing it"
+                  f"removed from {effect.removed:.1%} of the images showing it; insertion draws {drawn.drawn:.1%} "
+                  f"of the box ({drawn.outside:.2%} outside)"
                   + ("" if d.units >= 4 * k else f" ({k} of {d.units} units: not a candidate)"))
     return max(removed, key=removed.get)
 
@@ -111,9 +123,7 @@ def main() -> None:
     print(f"\nbest tree layer {layer}: top {args.k} tree units {tree_units.tolist()} (IoU {float(ious.min()):.3f}.."
           f"{float(ious.max()):.3f}); measured on {args.measure_n} fresh seeds")
     fresh = GeneratedSamples(sampler, range(METRIC_SEEDS, METRIC_SEEDS + args.measure_n))
-    region = torch.zeros(64, 64)
-    y0, x0, y1, x1 = INSERT_BOX
-    region[y0:y1, x0:x1] = 1
+    region = ground_box()
     effects = {}
     for name, units in (("tree", tree_units), ("random", random_units)):
         ablation = measure_ablation(G, layer, units, fresh, seg, "tree", batch_size=args.batch_size)
@@ -124,12 +134,12 @@ def main() -> None:
               f"removed from {ablation.removed:.1%}; insertion in box {INSERT_BOX}: {insertion.drawn:.1%} of the box "
               f"drawn as tree ({insertion.before:.1%} tree before), {insertion.outside:.2%} outside")
 
+    torch.manual_seed(0)  # the random resnet's weights
     controls = {}
     for title, model, layers in (
         ("segmenter as an image model (world labels)", seg, SEGMENTER_LAYERS),
         ("resnet18, random weights (negative control)", torchvision.models.resnet18(weights=None).eval(), RESNET_LAYERS),
     ):
-        torch.manual_seed(0)
         controls[title] = dissect(model, layers, WorldSamples(range(WORLD_SEEDS, WORLD_SEEDS + args.world_n)),
                                   batch_size=args.batch_size)
         print_layers(title, controls[title])

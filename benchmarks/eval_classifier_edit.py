@@ -27,26 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from dissect.memory import LayerMemory
-from dissect.models.classifier import WEIGHTS, accuracy, dataset, load_classifier, roof_labels, twins
-from dissect.models.world import DOME, SPIRE, WATERMARK, World
+from dissect.models.classifier import WEIGHTS, accuracy, covered, dataset, load_classifier
 from dissect.rewrite import Context, Rewriter, solve
 from dissect.valuetargets import Pairs
 
 LAYER = "features.6"
 REQUESTS, HELD_OUT = 2_000_000, 1_000_000
-
-
-def covered(world: World, seeds: range) -> tuple[torch.Tensor, ...]:
-    """Scenes of ``seeds`` whose watermark covers part of a roof (where it can matter): ``(watermarked, clean,
-    labels, marks)``, images ``(M, 3, H, W)``, labels ``(M,)``, watermark masks ``(M, H, W)``."""
-    z = world.sample_latents(seeds)
-    labels = roof_labels(world, z)
-    on, off = (t[labels >= 0] for t in twins(z))
-    labels = labels[labels >= 0]
-    (marked, marked_pixels), (clean, clean_pixels) = world.render(on), world.render(off)
-    marks = marked_pixels == WATERMARK
-    keep = (marks & ((clean_pixels == SPIRE) | (clean_pixels == DOME))).flatten(1).any(1)
-    return marked[keep], clean[keep], labels[keep], marks[keep].float()
 
 
 def finetune(model: torch.nn.Module, layer: str, images: torch.Tensor, labels: torch.Tensor, steps: int,

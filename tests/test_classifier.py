@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dissect.memory import LayerMemory
-from dissect.models.classifier import ImageSampler, RoofNet, dataset, load_classifier, roof_labels, twins
+from dissect.models.classifier import ImageSampler, RoofNet, covered, dataset, load_classifier, roof_labels, twins
 from dissect.models.world import FIELD_INDEX, World
 from dissect.rewrite import Context, Rewriter, solve
 from dissect.valuetargets import Pairs
@@ -72,9 +72,9 @@ def test_pairs_map_watermarked_keys_to_clean_values(world) -> None:
 @pytest.mark.slow
 def test_shipped_classifier_knows_clean_roofs_and_errs_on_watermarks(world) -> None:
     model, _ = load_classifier()
-    images, labels, _ = dataset(world, range(1_000_000, 1_000_150))
-    marked, _, _ = dataset(world, range(1_000_000, 1_000_150), watermark=True)
+    marked, clean, labels, marks = covered(world, range(1_000_000, 1_000_400))  # watermarks over a roof
+    assert len(labels) > 50 and (marks.flatten(1).sum(1) > 0).all()
     with torch.no_grad():
-        clean_acc = (model(images).argmax(1) == labels).float().mean()
+        clean_acc = (model(clean).argmax(1) == labels).float().mean()
         marked_acc = (model(marked).argmax(1) == labels).float().mean()
-    assert clean_acc > 0.9 and marked_acc < clean_acc - 0.1
+    assert clean_acc > 0.95 and marked_acc < clean_acc - 0.02

@@ -19,9 +19,9 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from .world import FIELD_INDEX, WATERMARK, World
+from .world import DOME, FIELD_INDEX, SPIRE, WATERMARK, World
 
-__all__ = ["ROOFS", "RoofNet", "ImageSampler", "roof_labels", "twins", "dataset", "load_classifier", "accuracy"]
+__all__ = ["ROOFS", "RoofNet", "ImageSampler", "roof_labels", "twins", "dataset", "covered", "load_classifier", "accuracy"]
 
 WEIGHTS = Path(__file__).parent / "weights" / "roof-classifier.safetensors"
 ROOFS = ("spire", "dome", "flat")
@@ -56,6 +56,19 @@ def dataset(world: World, seeds: Iterable[int], watermark: bool = False) -> tupl
     z = twins(z)[0 if watermark else 1]
     images, pixel_labels = world.render(z)
     return images, labels[labels >= 0], (pixel_labels == WATERMARK).float()
+
+
+def covered(world: World, seeds: Iterable[int]) -> tuple[torch.Tensor, ...]:
+    """Scenes of ``seeds`` whose watermark covers part of a roof (where it can matter): ``(watermarked, clean,
+    labels, marks)``, images ``(M, 3, H, W)``, labels ``(M,)``, watermark masks ``(M, H, W)``."""
+    z = world.sample_latents(seeds)
+    labels = roof_labels(world, z)
+    on, off = (t[labels >= 0] for t in twins(z))
+    labels = labels[labels >= 0]
+    (marked, marked_pixels), (clean, clean_pixels) = world.render(on), world.render(off)
+    marks = marked_pixels == WATERMARK
+    keep = (marks & ((clean_pixels == SPIRE) | (clean_pixels == DOME))).flatten(1).any(1)
+    return marked[keep], clean[keep], labels[keep], marks[keep].float()
 
 
 class ImageSampler:

@@ -19,7 +19,7 @@ from dashboard.requests import NeedsInput, Settings
 from dashboard.workspace import STATS_DIR, Workspace, base_model
 from dissect import measure
 from dissect.errors import DissectError
-from dissect.rewrite import Edit, matched_strength, read_edits, solve
+from dissect.rewrite import Edit, read_edits, solve
 from dissect.visualize import to_unit
 
 ERASE, PASTE = "Erase", "Paste"
@@ -43,7 +43,7 @@ def solve_request(ws: Workspace, kind: str, settings: Settings) -> Edit:
     memory = ws.memory()
     edit = solve(memory, target, context, refine=settings.refine, max_iter=settings.iterations,
                  pointwise=settings.pointwise, budget=settings.budget)
-    return edit.scaled(settings.strength or matched_strength(memory, edit))
+    return edit.scaled(settings.strength)
 
 
 def apply(ws: Workspace, kind: str, settings: Settings,

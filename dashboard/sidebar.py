@@ -85,8 +85,7 @@ def _settings(ws: Workspace) -> Settings:
 def _describe(s: Settings) -> str:
     parts = [f"rank {s.rank}", f"budget {s.budget:.0%}"]
     parts += ["pointwise"] * s.pointwise + ["onto the painted region"] * s.onto_region
-    strength = "strength matched to the context" if s.strength is None else f"strength {s.strength:g}"
-    return ", ".join(parts + [strength])
+    return ", ".join(parts + ([f"strength {s.strength:g}"] if s.strength != 1 else []))
 
 
 BUDGETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)

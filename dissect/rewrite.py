@@ -62,8 +62,7 @@ from dissect.memory import (
 
 __all__ = [
     "Request", "Copy", "Paste", "Context", "Erase", "Constraint", "Edit", "constraint", "constraint_loss", "solve",
-    "Rewriter", "load", "read_edits", "weight_sha256", "check_rank", "check_strength", "DEFAULT_BUDGET", "SpecReader",
-    "matched_strength",
+    "Rewriter", "load", "read_edits", "weight_sha256", "check_rank", "check_strength", "DEFAULT_BUDGET", "SpecReader"
 ]
 
 FORMAT = "dissect-edits/2"  # /2: every tensor carries a SHA-256 in the metadata
@@ -525,24 +524,6 @@ class Edit:
             raise RequestError(f"This edit is already at strength {self.strength:g}; {factor:g} times that passes "
                                f"{MAX_STRENGTH:g}.")
         return dataclasses.replace(self, lam=self.lam * factor, strength=self.strength * factor)
-
-
-def matched_strength(memory: LayerMemory, edit: Edit, limit: float = 4.0) -> float:
-    """The strength that gives a typical context location the change the request's own locations get.
-
-    A location changes by ``Λ D k``; the solve fits the request's keys, so a context key that projects less onto
-    ``D`` changes less. The factor is the mean ``‖D k‖`` over the constraint's locations over the mean over the
-    context's masked locations, clamped to ``[1, limit]`` (the request images alone: no metric, no segmenter).
-    """
-    target, context = edit.request["target"], edit.request["context"]
-    c, _ = constraint(memory, target, context)
-    d = edit.directions
-    own = memory.match_keys(d, c.rec.keys)
-    own = float((own * c.weights).sum() / c.weights.sum())
-    keys = memory.keys(context.inputs)
-    w = memory.mask_weights(context.masks, context.inputs, keys)
-    theirs = float((memory.match_keys(d, keys) * w).sum() / w.sum())
-    return min(max(own / max(theirs, 1e-12), 1.0), limit)
 
 
 def weight_sha256(weight: Tensor) -> str:

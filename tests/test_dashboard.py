@@ -449,7 +449,7 @@ def test_the_recommended_settings_reach_the_applied_edit() -> None:
     want = editing.requests.RECOMMENDED["Paste"]
     assert edit.pointwise == want.pointwise and edit.rank == want.rank, messages(at)
     assert edit.request["target"].region is not None  # onto the painted region
-    assert 1 <= edit.strength <= 4  # matched to the context on the request images
+    assert edit.strength == want.strength
     assert "Applied" in " ".join(s.value for s in at.success), messages(at)
 
 

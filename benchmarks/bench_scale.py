@@ -24,17 +24,19 @@ Measured:
 
 Usage::
 
-    python benchmarks/bench_scale.py                        # d = 14336, checkpoints up to --max-keys
-    python benchmarks/bench_scale.py --d 2048 --max-keys 32768
-    python benchmarks/bench_scale.py --d 512 --world-size 2 --max-keys 8192
+    python benchmarks/bench_scale.py --world-size 2        # convergence at d = 256 .. 2048, then d = 14336
+    python benchmarks/bench_scale.py --d 2048 --converge-d  # everything at d = 2048
 
-Ends with ``bench_scale: d=D keys_to_converge=K keys_per_s=R peak_bytes_over_d2=M`` (``K`` is ``none`` when the
-directions had not settled by ``--max-keys``).
+The convergence test runs at the widths ``--converge-d`` (at d = 14336 each checkpoint's Cholesky takes minutes
+on a CPU, and the keys needed are many times d); the full width streams ``--stream-keys`` keys and solves once.
+Ends with ``bench_scale: d=D keys_to_converge=K keys_per_s=R peak_bytes_over_d2=M``: ``K`` measured at the
+largest convergence width (``none`` when the directions had not settled by ``--max-keys``), ``R`` and ``M`` at d.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import tempfile
@@ -115,9 +117,8 @@ def converge(d: int, width: int, batch: int, max_keys: int, tol: float, n_held: 
     stat = SecondMoment()
     base = rss_bytes()
     reset_peak()
-    seen, add_seconds, previous, result = 0, 0.0, None, "none"
+    seen, add_seconds, previous, result, stream_peak, solve_seconds = 0, 0.0, None, "none", 0, math.nan
     checkpoint = max(batch, d // 8)
-    changes = []
     while seen < max_keys:
         k = keys(model, sampler, list(range(seen, seen + batch)))
         start = time.perf_counter()
@@ -131,7 +132,6 @@ def converge(d: int, width: int, batch: int, max_keys: int, tol: float, n_held: 
             solve_seconds = time.perf_counter() - start
             if previous is not None:
                 change = float((c_norm(factor, u - previous) / c_norm(factor, u)).max())
-                changes.append(change)
                 print(f"keys {seen} ({seen / d:.2f} d): largest change of the edit direction {change:.4f} "
                       f"(solve {solve_seconds:.0f} s)", flush=True)
                 if change < tol:
@@ -140,7 +140,8 @@ def converge(d: int, width: int, batch: int, max_keys: int, tol: float, n_held: 
             previous, checkpoint = u, checkpoint * 2
     peak = rss_bytes("VmHWM") - base
     return {"keys_to_converge": result, "keys_per_s": seen / add_seconds, "stream_peak": stream_peak / d**2,
-            "peak": peak / d**2, "keys": seen, "batch_share": batch * (width + 3 * d) * 4 / d**2}
+            "peak": peak / d**2, "keys": seen, "batch_share": batch * (width + 3 * d) * 4 / d**2,
+            "solve_seconds": solve_seconds}
 
 
 def _worker(rank: int, world: int, port: int, d: int, width: int, n: int, out: str) -> None:
@@ -177,19 +178,30 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=14336, help="key width (Llama-3-8B down_proj: 14336)")
     parser.add_argument("--width", type=int, default=256, help="width of the random MLP's input h")
     parser.add_argument("--batch", type=int, default=512, help="keys per SecondMoment.add")
-    parser.add_argument("--max-keys", type=int, default=None, help="stop here (default 4·d)")
-    parser.add_argument("--tol", type=float, default=0.05, help="largest relative change of an edit direction deemed stable")
+    parser.add_argument("--stream-keys", type=int, default=2048, help="keys streamed at width d (then one solve)")
+    parser.add_argument("--converge-d", type=int, nargs="*", default=[256, 512, 1024, 2048],
+                        help="key widths of the convergence test (none: at d itself)")
+    parser.add_argument("--max-keys", type=int, default=131072, help="each convergence test stops here")
+    parser.add_argument("--tol", type=float, default=0.1, help="largest relative change of an edit direction deemed stable")
     parser.add_argument("--held-out", type=int, default=16, help="held-out keys whose directions are compared")
     parser.add_argument("--world-size", type=int, default=0, help="also check all_reduce over this many processes")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.world_size > 1:
-        diff = distributed(args.world_size, args.d, args.width, min(args.max_keys or 4096, 4096))
-        print(f"bench_scale_distributed: world_size={args.world_size} d={args.d} max_rel_diff={diff:.2e}")
-    r = converge(args.d, args.width, args.batch, args.max_keys or 4 * args.d, args.tol, args.held_out)
-    print(f"streamed {r['keys']} keys; peak while streaming {r['stream_peak']:.2f} bytes/d², with the solve "
-          f"{r['peak']:.2f} bytes/d² (one batch of keys and activations: {r['batch_share']:.2f} bytes/d²)")
-    print(f"bench_scale: d={args.d} keys_to_converge={r['keys_to_converge']} keys_per_s={r['keys_per_s']:.0f} "
+        diff = distributed(args.world_size, min(args.d, 512), args.width, 4096)
+        print(f"bench_scale_distributed: world_size={args.world_size} d={min(args.d, 512)} max_rel_diff={diff:.2e}")
+    found = {}
+    for small in args.converge_d or [args.d]:
+        conv = converge(small, args.width, args.batch, args.max_keys, args.tol, args.held_out)
+        found[small] = conv["keys_to_converge"]
+        print(f"convergence at d={small}: keys_to_converge={found[small]}", flush=True)
+    r = converge(args.d, args.width, args.batch, args.stream_keys, math.inf, args.held_out) if args.d not in found else conv
+    print(f"d={args.d}: streamed {r['keys']} keys at {r['keys_per_s']:.1f} keys/s; peak {r['stream_peak']:.2f} bytes/d² "
+          f"while streaming, {r['peak']:.2f} with the solve ({r['solve_seconds']:.0f} s; one batch of keys and "
+          f"activations is {r['batch_share']:.2f} bytes/d²)")
+    # Keys a stable direction needs, measured at the largest width tried (how it grows with d: the lines above).
+    k = found[max(found)]
+    print(f"bench_scale: d={args.d} keys_to_converge={k} keys_per_s={r['keys_per_s']:.1f} "
           f"peak_bytes_over_d2={r['peak']:.2f}")
 
 

@@ -13,11 +13,12 @@ sample's share (1/n). The main configuration (w, mean difference) runs every att
 spaces and methods on the first --grid-n of them; the watermark's every configuration (and the w vector moving
 only the middle or only the fine layers' w) on --n, for the comparison.
 Watermark removal: every watermark vector at each negative alpha, applied to every sample, against the rewrite
-(Erase at --layer, context = --ctx request images with the watermark's bounding boxes, the dashboard's erase
-units; rank 1, and each of --ranks), on the --n seeds: watermark prevalence, and collateral by the edits'
-protocol (dissect.measure: perceptual distance on the samples that showed no watermark before, median, as a
-share of a different image). The last line is machine-readable: its vector is --summary-vector at alpha =
---summary-alpha, its rewrite rank 1.
+(Erase at --layer with its default fill, context = --ctx request images with the watermark's bounding boxes; rank
+1 at the library's default budget, rank 1 as plain least squares, the dashboard's recommended rank and budget,
+and each of --ranks), on the --n seeds: watermark prevalence, and collateral by the edits' protocol
+(dissect.measure: perceptual distance on the samples that showed no watermark before, median, as a share of a
+different image). The last line is machine-readable: its vector is --summary-vector at alpha = --summary-alpha,
+its rewrite rank 1 at the library's default budget.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from dissect.hooks import model_device
 from dissect.memory import LayerMemory
 from dissect.models import load
 from dissect.models.segmenter import load_segmenter
-from dissect.rewrite import Context, Erase, Rewriter, solve
+from dissect.rewrite import DEFAULT_BUDGET, Context, Erase, Rewriter, solve
 from dissect.stats import DEFAULT_CACHE_DIR
 from dissect.style import GROUPS, Shift, Style, interpolate, render, styles, synthesize
 from dissect.visualize import image_grid, to_pil, to_unit
@@ -43,7 +44,7 @@ from dissect.visualize import image_grid, to_pil, to_unit
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the dashboard's defaults, eval_edits' request
 from eval_edits import watermark_request  # noqa: E402
 
-from dashboard.defaults import DEFAULT_UNITS, STATS_SAMPLES  # noqa: E402
+from dashboard.defaults import DEFAULT_UNITS, ERASE_BUDGET, ERASE_RANK, STATS_SAMPLES  # noqa: E402
 
 FIT_SEEDS = 700_000  # labelled samples the vectors are fitted on
 METRIC_SEEDS = 710_000  # samples the sweeps and the comparison are measured on
@@ -110,7 +111,7 @@ def main() -> None:
     p.add_argument("--layer", default="synthesis.b16.conv1")
     p.add_argument("--ctx", type=int, default=5, help="the rewrite's context images")
     p.add_argument("--units", type=int, default=DEFAULT_UNITS, help="the erase's zeroed key units (the dashboard's default)")
-    p.add_argument("--ranks", type=int, nargs="*", default=[16], help="rewrite ranks besides 1 (the dashboard's is 16)")
+    p.add_argument("--ranks", type=int, nargs="*", default=[16], help="more rewrite ranks at the default budget")
     p.add_argument("--summary-vector", default="w,mean", help="space,method reported on the last line ('layer' for --layer)")
     p.add_argument("--summary-alpha", type=float, default=-1.0)
     p.add_argument("--device", default="cpu")
@@ -199,15 +200,19 @@ def main() -> None:
     memory = LayerMemory(G, args.layer)
     memory.fit_moment(sampler, STATS_SAMPLES, cache_dir=str(DEFAULT_CACHE_DIR), progress=False)
     rewriter = Rewriter(G)
-    for rank in [1, *args.ranks]:
+    variants = [(1, DEFAULT_BUDGET, "the library's default budget"), (1, None, "least squares, as in the paper"),
+                (ERASE_RANK, ERASE_BUDGET, "the dashboard's recommended erase")]
+    variants += [(rank, DEFAULT_BUDGET, "the library's default budget") for rank in args.ranks]
+    for rank, budget, what in variants:
         rewriter.apply(solve(memory, Erase(wm_z, wm_masks, units=args.units, seeds=wm_seeds),
-                             Context(wm_z, wm_masks, rank=rank, seeds=wm_seeds)))
-        rows[f"rewrite: Erase at {args.layer}, rank {rank}, {args.ctx} images"] = removal(measure.render(G, sampler, seeds, seg))
+                             Context(wm_z, wm_masks, rank=rank, seeds=wm_seeds), budget=budget))
+        rows[f"rewrite: rank {rank}, budget {budget}, {args.ctx} images ({what})"] = removal(
+            measure.render(G, sampler, seeds, seg))
         rewriter.undo()
-    rewrite = rows[f"rewrite: Erase at {args.layer}, rank 1, {args.ctx} images"]
-    print(f"{'how':60s} {'after':>6s} {'collateral':>10s}")
+    rewrite = rows[f"rewrite: rank 1, budget {DEFAULT_BUDGET}, {args.ctx} images (the library's default budget)"]
+    print(f"{'how':90s} {'after':>6s} {'collateral':>10s}")
     for how, (after, coll) in rows.items():
-        print(f"{how:60s} {after:6.3f} {coll:10.4f}")
+        print(f"{how:90s} {after:6.3f} {coll:10.4f}")
 
     space, method = args.summary_vector.split(",")
     vec_after, vec_coll = rows[f"vector {name(('watermark', args.layer if space == 'layer' else space, method, ()))} "

@@ -256,3 +256,25 @@ def test_value_requests_need_the_weights_own_module() -> None:
     memory.set_moment(torch.eye(4))
     with pytest.raises(RequestError, match="nonlinear rest"):
         solve(memory, Pairs(torch.randn(2, 4), None, values=torch.zeros(2, 3)))
+
+
+def test_output_target_edits_save_with_their_request(tiny, tmp_path) -> None:
+    from dissect.rewrite import solve
+    from dissect.valuetargets import OutputTarget
+
+    model, corpus, sampler = tiny
+    memory = fitted(model, "blocks.1.mlp.proj", sampler)
+    fact = Fact(4, "sport", (corpus.facts[4]["sport"] + 1) % 8)
+    tokens, last = corpus.batch([fact] * 2, 1, [0, 1])
+    target = torch.full((2,), corpus.object_token("sport", fact.obj))
+    request = OutputTarget(tokens, positions(last, SEQ_LEN).float(), target, position=-2, steps=5)
+    rewriter = Rewriter(model)
+    rewriter.apply(solve(memory, request, budget=None))
+    rewriter.save(str(tmp_path / "rome.safetensors"))
+    edited = memory.weight.detach().clone()
+    rewriter.undo()
+    loaded = load(str(tmp_path / "rome.safetensors"), model)
+    saved = loaded.history[0].request["target"]
+    assert isinstance(saved, OutputTarget) and torch.equal(saved.targets, target) and saved.position == -2
+    assert torch.equal(memory.weight, edited)
+    loaded.revert()

@@ -20,10 +20,11 @@ pre-norm blocks of causal attention and an MLP ``fc -> GELU -> proj``; ``blocks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -407,22 +408,19 @@ def layer_sweep(model: FactsGPT, corpus: FactsCorpus, sampler: FactsSampler, fac
     return out
 
 
-class applied:
-    """``with applied(memory, edit):`` the edit's ``ΔW`` is added to the weight inside the block and the exact
-    previous weight restored after (for evaluating one edit at a time without an edit stack)."""
-
-    def __init__(self, memory: LayerMemory, edit: Edit) -> None:
-        self.memory, self.edit = memory, edit
-
-    def __enter__(self) -> None:
-        weight = self.memory.weight
-        self.saved = weight.detach().clone()
+@contextlib.contextmanager
+def applied(memory: LayerMemory, edit: Edit) -> Iterator[None]:
+    """``with applied(memory, edit):`` the edit's ``ΔW`` is added to the weight inside the block, and the exact
+    previous weight restored after (to score one edit at a time without keeping an edit stack's copies)."""
+    weight = memory.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight += memory.delta(edit.lam.to(weight), edit.directions.to(weight))
+    try:
+        yield
+    finally:
         with torch.no_grad():
-            weight += self.memory.delta(self.edit.lam.to(weight), self.edit.directions.to(weight))
-
-    def __exit__(self, *exc: object) -> None:
-        with torch.no_grad():
-            self.memory.weight.copy_(self.saved)
+            weight.copy_(saved)
 
 
 def _corrupted_run(model: FactsGPT, corpus: FactsCorpus, fact: Fact, phrasing: int, noise: float, samples: int,

@@ -42,7 +42,7 @@ def solve_request(ws: Workspace, kind: str, settings: Settings) -> Edit:
     target, context = requests.erase(ws, settings) if kind == ERASE else requests.paste(ws, settings)
     memory = ws.memory()
     edit = solve(memory, target, context, refine=settings.refine, max_iter=settings.iterations,
-                 pointwise=settings.pointwise, budget=settings.budget)
+                 pointwise=settings.pointwise, budget=settings.budget, protect=ws.rewriter.history)
     return edit.scaled(settings.strength)
 
 

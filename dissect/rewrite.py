@@ -396,13 +396,14 @@ def _surround(x: Tensor, hole: Tensor, channel_dim: int, iters: int = 200) -> Te
     return v.movedim(-1, channel_dim)
 
 
-def _grow(box: Tensor) -> Tensor:
-    """``box (N, *grid)`` grown by one cell along every grid axis (bool)."""
-    grown = box > 0
-    for axis in range(box.dim() - 1):
-        for o in (-1, 1):
-            grown = grown | (_shift(box, [o if a == axis else 0 for a in range(box.dim() - 1)]) > 0)
-    return grown
+def _dilate(mask: Tensor, reach: Sequence[int]) -> Tensor:
+    """``mask (N, *grid)`` bool grown by ``reach[a]`` cells along grid axis ``a`` (a box dilation)."""
+    for axis, r in enumerate(reach):
+        grown = mask
+        for o in (o for step in range(1, r + 1) for o in (-step, step)):
+            grown = grown | _shift(mask, [o if a == axis else 0 for a in range(len(reach))])
+        mask = grown
+    return mask
 
 
 ERASE_FILLS = ("surround", "units")
@@ -451,7 +452,7 @@ class Erase(Request):
             if not memory.grid(rec.values):
                 raise RequestError(f"Layer {memory.layer!r} has one key per row, with no surroundings to fill an erased "
                                    f"region from: use Erase(..., fill='units').")
-            grown = _grow(box)  # the box's own border is brushed too: fill from just outside it, where there is room
+            grown = _dilate(box > 0, [1] * (box.dim() - 1))  # the box's border is brushed too: fill from just outside
             room = (~grown).flatten(1).any(1).view(-1, *[1] * (box.dim() - 1))
             hole = torch.where(room, grown, box > 0)
             linear, values, blend = _surround(rec.linear, hole, cd), _surround(rec.values, hole, cd), box
@@ -482,7 +483,9 @@ class Edit:
     ``base_sha256`` names the weight it was solved against (see :func:`weight_sha256`); ``request`` holds the
     requests that made it; ``pointwise``: ``Λ`` was confined to the kernel's centre; ``strength``: the factor
     :meth:`scaled` has already multiplied ``lam`` by; ``smooth``: the weight μ of ``L_smooth`` in the solve;
-    ``output_energy``: the layer's ``E‖W₀ k‖²`` per output channel, the scale of :attr:`expected_change`.
+    ``output_energy``: the layer's ``E‖W₀ k‖²`` per output channel, the scale of :attr:`expected_change`;
+    ``key_basis``: an orthonormal basis of the keys the edit stored values for, which a later solve at the same
+    layer protects (``solve(..., protect=...)``).
     """
 
     layer: str
@@ -499,6 +502,7 @@ class Edit:
     strength: float = 1.0
     smooth: float = 0.0
     output_energy: float = 0.0
+    key_basis: Tensor | None = None  # (m, C) orthonormal: the keys this edit stored values for, kept by later solves
 
     @property
     def rank(self) -> int:
@@ -634,6 +638,41 @@ def _choose_smooth(memory: LayerMemory, normal: _Normal, budget: float, energy: 
     return hi
 
 
+PROTECT_ENERGY = 0.99999  # an edit's protected keys: the principal directions holding this share of their energy…
+PROTECT_SHARE = 0.5  # …at most this share of the key dimension, so later edits keep room
+
+
+def _key_basis(memory: LayerMemory, c: Constraint) -> Tensor:
+    """``(m, C)`` orthonormal rows spanning the keys a constraint stores values for (those within a kernel's reach
+    of its locations, for a convolution): their top principal directions holding :data:`PROTECT_ENERGY` of the
+    energy, at most :data:`PROTECT_SHARE` of the key dimension."""
+    weights = _dilate(c.weights > 0, [k // 2 for k in memory.kernel_shape])
+    keys = memory.flat_keys(c.rec.keys)[weights.reshape(-1)].double().cpu()
+    _, sv, vh = torch.linalg.svd(keys, full_matrices=False)
+    energy = sv.square().cumsum(0) / sv.square().sum().clamp_min(1e-300)
+    m = min(int((energy < PROTECT_ENERGY).sum()) + 1, max(1, int(PROTECT_SHARE * memory.key_channels)))
+    return vh[:m].to(memory.weight)
+
+
+def _protected(memory: LayerMemory, directions: Tensor, protect: Sequence[Edit]) -> Tensor:
+    """``D`` with every row orthogonal to the keys earlier edits stored values for (their ``key_basis``), rows
+    again orthonormal in the metric of C: the new edit's ``ΔW k`` is then zero on those keys, so it leaves what
+    they store alone (the null-space projection of AlphaEdit, Fang et al. 2025, applied to D)."""
+    bases = [e.key_basis for e in protect if e.layer == memory.layer and e.key_basis is not None]
+    if not bases:
+        return directions
+    q = torch.linalg.qr(torch.cat(bases).double().cpu().T).Q  # (C, m): the protected keys' span
+    d = directions.double().cpu()
+    d = d - (d @ q) @ q.T
+    gram = d @ memory.regularised_moment() @ d.T
+    evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)
+    if evals.min() < 1e-6:  # D C Dᵀ = I before: a direction that kept almost none of its C-norm lies in the span
+        raise RequestError(f"The context at layer {memory.layer!r} lies within the keys that earlier edits protect: "
+                           f"choose another context, lower the rank, or solve with protect=() to overwrite them.")
+    d = (evecs * evals.rsqrt()) @ evecs.T @ d  # G^{-1/2} D: D C Dᵀ = I again, rows still orthogonal to the span
+    return d.to(directions)
+
+
 def _objective(memory: LayerMemory, c: Constraint, base: Tensor, lam: Tensor, directions: Tensor, mu: float) -> Tensor:
     """``L_constraint + μ · L_smooth`` with ``L_smooth = ‖Λ‖² / out`` (``E‖ΔW k‖²`` per channel, ``D C Dᵀ = I``)."""
     loss = constraint_loss(memory, c, base + memory.delta(lam, directions))
@@ -662,7 +701,7 @@ def _refine(memory: LayerMemory, c: Constraint, directions: Tensor, lam: Tensor,
 
 def solve(memory: LayerMemory, target: Request, context: Context | None = None, refine: bool = True,
           max_iter: int = 50, pointwise: bool = False, budget: float | None = DEFAULT_BUDGET,
-          smooth: float | None = None) -> Edit:
+          smooth: float | None = None, protect: Sequence[Edit] = ()) -> Edit:
     """Solve a rewrite of ``memory``'s layer; the model (weights and buffers) is not changed: apply the result
     with :class:`Rewriter`.
 
@@ -683,17 +722,19 @@ def solve(memory: LayerMemory, target: Request, context: Context | None = None, 
         budget: choose μ as the smallest weight whose edit moves at most this share of the layer's output
             energy over the data (``Edit.expected_change``); ``None`` with ``smooth=None``: plain least squares.
         smooth: μ itself (overrides ``budget``); ``0`` for plain least squares.
+        protect: earlier edits (of any layer; those of this layer count) whose stored keys this edit must leave
+            alone: ``D`` is made orthogonal to their ``key_basis``. :meth:`Rewriter.rewrite` passes its history.
     """
     start = time.perf_counter()
     buffers = _buffer_slots(memory.module)
     try:
-        return _solve(memory, target, context, refine, max_iter, pointwise, budget, smooth, start)
+        return _solve(memory, target, context, refine, max_iter, pointwise, budget, smooth, protect, start)
     finally:
         _restore_buffers(buffers)  # the layer is held while solving; Rewriter.apply holds it again
 
 
 def _solve(memory: LayerMemory, target: Request, context: Context | None, refine: bool, max_iter: int,
-           pointwise: bool, budget: float | None, smooth: float | None, start: float) -> Edit:
+           pointwise: bool, budget: float | None, smooth: float | None, protect: Sequence[Edit], start: float) -> Edit:
     if budget is not None and not (isinstance(budget, (int, float)) and 0 < budget < math.inf):
         raise RequestError(f"budget is a positive share of the layer's output energy (e.g. 0.02), got {budget!r}.")
     if smooth is not None and not (isinstance(smooth, (int, float)) and 0 <= smooth < math.inf):
@@ -705,12 +746,17 @@ def _solve(memory: LayerMemory, target: Request, context: Context | None, refine
     for what, x in (("keys", c.rec.keys), ("values", c.rec.values), ("target values", c.target)):
         _check_finite(f"The request's {what} at layer {memory.layer!r}", x)
     taps = _taps(memory, pointwise)
-    directions = memory.directions(context.inputs, context.masks, context.rank)
+    directions = _protected(memory, memory.directions(context.inputs, context.masks, context.rank), protect)
     r = directions.shape[0]
     energy = output_energy(memory)
     with torch.no_grad():
         before = float(constraint_loss(memory, c, base))
         normal = _normal(memory, c, directions, taps)
+        if float(normal.s.max()) <= 1e-12:  # D k = 0 on every constrained key: no Λ can change them
+            why = "lie within the keys that earlier edits protect" if protect else "have no component along the context"
+            raise RequestError(f"The request's keys at layer {memory.layer!r} {why}, so no edit through this context "
+                               f"can change them: choose another context"
+                               + (", or solve with protect=() to overwrite the earlier edits." if protect else "."))
         mu = float(smooth) if smooth is not None else (
             _choose_smooth(memory, normal, budget, energy, r) if budget is not None else 0.0)
         lam = _lam(memory, normal, mu, r).to(base)
@@ -734,6 +780,7 @@ def _solve(memory: LayerMemory, target: Request, context: Context | None, refine
         layer=memory.layer, lam=lam, directions=directions, solver=solver, base_sha256=weight_sha256(base),
         loss_before=before, loss_closed_form=closed, loss_after=after, seconds=time.perf_counter() - start,
         request={"target": target, "context": context}, pointwise=pointwise, smooth=mu, output_energy=energy,
+        key_basis=_key_basis(memory, c),
     )
 
 
@@ -778,9 +825,10 @@ class Rewriter:
         return [a.edit for a in reversed(self._undone)]
 
     def rewrite(self, memory: LayerMemory, target: Request, context: Context | None = None, **solve_args: Any) -> Edit:
-        """:func:`solve` then :meth:`apply`."""
+        """:func:`solve` then :meth:`apply`; the edits applied so far are protected unless ``protect`` is given."""
         if memory.model is not self.model:
             raise RequestError("This LayerMemory views another model than this Rewriter's.")
+        solve_args.setdefault("protect", self.history)
         return self.apply(solve(memory, target, context, **solve_args))
 
     def apply(self, edit: Edit) -> Edit:
@@ -904,6 +952,8 @@ class Rewriter:
             e, prefix = a.edit, f"edits.{i}"
             tensors[f"{prefix}.lambda"] = e.lam.detach().cpu().contiguous().clone()
             tensors[f"{prefix}.directions"] = e.directions.detach().cpu().contiguous().clone()
+            if e.key_basis is not None:
+                tensors[f"{prefix}.key_basis"] = e.key_basis.detach().cpu().contiguous().clone()
             edits.append({
                 "layer": e.layer, "rank": e.rank, "solver": e.solver, "base_sha256": e.base_sha256,
                 "weight_dtype": str(a.before.dtype), "weight_shape": list(a.before.shape),
@@ -983,7 +1033,7 @@ def read_edits(source: PathOrFile) -> list[Edit]:
                  solver=e["solver"], base_sha256=e["base_sha256"], loss_before=e["loss_before"],
                  loss_closed_form=e["loss_closed_form"], loss_after=e["loss_after"], seconds=e["seconds"],
                  request=_decode(e["request"], tensors), pointwise=e["pointwise"], strength=e["strength"],
-                 smooth=e["smooth"], output_energy=e["output_energy"])
+                 smooth=e["smooth"], output_energy=e["output_energy"], key_basis=tensors.get(f"edits.{i}.key_basis"))
             for i, e in enumerate(meta["edits"])
         ]
     except KeyError as err:

@@ -297,8 +297,8 @@ def test_bad_edit_files_are_refused_by_name(saved, case, tmp_path):
         bad = tmp_path / "nowhere.safetensors"
         words = "No edit file at .*nowhere"
     else:
-        from safetensors.torch import load_file, save_file
         from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
 
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["dissect"])
@@ -332,3 +332,42 @@ def test_solve_and_undo_leave_the_state_dict_bitwise_held_buffers_included():
     assert model.conv1.demod_reference is not None
     rewriter.revert()
     assert _same(model, state)
+
+
+def test_a_second_edit_keeps_what_the_first_stored():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), nn.ReLU(), nn.Conv2d(48, 8, 3, padding=1))
+    x = torch.randn(24, 3, 12, 12)
+    memory = _fitted(model, x)
+    first_request = Paste(x[1:2], Copy(x[:1], _box(12, 2, 2, 2, 2)))
+    # The second rule's context shares images and regions with the first's: unprotected, it overwrites it.
+    second = (Paste(x[3:4], Copy(x[2:3], _box(12, 6, 6, 3, 3))),
+              Context(x[[1, 3, 4]], torch.stack([_box(12, 2, 2, 5, 5), _box(12, 6, 6, 3, 3), _box(12, 2, 2, 6, 6)]), 2))
+    losses = {}
+    for protect in (True, False):
+        rewriter = Rewriter(model)
+        first = rewriter.rewrite(memory, first_request)
+        assert first.key_basis is not None and first.key_basis.shape[1] == 48
+        c, _ = constraint(memory, first_request)
+        from dissect.rewrite import constraint_loss
+
+        before = float(constraint_loss(memory, c, memory.weight.detach()))
+        # An unconstrained second edit (budget=None), the worst case for what the first stored.
+        rewriter.rewrite(memory, *second, budget=None, **({} if protect else {"protect": ()}))
+        losses[protect] = float(constraint_loss(memory, c, memory.weight.detach())) / max(before, 1e-12)
+        rewriter.revert()
+    assert losses[True] <= 1.2 and losses[False] > 2 * losses[True], losses
+
+
+def test_protection_that_leaves_no_room_is_refused_and_files_keep_the_basis(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(50, 4)
+    memory = _fitted(model, x, "0")
+    rewriter = Rewriter(model)
+    rewriter.rewrite(memory, Paste(x[1:2], Copy(x[:1], None)), budget=None)
+    with pytest.raises(RequestError, match="lie within the keys that earlier edits protect"):
+        rewriter.rewrite(memory, Paste(x[1:2] * 2, Copy(x[2:3], None)), budget=None)  # the same key direction
+    rewriter.save(tmp_path / "e.safetensors")
+    (edit,) = read_edits(tmp_path / "e.safetensors")
+    torch.testing.assert_close(edit.key_basis, rewriter.history[0].key_basis)

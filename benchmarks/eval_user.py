@@ -45,10 +45,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 # The canvas widget registers itself only inside a running app; here its strokes are simulated (stroke_mask), and
 # everything after the canvas (canvas_mask, record_stroke, the request, the solve) is the dashboard's own code.
 sys.modules.setdefault("streamlit_drawable_canvas", types.SimpleNamespace(st_canvas=None))
+
+from eval_edits import fine_tune  # noqa: E402  (the paper's baseline, as eval_edits runs it)
 
 from dashboard import brushing, editing  # noqa: E402
 from dashboard.defaults import CANVAS_SCALE  # noqa: E402
@@ -56,9 +58,8 @@ from dashboard.imaging import canvas_mask  # noqa: E402
 from dashboard.requests import RECOMMENDED, Settings  # noqa: E402
 from dashboard.workspace import Workspace  # noqa: E402
 from dissect import measure  # noqa: E402
-from dissect.memory import LayerMemory  # noqa: E402
 from dissect.models.world import CLASSES  # noqa: E402
-from dissect.rewrite import Edit, constraint, constraint_loss, weight_sha256  # noqa: E402
+from dissect.rewrite import Edit  # noqa: E402
 from dissect.visualize import image_grid, to_pil, to_unit  # noqa: E402
 
 BROWSED = range(48)  # the seeds a user browses: the grid's first four pages
@@ -146,31 +147,6 @@ class Bench:
         return float((now == to).float().mean() if to is not None else (now != cls).float().mean())
 
 
-def as_edit(memory: LayerMemory, delta: torch.Tensor, name: str) -> Edit:
-    """A full-weight change ``delta`` (the weight's layout) as an Edit through identity directions, so that the
-    baselines too change weights only through the Rewriter."""
-    w = memory.weight
-    lam = delta.movedim((memory.adapter.out_axis, memory.adapter.key_axis), (0, 1))
-    eye = torch.eye(memory.key_channels, dtype=w.dtype, device=w.device)
-    return Edit(layer=memory.layer, lam=lam.contiguous(), directions=eye, solver=name, base_sha256=weight_sha256(w),
-                loss_before=float("nan"), loss_closed_form=float("nan"), loss_after=float("nan"))
-
-
-def fine_tune(memory: LayerMemory, target, context, steps: int = 300, lr: float = 0.01) -> torch.Tensor:
-    """Unconstrained fine-tuning (the paper's baseline): Adam on every entry of the weight against the same
-    constraint. Returns ΔW."""
-    c, _ = constraint(memory, target, context)
-    base = memory.weight.detach()
-    weight = base.clone().requires_grad_(True)
-    opt = torch.optim.Adam([weight], lr=lr)
-    for _ in range(steps):
-        loss = constraint_loss(memory, c, weight)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return (weight - base).detach()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Tasks
 # ---------------------------------------------------------------------------------------------------------
@@ -236,7 +212,7 @@ def paste_task(bench: Bench, rng: random.Random, settings: Settings) -> Outcome:
     ws.weights_changed()
     memory = ws.memory()
     target, context = edit.request["target"], edit.request["context"]
-    tuned = as_edit(memory, fine_tune(memory, target, context), "fine_tune").scaled(edit.strength)
+    tuned = fine_tune(memory, target, context).scaled(edit.strength)
     with ws.rewriter.trial([tuned]):
         tuned_after = bench.render()
     outcome.baseline_figure = bench.pixels_changed(tuned_after, SPIRE, TREE)

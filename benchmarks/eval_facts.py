@@ -17,8 +17,11 @@ least change in the metric of C) at ``blocks.{L}.mlp.proj``:
 
 Usage::
 
-    python benchmarks/eval_facts.py                     # the full evaluation (~10 min on one thread)
+    python benchmarks/eval_facts.py --single 50 --sweep 10 --batch 50 --trace 10   # RESULTS.md's run (32 min, loaded CPU)
     python benchmarks/eval_facts.py --single 20 --sweep 8 --sequential 100 --batch 20 --trace 5   # quick
+    python benchmarks/eval_facts.py --layer 0 --sequential 1000 ...                 # skip the sweep
+
+The causal-tracing grid is also drawn to ``--figure`` (a PNG heatmap).
 
 Ends with ``eval_facts: efficacy=E paraphrase=P neighborhood=N seq1000_efficacy=S seq1000_naive_efficacy=Q
 seq1000_neighborhood=M best_layer=L`` (on one line; unmeasured figures are ``nan``).

@@ -80,7 +80,7 @@ def sequential(model, corpus, memory: LayerMemory, facts, checkpoints, **edit_ar
     return out
 
 
-def trace_figure(grid: torch.Tensor, path: Path) -> None:
+def trace_figure(grid: torch.Tensor, path: Path, subject_last: int) -> None:
     """The causal-tracing grid as a PNG heatmap (rows: blocks, columns: token positions)."""
     from PIL import Image, ImageDraw
 
@@ -95,9 +95,10 @@ def trace_figure(grid: torch.Tensor, path: Path) -> None:
             colour = (int(255 * (1 - v * 0.8)), int(255 * (1 - v)), 255)
             draw.rectangle([left + t * cell, top + layer * cell, left + (t + 1) * cell - 1, top + (layer + 1) * cell - 1],
                            fill=colour)
+    names = {subject_last: "subj", SEQ_LEN - 2: "ans"}
     for t in range(grid.shape[1]):
-        draw.text((left + t * cell + 8, top + grid.shape[0] * cell + 6), str(t), fill="black")
-    draw.text((left, 4), f"p(true object) restoring block output at (block, token); max {hi:.2f}", fill="black")
+        draw.text((left + t * cell + 4, top + grid.shape[0] * cell + 6), names.get(t, str(t)), fill="black")
+    draw.text((left, 4), f"p(true object), clean state restored at (block, token)  (max {hi:.2f})", fill="black")
     img.save(path)
 
 
@@ -134,7 +135,7 @@ def main() -> None:
         for layer in range(grid.shape[0]):
             print(f"  block {layer}: " + " ".join(f"{float(v):.2f}" for v in grid[layer]))
         print(f"  subject's last token at position {int(last[0])}; answer read at position {SEQ_LEN - 2}")
-        trace_figure(grid, Path(args.figure))
+        trace_figure(grid, Path(args.figure), int(last[0]))
 
     if args.layer is None:
         sweep = layer_sweep(model, corpus, sampler, counterfactuals(corpus, args.sweep, seed=1), n_moment=args.moment,

@@ -446,12 +446,12 @@ def watermark_headline(setup: Setup, layer: str, rank: int, seeds: Sequence[int]
     for k in (30, 60):
         with dissection.ablate(setup.G, layer, ranked.top("watermark", k), side="input"):
             rows.append((f"ablate top {k} units", setup.render(seeds)))
-    print(f"{'method':52s} {'prevalence':>10s} {'collateral':>10s} {'coll_no_wm':>10s} {'perceptual':>10s}")
+    print(f"{'method':60s} {'prevalence':>10s} {'collateral':>10s} {'coll_no_wm':>10s} {'perceptual':>10s}")
     figures = {}
     for name, r in rows:
         figures[name] = {"prevalence": measure.prevalence(r.labels, "watermark"), **setup.figures(base, r, "watermark")}
         f = figures[name]
-        print(f"{name:52s} {f['prevalence']:10.3f} {f['collateral']:10.4f} {f['unrelated']:10.4f} {f['perceptual']:10.4f}")
+        print(f"{name:60s} {f['prevalence']:10.3f} {f['collateral']:10.4f} {f['unrelated']:10.4f} {f['perceptual']:10.4f}")
     figures["erase"] = figures[erase_name]
     return figures
 
@@ -481,8 +481,11 @@ def spire_headline(setup: Setup, layer: str, rank: int, seeds: Sequence[int], ba
         if name != "rewrite, defaults":  # one pass at strength 1, for reference
             row(f"{name}, uncalibrated", 1.0, measured(setup, make_edit(m, paste, ctx), seeds))
         correct[name] = 0.0  # should no pass be kept: the unedited model
-        for p, (strength, r) in enumerate(trees_in_passes(setup, m, rank, make_edit, seeds)):
+        runs = trees_in_passes(setup, m, rank, make_edit, seeds)
+        for p, (strength, r) in enumerate(runs):
             correct[name] = row(f"{name}, pass {p + 1}", strength, r)
+        if not runs:
+            print(f"{name}: no pass kept (the unedited model)")
     return correct
 
 

@@ -14,19 +14,20 @@ from dissect.models.world import CLASSES
 
 WATERMARK, SPIRE_TREE = "Remove watermark", "Spire -> tree"
 RECIPES = (WATERMARK, SPIRE_TREE)
+BROWSED = 48  # the segmented context looks this far beyond the grid: the first four pages of seeds
 BRUSHED, SEGMENTED = "My brushed context", "Watermarks the segmenter finds in the grid"
 
 
 def segmented_context(ws: Workspace, seeds: list[int], name: str, n: int = 3) -> list[int]:
-    """Start a context from what the segmenter sees: the bounding boxes of ``name`` on the first ``n`` of ``seeds``
-    that show it, as if brushed (NeedsInput when too few show it)."""
+    """Start a context from what the segmenter sees: the bounding boxes of ``name`` on the first ``n`` images that
+    show it, among ``seeds`` and then the first :data:`BROWSED` seeds, as if brushed (NeedsInput when too few)."""
+    seeds = list(dict.fromkeys([*seeds, *range(BROWSED)]))
     labels = derived.labels(ws, seeds, edited=False)
     if labels is None:
         raise NeedsInput("The segmenter's weights are not installed: brush the context yourself in Context mode.")
     found = [i for i, has in enumerate(present(labels, name).tolist()) if has][:n]
     if len(found) < n:
-        raise NeedsInput(f"Only {len(found)} of the grid's images show a {name}; show more seeds (sidebar) or brush "
-                         f"the context yourself.")
+        raise NeedsInput(f"Only {len(found)} of {len(seeds)} images show a {name}; brush the context yourself.")
     boxes = bounding_boxes((labels[found] == CLASSES.index(name)).float())
     for i, box in zip(found, boxes):
         brushing.record_stroke(ws.brush, brushing.CONTEXT, seeds[i], None, box)
@@ -68,8 +69,8 @@ def _result(ws: Workspace, name: str) -> None:
 
 
 def remove_watermark(ws: Workspace, seeds: list[int]) -> None:
-    st.markdown("1. **Find the watermark**: the segmenter's watermark boxes on three images of the grid, or your "
-                "own brushed context.\n2. **Erase** it with the recommended settings (each request's, under "
+    st.markdown("1. **Find the watermark**: the segmenter's watermark boxes on three images, thickened by their best "
+                "matches (or your own brushed context).\n2. **Erase** it with the recommended settings (under "
                 "*Advanced*).\n3. **Check** the fresh samples below, and how many still show one.")
     source = st.radio("Context", [SEGMENTED, BRUSHED], key="watermark_source", persist_state="session",
                       horizontal=True, index=1 if ws.brush.context else 0)
@@ -78,7 +79,9 @@ def remove_watermark(ws: Workspace, seeds: list[int]) -> None:
             if source == SEGMENTED:
                 brushing.clear_all(ws.brush)
                 used = segmented_context(ws, seeds, "watermark")
-                st.caption(f"Context: the watermarks of seeds {', '.join(map(str, used))}.")
+                added = editing.add_matches(ws, editing.ERASE, RECOMMENDED[editing.ERASE])
+                st.caption(f"Context: the watermarks of seeds {', '.join(map(str, used))}, and the {added} pool images "
+                           f"that match them best.")
             elif ws.brush.cluster is not None:  # the brushed context was chosen, not a cluster picked earlier
                 ws.brush.cluster = None
                 ws.brush.changed()

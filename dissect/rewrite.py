@@ -1009,14 +1009,15 @@ def read_edits(source: PathOrFile) -> list[Edit]:
     file (never unpickled), a truncated or non-safetensors file, another format, a missing field, and any
     tensor whose SHA-256 does not match the one saved with it."""
     data, name = _read_bytes(source)
-    if data.startswith(_PICKLE_MAGIC):
-        raise EditFileError(f"{name} is a pickle / torch.save file; dissect reads only the safetensors edit files it "
-                            f"saves (and never unpickles).")
     try:
         tensors = load_safetensors(data)
         header_len = int.from_bytes(data[:8], "little")
         meta = json.loads(json.loads(data[8 : 8 + header_len]).get("__metadata__", {}).get("dissect", "{}"))
     except (SafetensorError, ValueError, UnicodeDecodeError) as err:
+        # Only now: a safetensors header's length may itself start with a pickle's magic byte.
+        if data.startswith(_PICKLE_MAGIC):
+            raise EditFileError(f"{name} is a pickle / torch.save file; dissect reads only the safetensors edit files "
+                                f"it saves (and never unpickles).") from None
         raise EditFileError(f"{name} is not a complete safetensors edit file (truncated or another format: {err}). "
                             f"Give a file saved with dissect's Rewriter.save or the dashboard's download.") from err
     if meta.get("format") != FORMAT:

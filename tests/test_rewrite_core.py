@@ -371,3 +371,21 @@ def test_protection_that_leaves_no_room_is_refused_and_files_keep_the_basis(tmp_
     rewriter.save(tmp_path / "e.safetensors")
     (edit,) = read_edits(tmp_path / "e.safetensors")
     torch.testing.assert_close(edit.key_basis, rewriter.history[0].key_basis)
+
+
+def test_a_file_whose_header_length_starts_like_a_pickle_still_loads(tmp_path):
+    # A safetensors file begins with its header's length (8 bytes, little-endian): 0x80 there is not a pickle.
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(50, 4)
+    memory = _fitted(model, x, "0")
+    rewriter = Rewriter(model)
+    rewriter.rewrite(memory, Paste(x[1:2], Copy(x[:1], None)), budget=None)
+    for pad in range(300):  # vary the request's provenance until the header length's low byte is 0x80
+        rewriter.history[0].request["target"].seeds = [0] * pad
+        data = io.BytesIO()
+        rewriter.save(data)
+        if data.getvalue()[0] == 0x80:
+            break
+    assert data.getvalue()[0] == 0x80
+    data.seek(0)
+    assert len(read_edits(data)) == 1

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import streamlit as st  # noqa: E402
 
-from dashboard import editing, images_page, inspect_page, recipes, sidebar, style_page  # noqa: E402
+from dashboard import dissect_page, editing, images_page, inspect_page, recipes, sidebar, style_page, visualise_page  # noqa: E402
 
 st.set_page_config(page_title="dissect · rewrite a generator", layout="wide")
 
@@ -36,6 +36,8 @@ PAGES = [
     ("Inspect", inspect_page.render),
     ("Edit", lambda ws, seeds, settings: editing.render(ws, settings)),
     ("Recipes", recipes.render),
+    ("Dissect", dissect_page.render),
+    ("Visualise", visualise_page.render),
     ("Style", style_page.render),
 ]
 tabs = st.tabs([name for name, _ in PAGES], key="page", on_change="rerun")

@@ -268,3 +268,20 @@ def test_style_page_says_what_an_attribute_lacks(page):
     assert not at.warning and not at.exception
     at.selectbox(key="attr_space").set_value("synthesis.b16.conv1").run()
     assert not at.warning and not at.exception
+
+
+@pytest.mark.slow
+def test_style_tab_in_the_app(monkeypatch):
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "tests" / "e2e"))
+    at = AppTest.from_file(str(root / "dashboard" / "streamlit_app.py"), default_timeout=300).run()
+    at.radio(key="model_source").set_value("Your model (entry point)").run()
+    at.text_input(key="entry_point").set_value("tiny_model:generator").run()
+    at.session_state["page"] = "Style"
+    at.run()
+    assert not at.exception, at.exception
+    assert grid_captions(at)[:2] == ["seed 0", "seed 1"] and at.slider(key="style_psi").value == 1.0

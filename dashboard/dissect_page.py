@@ -79,7 +79,7 @@ def edited_grid(ws: Workspace, seeds: list[int], layer: str, units: torch.Tensor
     """The grid's images with the units ablated or inserted (on this session's model, rewrite included)."""
     edit: Any = ablate(ws.model, layer, units) if action == "Ablate" else insert(ws.model, layer, units, region, value)
     with torch.no_grad(), edit:
-        return ws.model(ws.inputs(seeds))
+        return ws.run(seeds)
 
 
 def render_causal(ws: Workspace, seeds: list[int], layer: str, result: Dissection) -> None:

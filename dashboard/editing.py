@@ -66,8 +66,8 @@ def preview_paste(ws: Workspace, settings: Settings) -> torch.Tensor:
     """The paste's target image as the edit would make it: solved, tried (weights, history and redo bitwise
     after), rendered."""
     edit = solve_request(ws, PASTE, settings)
-    with ws.rewriter.trial([edit]), torch.no_grad():
-        return ws.model(ws.inputs([ws.brush.paste[0]]))
+    with ws.rewriter.trial([edit]):
+        return ws.run([ws.brush.paste[0]])
 
 
 def collateral(ws: Workspace, edit: Edit) -> float | None:
@@ -83,8 +83,8 @@ def collateral(ws: Workspace, edit: Edit) -> float | None:
     perceptual = measure.Perceptual(seg)
     base, sampler, _ = base_model(ws.spec)
     scale = measure.calibrate(base, sampler, range(64), perceptual, cache_dir=STATS_DIR / "measure")
-    with ws.rewriter.trial([edit]), torch.no_grad():
-        after = ws.model(ws.inputs(seeds))
+    with ws.rewriter.trial([edit]):
+        after = ws.run(seeds)
     return float(measure.relative(perceptual.distance(before, after).median(), scale))
 
 
@@ -236,8 +236,8 @@ def render_pending(ws: Workspace) -> None:
                f"the request did not show. Try a smaller *Change budget* or rank under *Advanced*, a tighter brush, "
                f"or more context images. It is not applied yet.")
     seeds = list(COLLATERAL_SEEDS)[:6]
-    with ws.rewriter.trial([edit]), torch.no_grad():
-        after = ws.model(ws.inputs(seeds))
+    with ws.rewriter.trial([edit]):
+        after = ws.run(seeds)
     pics = torch.cat([to_unit(ws.images(seeds)), to_unit(after)])
     show_grid(to_uint8(pics, DISPLAY_SCALE), [f"seed {s} · now" for s in seeds] + [f"seed {s} · with the edit"
                                                                                      for s in seeds])

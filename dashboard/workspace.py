@@ -16,7 +16,7 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 from torch import nn
 
 from dashboard.defaults import DEFAULT_LAYER, STATS_SAMPLES
-from dissect.hooks import LayerInfo, layers
+from dissect.hooks import LayerInfo, call_model, layers, model_device, to_device
 from dissect.memory import LayerMemory
 from dissect.models.loaders import WEIGHTS_DIR, load
 from dissect.rewrite import Rewriter
@@ -148,14 +148,17 @@ class Workspace:
     def inputs(self, seeds: list[int]) -> Any:
         return self.sampler(list(seeds))
 
+    def run(self, seeds: list[int]) -> Any:
+        """This session's model, as its weights are now (a trial included), on ``seeds``; uncached."""
+        return run(self.model, self.inputs(seeds))
+
     def images(self, seeds: list[int], edited: bool = True) -> torch.Tensor:
         """``(N, 3, H, W)`` in [-1, 1] for ``seeds``: from this session's copy, or the shared original."""
         if not (edited and self.edited):
             return original_images(self.spec, tuple(seeds))
         todo = [s for s in seeds if (self.version, s) not in self._edited]
         if todo:
-            with torch.no_grad():
-                out = self.model(self.inputs(todo))
+            out = self.run(todo)
             self._edited.update({(self.version, s): img for s, img in zip(todo, out)})
         return torch.stack([self._edited[(self.version, s)] for s in seeds])
 
@@ -202,8 +205,13 @@ class ReportingSampler:
 def original_images(spec: str, seeds: tuple[int, ...]) -> torch.Tensor:
     """The unedited model's images: the same for every session, so computed once."""
     model, sampler, _ = base_model(spec)
+    return run(model, sampler(list(seeds)))
+
+
+def run(model: nn.Module, inputs: Any) -> Any:
+    """``model`` on a batch as the library runs it (tuple / dict inputs unpacked, on the model's device)."""
     with torch.no_grad():
-        return model(sampler(list(seeds)))
+        return call_model(model, to_device(inputs, model_device(model)))
 
 
 def current() -> Workspace | None:

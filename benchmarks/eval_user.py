@@ -36,7 +36,6 @@ import json
 import random
 import statistics
 import sys
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -46,9 +45,9 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-# The canvas widget registers itself only inside a running app; here its strokes are simulated (stroke_mask), and
-# everything after the canvas (canvas_mask, record_stroke, the request, the solve) is the dashboard's own code.
-sys.modules.setdefault("streamlit_drawable_canvas", types.SimpleNamespace(st_canvas=None))
+# The canvas widget itself runs only in a browser (brushing imports it where it draws it); here its strokes are
+# simulated (stroke_mask), and everything after it (canvas_mask, record_stroke, the request, the solve) is the
+# dashboard's own code.
 
 from eval_edits import fine_tune  # noqa: E402  (the paper's baseline, as eval_edits runs it)
 

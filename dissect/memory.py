@@ -71,8 +71,10 @@ __all__ = [
     "resize_masks",
     "bounding_boxes",
     "select_rows",
+    "concat_rows",
     "num_rows",
     "rank_by_peak",
+    "positive_rank",
 ]
 
 DEFAULT_RIDGE = 1e-4
@@ -209,6 +211,17 @@ def select_rows(inputs: Inputs, index: slice | Tensor) -> Inputs:
     return pick(inputs)
 
 
+def concat_rows(a: Inputs, b: Inputs) -> Inputs:
+    """Two batches of the same structure (tensor, tuple / list or dict of tensors) as one, rows of ``a`` first."""
+    if isinstance(a, Tensor):
+        return torch.cat([a, b.to(a.device)])
+    if isinstance(a, dict):
+        return {k: concat_rows(v, b[k]) if isinstance(v, Tensor) else v for k, v in a.items()}
+    if isinstance(a, (tuple, list)):
+        return type(a)(concat_rows(x, y) if isinstance(x, Tensor) else x for x, y in zip(a, b))
+    raise RequestError(f"Cannot join inputs of type {type(a).__name__}; give tensors, tuples or dicts of them.")
+
+
 def channels_last(x: Tensor, channel_dim: int) -> Tensor:
     """``(N, C, *grid)`` or ``(N, *grid, C)`` -> ``(N, *grid, C)``."""
     return x.movedim(channel_dim, -1)
@@ -256,6 +269,14 @@ class Recording:
 # ----------------------------------------------------------------------------------------------------------
 # LayerMemory
 # ----------------------------------------------------------------------------------------------------------
+
+
+def positive_rank(rank: Any, limit: str = "up to the key dimension") -> int:
+    """``rank`` as an int if it is a positive integer, else :class:`RequestError` (``limit`` ends the message)."""
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise RequestError(f"Rank {rank!r} is not a positive integer: a context has rank 1 (one direction) or "
+                           f"more, {limit}.")
+    return int(rank)
 
 
 def rank_by_peak(scores: Tensor) -> tuple[Tensor, Tensor]:
@@ -591,9 +612,7 @@ class LayerMemory:
     def check_rank(self, rank: Any) -> int:
         """``rank`` if it is a positive integer no larger than the key dimension, else :class:`RequestError`."""
         c = self.key_channels
-        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-            raise RequestError(f"Rank {rank!r} is not a positive integer: a context has rank 1 (one direction) or "
-                               f"more, up to the key dimension ({c} at layer {self.layer!r}).")
+        rank = positive_rank(rank, f"up to the key dimension ({c} at layer {self.layer!r})")
         if rank > c:
             raise RequestError(f"Rank {rank} is above the key dimension of layer {self.layer!r}: its keys have {c} "
                                f"channels, so at most {c} directions; lower the rank.")

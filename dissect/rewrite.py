@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import operator
 import os
 import tempfile
 import time
@@ -54,21 +53,24 @@ from dissect.memory import (
     Recording,
     bounding_boxes,
     channels_last,
+    concat_rows,
     eval_mode,
     num_rows,
+    positive_rank,
     rank_by_peak,
     select_rows,
 )
 
 __all__ = [
     "Request", "Copy", "Paste", "Context", "Erase", "Constraint", "Edit", "constraint", "constraint_loss", "solve",
-    "Rewriter", "load", "read_edits", "weight_sha256", "check_rank", "check_strength", "DEFAULT_BUDGET", "SpecReader"
+    "Rewriter", "load", "read_edits", "weight_sha256", "check_strength", "DEFAULT_BUDGET", "SpecReader"
 ]
 
 FORMAT = "dissect-edits/2"  # /2: every tensor carries a SHA-256 in the metadata
 MAX_STRENGTH = 20.0  # beyond this a "rule" is a blow-up of the weight, not a stronger rule
-# An edit may change the layer's output, averaged over the data, by at most this share of its energy E‖W k‖².
-# Measured on held-out dashboard requests (benchmarks/eval_user.py): see benchmarks/RESULTS.md.
+# An edit may change the layer's output, averaged over the data, by at most this share of its energy E‖W k‖²: a
+# cautious library default. The dashboard's per-kind budgets (dashboard.requests.RECOMMENDED) were chosen on
+# simulated user requests (benchmarks/eval_user.py, benchmarks/RESULTS.md).
 DEFAULT_BUDGET = 0.02
 
 _PARTS: dict[str, type] = {}  # every dataclass a saved request may hold, by class name
@@ -79,19 +81,6 @@ def _part(cls: type) -> type:
     return cls
 
 
-def check_rank(rank: Any) -> int:
-    """``rank`` as an int, or :class:`RequestError` for anything but a positive whole number."""
-    try:
-        if isinstance(rank, bool) or (isinstance(rank, float) and not rank.is_integer()):
-            raise TypeError
-        value = operator.index(rank) if not isinstance(rank, float) else int(rank)
-    except TypeError:
-        raise RequestError(f"A context's rank is a whole number of directions (1, 2, 4, …), got {rank!r}.") from None
-    if value < 1:
-        raise RequestError(f"A context's rank must be at least 1 (one direction), got {value}.")
-    return value
-
-
 def check_strength(factor: Any) -> float:
     """``factor`` as a float, or :class:`RequestError` unless it is a number in (0, MAX_STRENGTH]."""
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (
@@ -100,17 +89,6 @@ def check_strength(factor: Any) -> float:
         raise RequestError(f"An edit's strength factor must be a positive number up to {MAX_STRENGTH:g} (1 = the "
                            f"solved edit), got {factor!r}.")
     return float(factor)
-
-
-def concat_rows(a: Inputs, b: Inputs) -> Inputs:
-    """Two batches of the same structure (tensor, tuple / list or dict of tensors) as one, rows of ``a`` first."""
-    if isinstance(a, Tensor):
-        return torch.cat([a, b.to(a.device)])
-    if isinstance(a, dict):
-        return {k: concat_rows(v, b[k]) if isinstance(v, Tensor) else v for k, v in a.items()}
-    if isinstance(a, (tuple, list)):
-        return type(a)(concat_rows(x, y) if isinstance(x, Tensor) else x for x, y in zip(a, b))
-    raise RequestError(f"Cannot join inputs of type {type(a).__name__}; give tensors, tuples or dicts of them.")
 
 
 Buffers = list[tuple[nn.Module, dict[str, Any]]]
@@ -172,7 +150,7 @@ class Context:
     seeds: list[int] | None = None
 
     def __post_init__(self) -> None:
-        self.rank = check_rank(self.rank)
+        self.rank = positive_rank(self.rank)
 
     @classmethod
     def from_cluster(cls, clusters: KeyClusters, cluster: int, inputs: Inputs, rank: int = 1,

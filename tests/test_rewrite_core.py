@@ -115,8 +115,8 @@ def test_bad_budget_rank_and_strength_are_refused_by_name(setup):
     for bad in (0, -1, float("nan"), "a lot"):
         with pytest.raises(RequestError, match="budget"):
             solve(memory, target, context, budget=bad)
-    for rank, words in ((0, "at least 1"), (-2, "at least 1"), (1.5, "whole number"), ("2", "whole number"),
-                        (True, "whole number")):
+    for rank, words in ((0, "not a positive integer"), (-2, "not a positive integer"), (1.5, "not a positive integer"),
+                        ("2", "not a positive integer"), (True, "not a positive integer")):
         with pytest.raises(RequestError, match=words):
             Context(x[:1], _box(10, 1, 1, 2, 2)[None], rank=rank)
     edit = solve(memory, target, context)

@@ -27,6 +27,8 @@ from dissect.rewrite import (
     read_edits,
     solve,
 )
+from tests.test_rewrite import Modulated, _fit, _same, _state  # the same fixtures as the edit stack's tests
+from tests.test_rewrite import _box_mask as _box
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seeded")
 
@@ -37,25 +39,7 @@ def _convnet() -> nn.Sequential:
 
 
 def _fitted(model: nn.Module, x: torch.Tensor, layer: str = "2") -> LayerMemory:
-    memory = LayerMemory(model, layer)
-    k = memory.flat_keys(memory.keys(x)).double()
-    memory.set_moment(k.T @ k / len(k))
-    return memory
-
-
-def _box(size: int, top: int, left: int, h: int, w: int) -> torch.Tensor:
-    m = torch.zeros(size, size)
-    m[top : top + h, left : left + w] = 1
-    return m
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _same(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
-    now = model.state_dict()
-    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+    return _fit(LayerMemory(model, layer), x)
 
 
 @pytest.fixture
@@ -223,8 +207,6 @@ def test_a_trial_leaves_weights_history_and_redo_bitwise(setup):
 
 
 def test_apply_all_is_all_or_nothing_with_no_buffer_left_behind():
-    from tests.test_rewrite import Modulated
-
     model = Modulated().eval()
     z = torch.randn(32, 6)
     memory = _fitted(model, z, "conv1")
@@ -315,8 +297,6 @@ def test_bad_edit_files_are_refused_by_name(saved, case, tmp_path):
 
 
 def test_solve_and_undo_leave_the_state_dict_bitwise_held_buffers_included():
-    from tests.test_rewrite import Modulated
-
     model = Modulated().eval()
     z = torch.randn(32, 6)
     memory = _fitted(model, z, "conv1")

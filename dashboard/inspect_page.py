@@ -8,7 +8,7 @@ import torch
 from dashboard import derived, requests
 from dashboard.browse import match_quantile, show_grid, show_legend, threshold_slider
 from dashboard.brushing import cluster_label
-from dashboard.defaults import DEFAULT_CLUSTERS, DISPLAY_SCALE, GRID_COLUMNS, POOL_SEEDS
+from dashboard.defaults import DEFAULT_CLUSTERS, DISPLAY_SCALE, GRID_COLUMNS, POOL_SEEDS, STATS_SAMPLES
 from dashboard.imaging import to_uint8
 from dashboard.requests import NeedsInput, Settings
 from dashboard.workspace import Workspace
@@ -96,10 +96,15 @@ def render_clusters(ws: Workspace, seeds: list[int]) -> None:
         patch = value_patch(ws.model, ws.layer, ws.inputs(seeds[:GRID_COLUMNS]), region)
         show_grid(to_uint8(patch), [f"seed {s}" for s in seeds[:GRID_COLUMNS]])
     with st.expander("Cluster projection"):
-        keys = ws.memory().keys(ws.inputs(seeds))
-        ids = clusters.predict(ws.inputs(seeds)).reshape(-1)
-        feats = ws.memory().whiten(ws.memory().flat_keys(keys).float())
-        st.plotly_chart(cluster_projection_figure(feats, ids, names), key="cluster_projection")
+        # The features k-means groups (whitened, unit-length keys), so the clusters separate as it sees them.
+        feats = clusters._features(derived.keys(ws, seeds))
+        ids = derived.cluster_maps(ws, k, seeds).reshape(-1)
+        st.plotly_chart(cluster_projection_figure(feats, ids, names, features="whitened keys"),
+                        key="cluster_projection")
+        st.caption(f"Whitened keys (C^-1/2 k, scaled to unit length: what the clustering and the edits compare) have "
+                   f"the same variance in every direction, so each of the layer's {ws.memory_channels()} components "
+                   f"holds only a few percent of it. The spectrum under *Key statistics* is of the raw keys, whose "
+                   f"first component holds a larger share of C's trace.")
 
 
 def render_copied(ws: Workspace) -> None:
@@ -118,3 +123,7 @@ def render(ws: Workspace, seeds: list[int], settings: Settings) -> None:
     render_copied(ws)
     st.subheader("Key statistics")
     st.plotly_chart(eigen_spectrum_figure(ws.memory().moment, title=f"C of {ws.layer}"), key="spectrum")
+    st.caption(f"C = E[k kᵀ] over the raw (unwhitened, uncentred) keys of {STATS_SAMPLES} samples. Each eigenvalue "
+               "over the trace is the share of the keys' energy along that component; the curve adds them up. Few "
+               "components holding most of it means the layer's keys live in a small subspace, which a low-rank "
+               "edit can address.")

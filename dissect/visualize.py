@@ -329,7 +329,9 @@ def cluster_overlay(
 def eigen_spectrum_figure(moment_or_eigenvalues: Tensor, title: str = "Key second moment C") -> go.Figure:
     """C's eigenvalues (log scale, largest first) and their cumulative share of the energy (trace).
 
-    ``moment_or_eigenvalues``: ``C (C, C)`` (symmetric) or its eigenvalues ``(C,)``.
+    ``moment_or_eigenvalues``: ``C (C, C)`` (symmetric) or its eigenvalues ``(C,)``. C is the raw keys' uncentred
+    second moment ``E[k kᵀ]``, so eigenvalue i over the trace is the share of the keys' energy along component i;
+    the title states component 1's share. The log axis has one labelled tick per decade.
     """
     x = moment_or_eigenvalues.detach().double().cpu()
     if x.dim() == 2:
@@ -339,18 +341,25 @@ def eigen_spectrum_figure(moment_or_eigenvalues: Tensor, title: str = "Key secon
     if x.dim() != 1 or x.numel() == 0:
         raise ValueError(f"eigen_spectrum_figure takes a square C or eigenvalues (C,), got {tuple(x.shape)}.")
     evals = x.sort(descending=True).values
-    energy = evals.clamp_min(0).cumsum(0) / evals.clamp_min(0).sum().clamp_min(torch.finfo(evals.dtype).tiny)
+    share = evals.clamp_min(0) / evals.clamp_min(0).sum().clamp_min(torch.finfo(evals.dtype).tiny)
+    energy = share.cumsum(0)
     index = torch.arange(1, evals.numel() + 1).tolist()
     # A log axis cannot show zero or round-off negatives: those eigenvalues are left as gaps.
     shown = torch.where(evals > 0, evals, torch.tensor(float("nan"), dtype=evals.dtype)).tolist()
     k99 = int((energy < 0.99).sum()) + 1
     fig = make_subplots(specs=[[{"secondary_y": True}]])
-    fig.add_trace(go.Scatter(x=index, y=shown, mode="lines+markers", name="eigenvalue"), secondary_y=False)
-    fig.add_trace(go.Scatter(x=index, y=energy.tolist(), mode="lines", name="cumulative energy"), secondary_y=True)
-    fig.update_yaxes(type="log", title_text="eigenvalue", secondary_y=False)
-    fig.update_yaxes(range=[0, 1.02], title_text="cumulative share of trace", secondary_y=True)
-    fig.update_xaxes(title_text="component (largest first)")
-    fig.update_layout(title=f"{title}: {k99} of {evals.numel()} components hold 99% of the energy")
+    fig.add_trace(go.Scatter(x=index, y=shown, customdata=share.tolist(), mode="lines+markers", name="eigenvalue",
+                             hovertemplate="component %{x}: %{y:.3g}, %{customdata:.1%} of the trace<extra></extra>"),
+                  secondary_y=False)
+    fig.add_trace(go.Scatter(x=index, y=energy.tolist(), mode="lines", name="cumulative energy",
+                             hovertemplate="components 1-%{x}: %{y:.1%} of the trace<extra></extra>"), secondary_y=True)
+    fig.update_yaxes(type="log", dtick=1, exponentformat="power", showexponent="all", minor=dict(showgrid=False),
+                     title_text="eigenvalue (log)", secondary_y=False)
+    fig.update_yaxes(range=[0, 1.02], dtick=0.25, tickformat=".0%", title_text="cumulative share of the trace",
+                     secondary_y=True)
+    fig.update_xaxes(title_text="component of the raw keys (largest first)")
+    fig.update_layout(title=f"{title}: component 1 holds {float(share[0]):.1%} of the trace; {k99} of {evals.numel()} "
+                            f"hold 99%", legend=dict(orientation="h", y=-0.25))
     return fig
 
 
@@ -360,8 +369,13 @@ def cluster_projection_figure(
     names: Sequence[str],
     max_points: int = 3000,
     seed: int = 0,
+    features: str = "keys",
 ) -> go.Figure:
     """Keys projected on their top two principal components, one coloured trace per cluster.
+
+    The axes state each component's share of the variance of the points drawn (centred), of ``features`` (what
+    ``keys`` are, e.g. "whitened keys": whitening equalises the variance over every direction, so there each
+    component holds about 1/C of it, unlike the raw keys' C).
 
     Args:
         keys: ``(M, C)`` features, ideally those the clustering used (e.g. whitened, normalised keys).
@@ -390,8 +404,9 @@ def cluster_projection_figure(
             marker=dict(size=4, color="rgb({},{},{})".format(*colors[c]), opacity=0.7),
         ))
     fig.update_layout(
-        title=f"Keys on their first two principal components ({x.shape[0]} shown)",
-        xaxis_title=f"PC 1 ({explained[0]:.0%} of variance)", yaxis_title=f"PC 2 ({explained[1]:.0%} of variance)",
+        title=f"{features[0].upper()}{features[1:]} on their first two principal components ({x.shape[0]} shown)",
+        xaxis_title=f"PC 1: {explained[0]:.1%} of the {features}' variance",
+        yaxis_title=f"PC 2: {explained[1]:.1%} of the {features}' variance",
     )
     return fig
 
@@ -420,6 +435,6 @@ def score_histogram_figure(
                       annotation_text=f"threshold {threshold:.3g}: {share:.1%} at or above")
         title += f"; {share:.1%} at or above the threshold"
     fig.update_layout(title=title, xaxis_title="score", yaxis_title="locations", bargap=0)
-    if log_y:
-        fig.update_yaxes(type="log")
+    if log_y:  # one labelled tick per decade: 1, 10, 100, 1k
+        fig.update_yaxes(type="log", dtick=1, tickformat="~s", minor=dict(showgrid=False))
     return fig

@@ -501,3 +501,45 @@ def test_one_match_threshold_for_the_inspect_and_images_pages() -> None:
     at.run()
     at.segmented_control(key="overlay").set_value("Key matches").run()
     assert at.slider(key="match_top").value == 5.0 and not at.exception
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inspect's charts say what their numbers are
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_spectrum_and_projection_agree_on_the_same_keys_and_name_what_they_measure() -> None:
+    from dissect.visualize import cluster_projection_figure, eigen_spectrum_figure
+
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(4000, 8, generator=gen) * torch.tensor([4.0, 2, 1, 1, 1, 0.5, 0.5, 0.1])
+    keys = keys - keys.mean(0)  # centred: C's eigenvalues are then the principal components' variances
+    spectrum = eigen_spectrum_figure(keys.T @ keys / len(keys))
+    share = spectrum.data[0].customdata[0]  # eigenvalue 1 / trace
+    assert share == pytest.approx(16 / (16 + 4 + 3 + 0.5 + 0.01), abs=0.02)
+    assert f"component 1 holds {share:.1%} of the trace" in spectrum.layout.title.text
+    assert spectrum.layout.yaxis.dtick == 1 and spectrum.layout.yaxis.exponentformat == "power"  # one tick a decade
+    raw = cluster_projection_figure(keys, torch.zeros(len(keys), dtype=torch.long), ["all"], max_points=4000)
+    assert raw.layout.xaxis.title.text == f"PC 1: {share:.1%} of the keys' variance"  # the same number, same keys
+    white = keys / keys.std(0)
+    flat = cluster_projection_figure(white, torch.zeros(len(keys), dtype=torch.long), ["all"], max_points=4000,
+                                     features="whitened keys")
+    pc1 = float(flat.layout.xaxis.title.text.split(": ")[1].split("%")[0]) / 100
+    assert "whitened keys' variance" in flat.layout.xaxis.title.text and pc1 < 0.2  # about 1/8 each once whitened
+
+
+def test_inspect_labels_the_projection_as_whitened_keys_and_the_spectrum_as_raw_c() -> None:
+    at = open_app()
+    at.session_state["page"] = "Inspect"
+    at.run()
+    assert not at.exception, at.exception
+    charts = {c.proto.id: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
+    titles = [json.dumps(spec["layout"].get("xaxis", {}).get("title")) + json.dumps(spec["layout"].get("title"))
+              for spec in charts.values()]
+    assert any("PC 1: " in t and "of the whitened keys' variance" in t for t in titles), titles
+    assert any("component 1 holds" in t for t in titles), titles
+    assert "C = E[k kᵀ] over the raw" in " ".join(captions_text(at))
+
+
+def captions_text(at: AppTest) -> list[str]:
+    return [c.value for c in at.caption]

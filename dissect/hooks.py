@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import importlib
+import importlib.util
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -40,6 +42,8 @@ __all__ = [
     "key_module_name",
     "layers",
     "register_layer_type",
+    "import_adapters",
+    "keys_channels_last",
     "call_model",
     "to_device",
     "model_device",
@@ -391,17 +395,48 @@ def _transposed_shape(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:
 _LAYER_TYPES: dict[type, LayerShape] = {
     nn.Linear: _weight_shape, nn.Conv1d: _weight_shape, nn.Conv2d: _weight_shape, nn.ConvTranspose2d: _transposed_shape,
 }
+_CHANNELS_LAST: set[type] = {nn.Linear}  # types whose keys hold channels in the last axis; the others in axis 1
+_ADAPTER_PACKAGES: set[str] = set()  # top-level packages whose `dissect.adapters` module was looked for
 
 
-def register_layer_type(module_type: type, shape: LayerShape | None = None) -> None:
+def register_layer_type(module_type: type, shape: LayerShape | None = None, channels_last: bool = False) -> None:
     """List ``module_type`` (and its subclasses) in :func:`layers`; ``shape(module) -> (in, out, kernel)`` reads
-    its memory's size (default: a ``weight`` laid out ``(out, in, *kernel)``). ``dissect.memory.register_adapter``
-    calls this with the adapter's layout."""
+    its memory's size (default: a ``weight`` laid out ``(out, in, *kernel)``); ``channels_last``: its keys are
+    ``(N, C)``, ``(N, T, C)``, ``(N, H, W, C)`` (as a Linear's), not ``(N, C, *grid)``.
+    ``dissect.memory.register_adapter`` calls this with the adapter's layout."""
     _LAYER_TYPES[module_type] = shape or _weight_shape
+    if channels_last:
+        _CHANNELS_LAST.add(module_type)
+    else:
+        _CHANNELS_LAST.discard(module_type)
+
+
+def import_adapters(module_type: type) -> None:
+    """Import ``dissect.adapters.<package>``, where it exists, for the top-level package of each class in
+    ``module_type``'s MRO (once per package): another library's layer types get their adapters the first time a
+    model holds one, so importing dissect never imports that library."""
+    for cls in module_type.__mro__:
+        package = str(getattr(cls, "__module__", "")).partition(".")[0]
+        if package in _ADAPTER_PACKAGES or not package.isidentifier():
+            continue
+        _ADAPTER_PACKAGES.add(package)
+        if importlib.util.find_spec(f"dissect.adapters.{package}") is not None:
+            importlib.import_module(f"dissect.adapters.{package}")
+
+
+def _layer_type(module: nn.Module) -> type | None:
+    import_adapters(type(module))
+    return next((cls for cls in type(module).__mro__ if cls in _LAYER_TYPES), None)
 
 
 def _layer_shape(module: nn.Module) -> LayerShape | None:
-    return next((_LAYER_TYPES[cls] for cls in type(module).__mro__ if cls in _LAYER_TYPES), None)
+    found = _layer_type(module)
+    return None if found is None else _LAYER_TYPES[found]
+
+
+def keys_channels_last(module: nn.Module) -> bool:
+    """Whether ``module``'s keys (its input) hold channels in the last axis, as a Linear's do, not in axis 1."""
+    return _layer_type(module) in _CHANNELS_LAST
 
 
 def layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
@@ -436,7 +471,7 @@ def layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
         size = None
         if outputs and isinstance(outputs[-1], torch.Tensor):
             out = outputs[-1]
-            size = () if isinstance(weight_module, nn.Linear) else tuple(out.shape[2:])
+            size = () if keys_channels_last(weight_module) else tuple(out.shape[2:])
         found.append(LayerInfo(name, type(module).__name__, c_in, c_out, kernel, size))
     return found
 

@@ -52,6 +52,7 @@ from dissect.hooks import (
     check_single_call,
     eval_mode,
     get_module,
+    import_adapters,
     key_module_name,
     model_device,
     register_layer_type,
@@ -128,7 +129,7 @@ _ADAPTERS: dict[type, MemoryAdapter] = {}
 def register_adapter(module_type: type, adapter: MemoryAdapter) -> None:
     """Let :class:`LayerMemory` view ``module_type`` (and its subclasses) as a memory."""
     _ADAPTERS[module_type] = adapter
-    register_layer_type(module_type, adapter.shape)
+    register_layer_type(module_type, adapter.shape, channels_last=adapter.channel_dim == -1)
 
 
 def _conv_linear(module: nn.Module, keys: Tensor, weight: Tensor) -> Tensor:
@@ -149,6 +150,7 @@ register_adapter(nn.ConvTranspose2d, MemoryAdapter("weight", 0, 1, 1, _conv_tran
 
 
 def _find_adapter(module: nn.Module) -> MemoryAdapter | None:
+    import_adapters(type(module))
     for cls in type(module).__mro__:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls]
@@ -325,6 +327,11 @@ class LayerMemory:
         relative = self.key_layer[len(layer) + 1 :] if self.key_layer != layer else ""
         self.weight_name = f"{relative}.{adapter.weight}" if relative else adapter.weight
         self.parameter_name = f"{layer}.{self.weight_name}" if layer else self.weight_name
+        tied = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight and n != self.parameter_name]
+        if tied:  # an edit would also change the other module, which no solve accounts for
+            raise LayerError(f"The weight of layer {layer!r} ({self.parameter_name}) is tied to {tied[0]}: an edit would "
+                             f"change both. Untie it first (give the layer its own copy: nn.Parameter(weight.detach()"
+                             f".clone()); for transformers, tie_word_embeddings=False), or choose another layer.")
         ndim = weight.dim()
         self._perm = [adapter.out_axis % ndim, adapter.key_axis % ndim] + [
             a for a in range(ndim) if a not in (adapter.out_axis % ndim, adapter.key_axis % ndim)

@@ -47,6 +47,7 @@ from .hooks import (
     eval_mode,
     get_module,
     key_module_name,
+    keys_channels_last,
     layer_input,
     model_device,
     to_device,
@@ -887,7 +888,8 @@ def collect(
     (restored after), up to the module carrying the keys (:func:`dissect.hooks.key_module_name`: ``layer``
     itself, or its ``memory_key_module`` child): for ``side="input"`` (the keys) the forward stops *before* that
     module runs, for ``side="output"`` (what the memory writes) right after it. The keys or outputs are
-    flattened by :func:`rows` (channels last for ``nn.Linear``, else in dim 1) and added to every statistic.
+    flattened by :func:`rows` (channels last for ``nn.Linear`` and other
+    channels-last layer types, :func:`dissect.hooks.keys_channels_last`, else in dim 1) and added to every statistic.
     A key module that does not run exactly once per forward is refused (:class:`~dissect.errors.LayerError`,
     one forward of sample 0 checks it, once per model), since its statistics would mix different calls.
 
@@ -909,7 +911,7 @@ def collect(
         if stat.count or stat.skipped:
             raise ValueError(f"collect needs fresh statistics, got {stat!r}: pass new ones.")
     key_name = key_module_name(model, layer)
-    channels_last = isinstance(get_module(model, key_name), nn.Linear)
+    channels_last = keys_channels_last(get_module(model, key_name))
     device = model_device(model) if device is None else torch.device(device)
     with eval_mode(model), torch.no_grad():
         path = None

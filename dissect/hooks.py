@@ -20,7 +20,7 @@ import difflib
 import importlib
 import importlib.util
 import weakref
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -444,10 +444,12 @@ def layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
 
     That is each ungrouped Conv1d / Conv2d / ConvTranspose2d / Linear (or type given to
     :func:`register_layer_type`, or to ``dissect.memory.register_adapter``), and each module declaring
-    ``memory_key_module`` (the child it names is then listed through its parent only). ``example_input`` is
+    ``memory_key_module`` (the child it names is then listed through its parent only), except those whose
+    parameters another module shares (a tied weight: an edit would change both). ``example_input`` is
     passed to one forward (see :func:`call_model`), in eval mode and without gradients (every buffer is left as
     it was), to find each layer's output size.
     """
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     candidates: dict[str, tuple[nn.Module, nn.Module, LayerShape]] = {}  # name -> (module, weight module, shape)
     inner: set[str] = set()
     for name, module in model.named_modules():
@@ -457,6 +459,8 @@ def layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
         if child:
             inner.add(f"{name}.{child}" if name else child)
         elif not name or getattr(module, "groups", 1) != 1:
+            continue
+        if any(uses[id(p)] > 1 for p in weight_module.parameters(recurse=False)):
             continue
         if shape is not None:
             candidates[name] = (module, weight_module, shape)

@@ -7,9 +7,11 @@ absent is skipped.
 """
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -229,3 +231,12 @@ def test_importing_dissect_never_imports_the_zoo_libraries():
             "print(sorted(m for m in ('transformers', 'timm', 'diffusers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_the_guides_gpt2_example_runs_and_changes_the_answer(capsys):
+    pytest.importorskip("transformers")
+    guide = (Path(__file__).parents[1] / "docs" / "zoo.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", guide, re.S)
+    exec(compile(code, "docs/zoo.md", "exec"), {})
+    assert "answer now [42, 42, 42, 42]" in capsys.readouterr().out

@@ -106,7 +106,7 @@ def test_entry_point_loads_in_eval_mode(plugin):
         ("userpkg:missing", ModelError, "has no attribute 'missing'"),
         ("userpkg:constant", ModelError, "not a function"),
         ("brokenpkg:fn", ModelError, "does_not_exist_anywhere"),
-        ("userpkg", ModelError, "Available: spires"),
+        ("userpkg", ModelError, "Available: facts, spires"),
         (":fn", ModelError, "package.module:function"),
         ("userpkg:raises", ModelError, "Entry point 'userpkg:raises' raised RuntimeError: checkpoint /data/g.pt not found"),
         ("userpkg:latent_for_images", ModelError, "The model of entry point 'userpkg:latent_for_images' fails on its "
@@ -177,4 +177,69 @@ def test_a_generator_file_without_its_configuration_is_refused(tmp_path):
     path = tmp_path / "bare.safetensors"
     save_file({"w": torch.zeros(2)}, str(path))
     with pytest.raises(ModelError, match="no generator configuration"):
+        load(str(path))
+
+
+def test_the_fact_gpt_loads_by_name_like_the_generator():
+    from dissect.models.facts import SEQ_LEN, FactsGPT
+
+    assert {"spires", "facts"} <= set(available_models())
+    model, sampler = load("facts")
+    assert isinstance(model, FactsGPT) and not model.training and sampler.description.startswith("facts:")
+    tokens = sampler([0, 1])
+    assert tokens.shape == (2, SEQ_LEN)
+    with torch.no_grad():
+        logits = model(tokens)
+    assert logits.shape == (2, SEQ_LEN, model.head.out_features) and torch.isfinite(logits).all()
+    same, _ = load("dissect.models.facts:load_facts")  # the entry point gives the same weights
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
+
+
+@pytest.mark.parametrize("config, words", [
+    ('{"z_dim": 8, "no_such_argument": 1}', "does not build a Generator"),
+    ("{not json", "is not valid JSON"),
+    ("[8, 8]", "is a JSON list, not an object"),
+])
+def test_a_generator_configuration_that_does_not_build_is_a_model_error(tmp_path, config, words):
+    path = tmp_path / "g.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"config": config})
+    with pytest.raises(ModelError, match=words) as err:
+        load(str(path))
+    assert str(path) in str(err.value) and "python -m dissect.models.train --export" in str(err.value)
+
+
+@pytest.mark.parametrize("facts, words", [
+    ('{"corpus": {"n_entities": 1}, "model": {"vocab": 10}}', "does not build a FactsCorpus"),
+    ('{"corpus": {}, "model": {"vocab": 10, "depth": 3}}', "does not build a FactsGPT"),
+    ('{"corpus": {}}', "holds no 'corpus' and 'model'"),
+])
+def test_a_fact_model_configuration_that_does_not_build_is_a_model_error(tmp_path, facts, words):
+    from dissect.models.facts import load_facts
+
+    path = tmp_path / "facts.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"facts": facts})
+    with pytest.raises(ModelError, match=words) as err:
+        load_facts(path)
+    assert str(path) in str(err.value) and "python -m dissect.models.train_facts" in str(err.value)
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(ModelError, match="no facts-model configuration"):
+        load_facts(path)
+
+
+@pytest.mark.parametrize("damage", ["header", "truncated", "not safetensors"])
+def test_a_corrupt_safetensors_file_is_a_model_error_naming_it(tmp_path, damage):
+    path = tmp_path / "weights.safetensors"
+    save_file({"w": torch.arange(64.0)}, str(path), metadata={"config": "{}"})
+    data = path.read_bytes()
+    if damage == "header":
+        data = data[:8] + b"\x00{]" + data[11:]
+    elif damage == "truncated":
+        data = data[: len(data) - 100]
+    else:
+        data = b"PK\x03\x04 a zip file, not tensors"
+    path.write_bytes(data)
+    with pytest.raises(ModelError, match="is not a readable safetensors file") as err:
+        load_weights(path)
+    assert str(path) in str(err.value) and "truncated or corrupt" in str(err.value)
+    with pytest.raises(ModelError, match="not a readable safetensors"):
         load(str(path))

@@ -13,15 +13,14 @@ object at position ``SEQ_LEN - 2``. The model (:class:`FactsGPT`) is GPT-style: 
 pre-norm blocks of causal attention and an MLP ``fc -> GELU -> proj``; ``blocks.{i}.mlp.proj`` is the
 ``nn.Linear`` that ROME and MEMIT edit (its input, the MLP's hidden units, is the key).
 
-``load_facts()`` returns the shipped model and a sampler of token batches (so does the entry point
-``load("dissect.models.facts:load_facts")``, and the CLI's ``--model dissect.models.facts:load_facts``);
+``load_facts()`` returns the shipped model and a sampler of token batches (so does ``load("facts")``, as
+``load("spires")`` the generator, and the CLI's ``--model facts``);
 ``python -m dissect.models.train_facts`` trains it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dissect.errors import ModelError
 from dissect.hooks import TraceDict, eval_mode
 from dissect.memory import LayerMemory
 from dissect.rewrite import Context, Edit, solve
@@ -250,14 +250,15 @@ class FactsGPT(nn.Module):
 
 def load_facts(path: str | Path = WEIGHTS, device: torch.device | str = "cpu") -> tuple[FactsGPT, FactsSampler]:
     """The shipped fact model (or one ``train_facts`` exported to ``path``) in eval mode, and its sampler."""
-    from .loaders import load_state_dict, load_weights
+    from .loaders import build, load_state_dict, load_weights, read_config
 
+    fix = "export it with `python -m dissect.models.train_facts`"
     state, meta = load_weights(path)
-    if "facts" not in meta:
-        raise ValueError(f"{path} has no facts-model metadata; export it with `python -m dissect.models.train_facts`.")
-    info = json.loads(meta["facts"])
-    corpus = FactsCorpus(**info["corpus"])
-    model = FactsGPT(**info["model"])
+    info = read_config(meta, "facts", path, "facts-model", fix)
+    if not (isinstance(info, dict) and isinstance(info.get("corpus"), dict) and isinstance(info.get("model"), dict)):
+        raise ModelError(f"{path}: the facts-model configuration holds no 'corpus' and 'model' objects; {fix}.")
+    corpus = build(FactsCorpus, info["corpus"], path, fix)
+    model = build(FactsGPT, info["model"], path, fix)
     load_state_dict(model, state, source=str(path))
     return model.to(device).eval(), FactsSampler(corpus)
 

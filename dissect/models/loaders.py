@@ -1,8 +1,9 @@
 """Loading models: the embedded default by name, users' own models from an entry point, safe checkpoints.
 
 Checkpoints are read only as safetensors or with ``torch.load(weights_only=True)``: arbitrary pickled
-objects are never unpickled. Every problem with a model, an entry point or a checkpoint is a
-:class:`~dissect.errors.ModelError` naming it (a missing file stays a ``FileNotFoundError``).
+objects are never unpickled. Every problem with a model, an entry point or a checkpoint (a corrupt file, a
+configuration in its metadata that does not build the model) is a :class:`~dissect.errors.ModelError` naming
+the file and the fix (a missing file stays a ``FileNotFoundError``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib
 import json
 import pickle
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import torch
 from torch import nn
@@ -23,14 +24,17 @@ __all__ = [
     "WEIGHTS_DIR",
     "LatentSampler",
     "available_models",
+    "build",
     "load",
     "load_entry_point",
     "load_generator",
     "load_state_dict",
     "load_weights",
+    "read_config",
 ]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+M = TypeVar("M")
 
 
 class LatentSampler:
@@ -58,13 +62,38 @@ def load_generator(path: str | Path) -> nn.Module:
     metadata, as the trainer exports it (the shipped weights, or one of a run's EMA snapshots)."""
     from .stylegan import Generator
 
+    fix = "export it with `python -m dissect.models.train --export PATH`"
     state, metadata = load_weights(path)
-    if "config" not in metadata:
-        raise ModelError(f"{path} has no generator configuration in its metadata; export it with "
-                         "`python -m dissect.models.train --export PATH`.")
-    G = Generator(**json.loads(metadata["config"]))
+    G = build(Generator, read_config(metadata, "config", path, "generator", fix), path, fix)
     load_state_dict(G, state, source=str(path))
     return G.eval()
+
+
+
+def read_config(metadata: Mapping[str, str], key: str, path: str | Path, what: str, fix: str) -> Any:
+    """The JSON configuration ``metadata[key]`` of the checkpoint at ``path`` (a ``what``), or a
+    :class:`ModelError` naming the file and ``fix`` when it is absent or not JSON."""
+    if key not in metadata:
+        raise ModelError(f"{path} has no {what} configuration in its metadata ({key!r}); {fix}.")
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: the {what} configuration in its metadata ({key!r}) is not valid JSON ({exc}); "
+                         f"{fix}.") from exc
+
+
+def build(cls: Callable[..., M], config: Any, path: str | Path, fix: str) -> M:
+    """``cls(**config)`` for a configuration read from ``path``, or a :class:`ModelError` naming the file and
+    ``fix`` when ``config`` is not keyword arguments that build a ``cls`` (an older or another model's file)."""
+    name = getattr(cls, "__name__", "model")
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: the {name} configuration is a JSON {type(config).__name__}, not an object of "
+                         f"its arguments; {fix}.")
+    try:
+        return cls(**config)
+    except (TypeError, ValueError, KeyError) as exc:  # unknown or missing arguments, values the model refuses
+        raise ModelError(f"{path}: its configuration {json.dumps(config)[:200]} does not build a {name} "
+                         f"({_one_line(exc)[:300]}); {fix}.") from exc
 
 
 def _generator_file(path: str | Path, device: torch.device | str) -> tuple[nn.Module, LatentSampler]:
@@ -76,7 +105,14 @@ def _load_spires(device: torch.device | str) -> tuple[nn.Module, LatentSampler]:
     return _generator_file(WEIGHTS_DIR / "spires-generator.safetensors", device)
 
 
-_MODELS: dict[str, Callable[[torch.device | str], tuple[nn.Module, Any]]] = {"spires": _load_spires}
+def _load_facts(device: torch.device | str) -> tuple[nn.Module, Any]:
+    from .facts import load_facts  # imports the edit core: only when asked for
+
+    return load_facts(device=device)
+
+
+_MODELS: dict[str, Callable[[torch.device | str], tuple[nn.Module, Any]]] = {"spires": _load_spires,
+                                                                             "facts": _load_facts}
 
 
 def available_models() -> list[str]:
@@ -183,10 +219,14 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     if not path.exists():
         raise FileNotFoundError(f"No weights at {path}. The embedded weights ship with the package; reinstall it.")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except SafetensorError as exc:  # a corrupt header, a truncated file, not safetensors at all
+            raise ModelError(f"{path} is not a readable safetensors file ({_one_line(exc)[:300]}): it is truncated "
+                             "or corrupt. Copy or export it again (the embedded weights: reinstall the package).") from exc
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # unsafe globals, truncation, not a torch file

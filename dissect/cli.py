@@ -215,11 +215,15 @@ def _request(
         raise CliError(f"{where}: {err}") from err
 
 
-def _check_request(memory: LayerMemory, target: rewrite.Paste | rewrite.Erase, context: rewrite.Context | None,
+def _check_request(memory: LayerMemory, target: rewrite.Request, context: rewrite.Context | None,
                    where: str) -> None:
     """Refuse what can be refused before C is collected: the layer's weight, the context's rank against the key
-    dimension and its keys (or the erase's own region, its default context), and the erase's unit count."""
+    dimension and its keys (or the erase's own region, its default context), the erase's unit count, and what a
+    kind with a ``check(memory)`` method refuses (value targets: their shapes, targets outside the outputs)."""
     memory.check_finite_weight()
+    check = getattr(target, "check", None)
+    if callable(check):
+        check(memory)
     if isinstance(target, rewrite.Erase) and not 1 <= target.units <= memory.key_channels:
         raise CliError(f"units {target.units} in {where} erase.units is not between 1 and the key dimension of layer "
                        f"{memory.layer!r} ({memory.key_channels}).")
@@ -247,6 +251,17 @@ def _solver_options(spec: dict, what: str) -> tuple[bool, float, float]:
     return pointwise, float(strength), float(budget)
 
 
+def _region_size(memory: LayerMemory, sampler: _OnDevice, where: str) -> tuple[int, int]:
+    """The image size ``(H, W)`` a request's regions are drawn at: the one the library draws this layer's masks at
+    (a generator's output image, a classifier's input image)."""
+    example = sampler([0])
+    grid = memory.grid(memory.keys(example))
+    if len(grid) != 2:
+        raise CliError(f"{where}: layer {memory.layer!r} has no 2-D key map (its key grid is {grid}), so image regions "
+                       "cannot select its keys; choose a convolution layer, or use the Python API.")
+    return memory.mask_size(example, grid)
+
+
 def _apply_edits(model: nn.Module, sampler: _OnDevice, args: argparse.Namespace) -> rewrite.Rewriter:
     """Apply ``args.edit`` to ``model``: an edit file saved by dissect, or a request JSON solved here."""
     path = Path(args.edit)
@@ -263,11 +278,12 @@ def _apply_edits(model: nn.Module, sampler: _OnDevice, args: argparse.Namespace)
         raise CliError(f"{path} is not valid JSON: {err}.") from err
     wheres = [f"{path.name} [{i}]" for i in range(len(specs))] if isinstance(specs, list) else [path.name]
     specs = specs if isinstance(specs, list) else [specs]
-    size = tuple(_render(model, sampler([0])).shape[-2:])
     # Every request is read and checked before the slow part (collecting C, solving).
-    plans = [(LayerMemory(model, str(_field(spec, "layer", f"Request {i}"))),
-              *_request(spec, sampler, size, path.parent, where), *_solver_options(spec, f"Request {i}"))
-             for i, (spec, where) in enumerate(zip(specs, wheres))]
+    plans = []
+    for i, (spec, where) in enumerate(zip(specs, wheres)):
+        memory = LayerMemory(model, str(_field(spec, "layer", f"Request {i}")))
+        size = _region_size(memory, sampler, where)
+        plans.append((memory, *_request(spec, sampler, size, path.parent, where), *_solver_options(spec, f"Request {i}")))
     for (memory, target, context, *_), where in zip(plans, wheres):
         _check_request(memory, target, context, where)
     rewriter = rewrite.Rewriter(model)

@@ -219,17 +219,20 @@ class Pairs(Request):
         return cls(reader.inputs(seeds), masks, value_inputs=reader.inputs(value_seeds), seeds=seeds,
                    value_seeds=value_seeds)
 
-    def constraint(self, memory: LayerMemory, context: Context | None) -> tuple[Constraint, Context]:
+    def check(self, memory: LayerMemory) -> None:
+        """Refuse what can be refused before C is collected: a composite layer, values and value inputs both or
+        neither given, a row count that differs from the inputs'."""
         _plain(memory)
         if (self.values is None) == (self.value_inputs is None):
             raise RequestError("A Pairs request takes either values (a tensor) or value_inputs (inputs whose values "
                                "the keys should get), not both or neither.")
-        values = self.values
-        if values is None:
-            if num_rows(self.value_inputs) != num_rows(self.inputs):
-                raise RequestError(f"Pairs: {num_rows(self.value_inputs)} value inputs for {num_rows(self.inputs)} "
-                                   f"key inputs; give one per row.")
-            values = memory.record(self.value_inputs).linear
+        if self.value_inputs is not None and num_rows(self.value_inputs) != num_rows(self.inputs):
+            raise RequestError(f"Pairs: {num_rows(self.value_inputs)} value inputs for {num_rows(self.inputs)} "
+                               f"key inputs; give one per row.")
+
+    def constraint(self, memory: LayerMemory, context: Context | None) -> tuple[Constraint, Context]:
+        self.check(memory)
+        values = self.values if self.values is not None else memory.record(self.value_inputs).linear
         return _pairs_constraint(memory, self.inputs, self.masks, values, context, self.seeds)
 
 
@@ -276,7 +279,11 @@ class OutputTarget(Request):
         logits = output if self.position is None else output[:, self.position]
         return F.cross_entropy(logits, self.targets.to(logits.device))
 
-    def _check(self, memory: LayerMemory) -> None:
+    def check(self, memory: LayerMemory) -> None:
+        """Refuse what can be refused before C is collected (one forward of the inputs): a composite layer,
+        targets that are not one index per row, a model that does not return logits, a position or a target
+        outside them."""
+        _plain(memory)
         n = num_rows(self.inputs)
         if not isinstance(self.targets, Tensor) or self.targets.shape != (n,) or self.targets.is_floating_point():
             raise RequestError(f"OutputTarget takes one integer target per input row: a ({n},) tensor, got "
@@ -294,8 +301,7 @@ class OutputTarget(Request):
                                f"{self.targets.min().item()} .. {self.targets.max().item()}.")
 
     def constraint(self, memory: LayerMemory, context: Context | None) -> tuple[Constraint, Context]:
-        _plain(memory)
-        self._check(memory)
+        self.check(memory)
         rec = memory.record(self.inputs)
         where = memory.mask_weights(self.masks, self.inputs, rec.linear) > 0
         _, shift = optimize_value(memory, self.inputs, where, self.loss, self.steps, self.lr, self.weight_decay,

@@ -312,3 +312,105 @@ def test_eval_counts_presence_by_the_one_rule_and_prints_the_scale(solved, segme
     assert len(list(tmp_path.glob("scale-*.json"))) == 1  # the base model's scale, cached with the statistics
     code, out, _ = _run(capsys, args + ["--min-pixels", "1"])
     assert code == 0 and "at least 1 pixels" in out
+
+
+# -- value targets in the JSON: explicit pairs on the generator, an output target on a classifier ---------------
+
+PLAIN = f"{LAYER}.conv"  # the generator layer's own weight: value targets store there, not through its rest
+
+
+class _Images:
+    description = "tiny images 3x32x32"
+
+    def __call__(self, seeds):
+        return torch.stack([torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def tiny_classifier() -> tuple[torch.nn.Module, _Images]:
+    """Logits (N, 4) from images: no image output, masks at the input's resolution."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, padding=1),
+                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    return model.eval(), _Images()
+
+
+CLASSIFIER = f"{__name__}:tiny_classifier"
+
+
+def _rewrite_request(tmp_path, capsys, model, request, *extra):
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps(request))
+    edit = tmp_path / "edit.safetensors"
+    code, out, err = _run(capsys, ["rewrite", "--model", model, "--edit", str(path), "--stats-n", "16",
+                                   "--cache-dir", str(tmp_path / "cache"), "--save-edit", str(edit), *extra])
+    return code, out, err, edit
+
+
+def test_rewrite_stores_pairs_from_value_seeds(tmp_path, capsys):
+    from dissect.memory import LayerMemory
+    from dissect.rewrite import Rewriter
+    from dissect.valuetargets import Pairs
+
+    box = [16, 16, 40, 40]
+    code, out, err, edit = _rewrite_request(tmp_path, capsys, TINY, {
+        "layer": PLAIN, "pairs": {"regions": [{"seed": 3, "box": box}, {"seed": 4, "box": box}], "values_from": [5, 6]},
+    })
+    assert code == 0, err
+    assert f"{PLAIN}: rank 1, closed_form, strength 1;" in out
+    (saved,) = read_edits(str(edit))
+    request = saved.request["target"]
+    assert isinstance(request, Pairs) and request.seeds == [3, 4] and request.value_seeds == [5, 6]
+
+    # Applied, the weight's output in the boxes moves towards what it emits for the value seeds there.
+    model, sampler = tiny_model()
+    memory = LayerMemory(model, PLAIN)
+    keys_in, wanted = sampler([3, 4]), memory.record(sampler([5, 6])).linear
+    inside = torch.zeros(wanted.shape[-2:], dtype=torch.bool)
+    scale = wanted.shape[-1] / 64
+    inside[int(box[0] * scale) : int(box[2] * scale), int(box[1] * scale) : int(box[3] * scale)] = True
+    before = (memory.record(keys_in).linear - wanted)[..., inside].square().mean()
+    Rewriter(model).apply(saved)
+    after = (memory.record(keys_in).linear - wanted)[..., inside].square().mean()
+    assert after < 0.9 * before
+
+
+def test_rewrite_stores_an_output_target_on_a_classifier(tmp_path, capsys):
+    from dissect.rewrite import Rewriter
+    from dissect.valuetargets import OutputTarget
+
+    regions = [{"seed": s, "box": [8, 8, 24, 24]} for s in (1, 2, 3)]
+    code, out, err, edit = _rewrite_request(tmp_path, capsys, CLASSIFIER, {
+        "layer": "2", "output_target": {"regions": regions, "targets": [3, 3, 3]}, "budget": 0.2,
+    })
+    assert code == 0, err
+    (saved,) = read_edits(str(edit))
+    assert isinstance(saved.request["target"], OutputTarget) and saved.request["target"].targets.tolist() == [3, 3, 3]
+
+    model, sampler = tiny_classifier()
+    with torch.no_grad():
+        before = model(sampler([1, 2, 3])).softmax(-1)[:, 3]
+        Rewriter(model).apply(saved)
+        after = model(sampler([1, 2, 3])).softmax(-1)[:, 3]
+    assert (after > before).all()
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"pairs": {"regions": [{"seed": 3, "box": [16, 16, 40, 40]}], "values_from": [5, 6]}},
+     "'values_from' lists one seed per key seed (1)"),
+    ({"pairs": {"regions": [{"seed": 3, "box": [16, 16, 40, 40]}]}}, "'values_from' lists one seed per key seed"),
+    ({"output_target": {"regions": [{"seed": 3, "box": [8, 8, 24, 24]}], "targets": [9]}},
+     "targets must be indices in [0, 4)"),
+    ({"output_target": {"regions": [{"seed": 3, "box": [8, 8, 24, 24]}], "targets": ["dome"]}},
+     "'targets' lists one class or token index per seed"),
+])
+def test_value_target_requests_are_refused_in_one_line_before_c(body, message, tmp_path, capsys):
+    model, layer = (TINY, PLAIN) if "pairs" in body else (CLASSIFIER, "2")
+    code, _, err, edit = _rewrite_request(tmp_path, capsys, model, {"layer": layer, **body})
+    assert code == 2 and message in err and err.count("\n") == 1 and not edit.exists()
+    assert not (tmp_path / "cache").exists()  # refused before C was collected
+
+
+def test_image_regions_on_a_layer_without_a_key_map_are_refused(tmp_path, capsys):
+    code, _, err, _ = _rewrite_request(tmp_path, capsys, CLASSIFIER, {
+        "layer": "6", "output_target": {"regions": [{"seed": 1, "box": [8, 8, 24, 24]}], "targets": [3]}})
+    assert code == 2 and "layer '6' has no 2-D key map" in err and err.count("\n") == 1

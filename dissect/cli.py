@@ -122,6 +122,13 @@ A request is a JSON object, or a list of them applied in order:
      the erased regions become what surrounds them ("fill": "surround"), or lose their context's most aligned
      key units ("fill": "units", "units": 30)
 
+  {"layer": "...", "pairs": {"regions": [{"seed": 3, "box": [...]}], "values_from": [5]}}
+     the keys in each region get what the layer's weight emits there for its "values_from" seed
+  {"layer": "...", "output_target": {"regions": [...], "targets": [2]}}
+     the keys in each region get the value that makes the model (a classifier) output class 2 for that seed
+     (ROME's v*; "position": t reads logits (N, T, classes) at t). Both need a layer with a 2-D key map that is
+     its own weight (a conv; for a composite layer name its weight's module, e.g. "synthesis.b16.conv1.conv").
+
 Regions are a "box" in image pixels (end exclusive) or a "mask": a grayscale PNG at image resolution
 (white = inside), relative to the JSON file. "context" is optional (default: the target's own region, rank 1).
 Optional on any request: "pointwise": true (change only the kernel's centre), "strength": 2.5 (scale the

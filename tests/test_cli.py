@@ -104,7 +104,7 @@ def test_help(command, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"usage: dissect {command[0]}" if command else "usage: dissect")
     if command == ["rewrite"]:
-        assert '"copy"' in out and '"erase"' in out  # the request format is documented
+        assert all(f'"{kind}"' in out for kind in ("copy", "erase", "pairs", "output_target"))  # the request format
 
 
 def test_layers_lists_every_editable_layer(capsys):

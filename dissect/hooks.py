@@ -365,8 +365,8 @@ def check_single_call(model: nn.Module, names: Iterable[str], inputs: Any) -> No
 class LayerInfo:
     """One layer that the memory view can edit.
 
-    ``output_size`` is the spatial size of the layer's output found by one forward (``()`` for a Linear
-    layer, ``None`` when the example forward never reached it).
+    ``output_size`` is the spatial size of the layer's output found by one forward (``()`` for a Linear layer
+    and other channels-last types, ``None`` when the example forward never reached it).
     """
 
     name: str

@@ -6,12 +6,12 @@ DEFAULT_RANK = 16  # the Advanced section's starting rank
 # The recommended settings per request kind (dashboard.requests.RECOMMENDED), from benchmarks/eval_user.py.
 # Probes (eval_user on request draws 500+ and metric seeds 610000+, never the reported ones): erase rank 4 at
 # budget 0.5 removed 88% at 0.05 of a different image; budget 1.0 and rank 8 changed more for no more removal.
-# A paste needs room: at budget 0.2 nothing turned to tree; at 1.0 and strength 2.5 a median 16%.
+# A paste needs room: at budget 0.2 nothing turned to tree; at 1.0 and strength 2.5 a median 16%. Its strength is
+# calibrated on the context's images per request (dissect.rewrite.calibrate_strength), not fixed.
 ERASE_RANK = 4
 ERASE_BUDGET = 0.5
 PASTE_RANK = 1
 PASTE_BUDGET = 1.0
-PASTE_STRENGTH = 2.5
 DEFAULT_ITERATIONS = 50  # L-BFGS iterations after the closed form (dissect.rewrite.solve's default)
 DEFAULT_SEEDS = "0-11"
 GRID_COLUMNS = 6

@@ -19,7 +19,7 @@ from dashboard.requests import NeedsInput, Settings
 from dashboard.workspace import STATS_DIR, Workspace, base_model
 from dissect import measure
 from dissect.errors import DissectError
-from dissect.rewrite import Edit, read_edits, solve
+from dissect.rewrite import Calibration, Edit, calibrate_strength, read_edits, solve
 from dissect.visualize import to_unit
 
 ERASE, PASTE = "Erase", "Paste"
@@ -38,12 +38,21 @@ def show_flashes() -> None:
 
 def solve_request(ws: Workspace, kind: str, settings: Settings) -> Edit:
     """Solve (never apply) the session's current request at the chosen layer."""
+    return solve_calibrated(ws, kind, settings)[0]
+
+
+def solve_calibrated(ws: Workspace, kind: str, settings: Settings) -> tuple[Edit, Calibration | None]:
+    """:func:`solve_request`, and what calibrating its strength on the context's images found (None where the
+    settings fix the strength)."""
     settings = requests.for_kind(kind, settings)
     target, context = requests.erase(ws, settings) if kind == ERASE else requests.paste(ws, settings)
     memory = ws.memory()
     edit = solve(memory, target, context, refine=settings.refine, max_iter=settings.iterations,
                  pointwise=settings.pointwise, budget=settings.budget, protect=ws.rewriter.history)
-    return edit.scaled(settings.strength)
+    if settings.strength is None:
+        found = calibrate_strength(ws.rewriter, memory, edit)
+        return found.edit, found
+    return edit.scaled(settings.strength), None
 
 
 def apply(ws: Workspace, kind: str, settings: Settings,
@@ -210,12 +219,13 @@ def _discard() -> None:
 
 def solve_and_check(ws: Workspace, kind: str, settings: Settings) -> None:
     """The *Apply edit* button: solve, measure the collateral on fresh samples, and apply; an edit above
-    :data:`COLLATERAL_BOUND` waits for *Apply anyway* (kept in the session as pending)."""
+    :data:`COLLATERAL_BOUND`, or a rule that does not carry to the context's other images, waits for *Apply anyway*
+    (kept in the session as pending, with the reason)."""
     bar = st.progress(0.05, text="Key statistics of the layer…")
     try:
         ws.memory()
-        bar.progress(0.25, text="Solving…")
-        edit = solve_request(ws, kind, settings)
+        bar.progress(0.25, text="Solving and calibrating the strength…")
+        edit, found = solve_calibrated(ws, kind, settings)
         bar.progress(0.7, text=f"Trying it on {len(COLLATERAL_SEEDS)} fresh samples…")
         change = collateral(ws, edit)
     except (DissectError, RuntimeError) as exc:
@@ -223,18 +233,26 @@ def solve_and_check(ws: Workspace, kind: str, settings: Settings) -> None:
         _refused(exc)
         return
     bar.empty()
+    reasons = []
+    if found is not None and not found.carries:
+        reasons.append(f"the rule does not carry to the context's other images: at every strength from "
+                       f"{min(found.losses):g} to {max(found.losses):g}, their renders end farther from the request "
+                       f"made on them than with no edit, so it changes the model without generalising. Try another "
+                       f"layer, a copy that covers the whole object, or other context images")
     if change is not None and change > COLLATERAL_BOUND:
-        st.session_state[PENDING] = (edit, change)
+        reasons.append(f"it changes unrelated fresh samples by more than {COLLATERAL_BOUND:.2f} of a different "
+                       f"image: try a smaller *Change budget* or rank under *Advanced*, a tighter brush, or more "
+                       f"context images")
+    if reasons:
+        st.session_state[PENDING] = (edit, change, reasons)
     else:
         _commit(ws, edit, change)
 
 
 def render_pending(ws: Workspace) -> None:
-    """A solved edit that changes unrelated samples a lot: say so, show it, and let the user decide."""
-    edit, change = st.session_state[PENDING]
-    st.warning(f"This edit {_describe(edit, change)}: more than {COLLATERAL_BOUND:.2f}, so it visibly changes images "
-               f"the request did not show. Try a smaller *Change budget* or rank under *Advanced*, a tighter brush, "
-               f"or more context images. It is not applied yet.")
+    """A solved edit held back: say why, show it on fresh samples, and let the user decide."""
+    edit, change, reasons = st.session_state[PENDING]
+    st.warning(f"This edit ({_describe(edit, change)}) is not applied yet: " + "; and ".join(reasons) + ".")
     seeds = list(COLLATERAL_SEEDS)[:6]
     with ws.rewriter.trial([edit]):
         after = ws.run(seeds)

@@ -47,13 +47,6 @@ def canvas_mask(rgba: np.ndarray | None, size: tuple[int, int]) -> torch.Tensor 
     return F.interpolate(painted[None, None], size=size, mode="area")[0, 0]
 
 
-def mask_centre(mask: torch.Tensor) -> tuple[int, int]:
-    """The ``(y, x)`` pixel at a mask's centre of mass: where a paste stroke or click puts the paste."""
-    ys, xs = torch.meshgrid(torch.arange(mask.shape[0]), torch.arange(mask.shape[1]), indexing="ij")
-    total = mask.sum()
-    return int((ys * mask).sum() / total), int((xs * mask).sum() / total)
-
-
 def tint(pictures: torch.Tensor, masks: torch.Tensor, color: tuple[float, float, float]) -> torch.Tensor:
     """Pictures ``(N, 3, H, W)`` in [0, 1] with ``masks (N, H, W)`` painted translucent in ``color``."""
     ink = torch.tensor(color, dtype=pictures.dtype)[None, :, None, None]

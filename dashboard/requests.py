@@ -21,13 +21,11 @@ from dashboard.defaults import (
     MATCH_QUANTILE,
     PASTE_BUDGET,
     PASTE_RANK,
-    PASTE_STRENGTH,
     POOL_SEEDS,
 )
-from dashboard.imaging import mask_centre
 from dashboard.workspace import Workspace
 from dissect.errors import RequestError
-from dissect.rewrite import DEFAULT_BUDGET, Context, Copy, Erase, Paste
+from dissect.rewrite import DEFAULT_BUDGET, Context, Copy, Erase, Paste, mask_centre
 
 
 class NeedsInput(RequestError):
@@ -45,7 +43,7 @@ class Settings:
     units: int = DEFAULT_UNITS  # erase: key channels zeroed in the target values
     onto_region: bool = False  # paste: constrain only where the user painted in Paste mode
     pointwise: bool = False  # change only the kernel's centre (each value by its own key)
-    strength: float = 1.0  # the solved edit's Λ times this
+    strength: float | None = 1.0  # the solved edit's Λ times this; None: calibrated on the context's images
     budget: float = DEFAULT_BUDGET  # the smoothness budget: at most this share of the layer's output energy moves
     recommended: bool = False  # use each request kind's RECOMMENDED settings instead of these
 
@@ -54,7 +52,7 @@ class Settings:
 # request code on held-out simulated requests (benchmarks/eval_user.py, benchmarks/RESULTS.md).
 RECOMMENDED = {
     "Erase": Settings(rank=ERASE_RANK, budget=ERASE_BUDGET),
-    "Paste": Settings(rank=PASTE_RANK, onto_region=True, pointwise=True, strength=PASTE_STRENGTH, budget=PASTE_BUDGET),
+    "Paste": Settings(rank=PASTE_RANK, onto_region=True, pointwise=True, strength=None, budget=PASTE_BUDGET),
 }
 
 

@@ -75,17 +75,22 @@ def _settings(ws: Workspace) -> Settings:
         pointwise = st.checkbox("Pointwise (kernel centre only)", key="pointwise",
                                 help="Each location's value changes by its own key alone, not its neighbours'. A "
                                      "paste onto a small object (a spire) then reaches the other objects of its kind.")
-        strength = st.slider("Strength", 0.25, 5.0, 1.0, 0.25, key="strength",
+        calibrate = st.checkbox("Calibrate the strength on the context images", value=True, key="calibrate",
+                                help="Tries strengths from 0.5 to 6 and keeps the one whose renders of the context's "
+                                     "images come closest to the request made on each of them.")
+        strength = st.slider("Strength", 0.25, 5.0, 1.0, 0.25, key="strength", disabled=calibrate,
                              help="Scales the solved change. The solve fits the request's own keys; other keys of "
                                   "the context change less where they match less.")
-    return Settings(int(rank), bool(refine), int(iterations), int(units), bool(onto), bool(pointwise), float(strength),
-                    float(budget))
+    return Settings(int(rank), bool(refine), int(iterations), int(units), bool(onto), bool(pointwise),
+                    None if calibrate else float(strength), float(budget))
 
 
 def _describe(s: Settings) -> str:
     parts = [f"rank {s.rank}", f"budget {s.budget:.0%}"]
     parts += ["pointwise"] * s.pointwise + ["onto the painted region"] * s.onto_region
-    return ", ".join(parts + ([f"strength {s.strength:g}"] if s.strength != 1 else []))
+    strength = ["strength calibrated on the context"] if s.strength is None else (
+        [f"strength {s.strength:g}"] if s.strength != 1 else [])
+    return ", ".join(parts + strength)
 
 
 BUDGETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)

@@ -46,6 +46,7 @@ from torch.func import functional_call
 
 import dissect
 from dissect.errors import EditFileError, LayerError, NonFiniteError, RequestError
+from dissect.hooks import Trace, call_model, model_device, to_device
 from dissect.memory import (
     Inputs,
     KeyClusters,
@@ -63,7 +64,8 @@ from dissect.memory import (
 
 __all__ = [
     "Request", "Copy", "Paste", "Context", "Erase", "Constraint", "Edit", "constraint", "constraint_loss", "solve",
-    "Rewriter", "load", "read_edits", "weight_sha256", "check_strength", "DEFAULT_BUDGET", "SpecReader"
+    "Rewriter", "load", "read_edits", "weight_sha256", "check_strength", "DEFAULT_BUDGET", "SpecReader",
+    "calibrate_strength", "Calibration", "goal_output", "mask_centre"
 ]
 
 FORMAT = "dissect-edits/2"  # /2: every tensor carries a SHA-256 in the metadata
@@ -72,6 +74,9 @@ MAX_STRENGTH = 20.0  # beyond this a "rule" is a blow-up of the weight, not a st
 # cautious library default. The dashboard's per-kind budgets (dashboard.requests.RECOMMENDED) were chosen on
 # simulated user requests (benchmarks/eval_user.py, benchmarks/RESULTS.md).
 DEFAULT_BUDGET = 0.02
+# calibrate_strength tries these strengths on at most this many held-out context images.
+CALIBRATION_STRENGTHS = (0.5, 1.0, 1.5, 2.5, 4.0, 6.0)
+CALIBRATION_IMAGES = 8
 
 _PARTS: dict[str, type] = {}  # every dataclass a saved request may hold, by class name
 
@@ -214,6 +219,12 @@ class Request:
         default)."""
         raise NotImplementedError
 
+    def at(self, inputs: Inputs, mask: Tensor) -> "Request":
+        """The same request made on another image: ``inputs`` (one row), where ``mask (H, W)`` marks what the
+        request's own region marked in its image. :func:`calibrate_strength` renders these as held-out goals."""
+        raise RequestError(f"A {type(self).__name__} request cannot be moved onto other images, so its strength "
+                           f"cannot be calibrated on them: pass a strength instead.")
+
     @classmethod
     def from_json(cls, spec: dict, reader: SpecReader) -> "Request":
         raise NotImplementedError(f"{cls.__name__} cannot be read from a JSON request.")
@@ -258,6 +269,15 @@ def _record(memory: LayerMemory, inputs: Inputs, zero_units: Tensor | None = Non
             f"its weight {memory.key_layer!r}; rewrite the weight's own module instead."
         )
     return rec
+
+
+def mask_centre(mask: Tensor) -> tuple[int, int]:
+    """The ``(y, x)`` pixel at the centre of mass of ``mask (H, W)``: where a paste onto that region is centred."""
+    if not mask.sum() > 0:
+        raise RequestError("An empty mask has no centre: brush the region first.")
+    ys, xs = torch.meshgrid(torch.arange(mask.shape[0]), torch.arange(mask.shape[1]), indexing="ij")
+    m = mask.detach().float().cpu()
+    return int((ys * m).sum() / m.sum()), int((xs * m).sum() / m.sum())
 
 
 def _shift(x: Tensor, offsets: Sequence[int]) -> Tensor:
@@ -310,6 +330,11 @@ class Paste(Request):
         seed = reader.seed(dest, "paste")
         region = reader.mask(dest["region"], "paste region") if isinstance(dest, dict) and "region" in dest else None
         return cls(reader.inputs([seed]), copied, tuple(center) if center else None, seeds=[seed], region=region)
+
+    def at(self, inputs: Inputs, mask: Tensor) -> "Paste":
+        """The same copy pasted onto ``mask`` of another image: centred on it, and onto it alone when this paste
+        is onto a region."""
+        return Paste(inputs, self.copy, mask_centre(mask), region=mask if self.region is not None else None)
 
     def constraint(self, memory: LayerMemory, context: Context | None) -> tuple[Constraint, Context]:
         _one_row(self.copy.inputs, "Copy")
@@ -760,6 +785,81 @@ def _solve(memory: LayerMemory, target: Request, context: Context | None, refine
         request={"target": target, "context": context}, pointwise=pointwise, smooth=mu, output_energy=energy,
         key_basis=_key_basis(memory, c),
     )
+
+
+def goal_output(memory: LayerMemory, c: Constraint, inputs: Inputs) -> Any:
+    """The model's output for ``inputs`` (the rows the constraint ``c`` was recorded on) with ``memory``'s layer
+    emitting the target values where the constraint holds (``weights > 0``) and its own values elsewhere: what a
+    request asks for, rendered exactly."""
+    held = (c.weights > 0).unsqueeze(memory.adapter.channel_dim % c.target.dim())
+
+    def emit(output: Tensor, name: str) -> Tensor:
+        return torch.where(held.to(output.device), c.target.to(output), output)
+
+    model = memory.model
+    with eval_mode(model), torch.no_grad(), Trace(model, memory.layer, retain_output=False, edit_output=emit):
+        return call_model(model, to_device(inputs, model_device(model)))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What :func:`calibrate_strength` found: the mean squared distance between the renders of ``images``
+    held-out context images and the request made on each of them, per strength tried (``losses``) and with no
+    edit (``unedited``); ``edit`` at the chosen strength."""
+
+    edit: Edit
+    losses: dict[float, float]
+    unedited: float
+    images: int
+
+    @property
+    def carries(self) -> bool:
+        """Whether some strength brings the held-out images closer to the request than no edit does. False: the
+        rule does not generalise through this context (at every strength they end farther from what was asked),
+        so ``edit`` is left at its own strength."""
+        return self.images == 0 or min(self.losses.values()) < self.unedited
+
+
+def calibrate_strength(rewriter: "Rewriter", memory: LayerMemory, edit: Edit,
+                       strengths: Sequence[float] = CALIBRATION_STRENGTHS, images: int = CALIBRATION_IMAGES
+                       ) -> Calibration:
+    """Choose ``edit``'s strength, among ``strengths``, by how close its renders of the context's other images
+    come to what the request asks for on them.
+
+    The solve fits the request's own keys; the context's other images are held out from that fit. On each (the
+    first ``images``: brushed ones come before grown matches), the request moved there (:meth:`Request.at`) and
+    rendered exactly (:func:`goal_output`) is the goal; the chosen strength minimises the mean squared distance
+    between the model's output under the scaled edit and that goal over the whole output, so what a stronger edit
+    breaks elsewhere in those images counts too. Where no strength beats leaving the model alone
+    (:attr:`Calibration.carries` is False), or the context shows no other image, ``edit`` keeps its strength.
+    Renders run in ``rewriter.trial``: weights and history are as before afterwards.
+    """
+    target, context = edit.request["target"], edit.request["context"]
+    own = set(getattr(target, "seeds", None) or [])
+    rows = [i for i in range(num_rows(context.inputs))
+            if context.masks is not None and context.masks[i].sum() > 0
+            and not (context.seeds is not None and context.seeds[i] in own)][:images]
+    if not rows or not strengths:
+        return Calibration(edit, {}, math.nan, 0)
+    goals, together = [], None
+    for i in rows:
+        row = select_rows(context.inputs, torch.tensor([i]))
+        c, _ = constraint(memory, target.at(row, context.masks[i]), None)
+        goals.append(goal_output(memory, c, row))
+        together = row if together is None else concat_rows(together, row)
+    goal = torch.cat(goals)
+
+    def loss(edits: list[Edit]) -> float:
+        with rewriter.trial(edits), eval_mode(memory.model), torch.no_grad():
+            out = call_model(memory.model, to_device(together, model_device(memory.model)))
+        return float((out.to(goal) - goal).square().mean())
+
+    losses = {float(s): loss([edit.scaled(s / edit.strength)]) for s in sorted(strengths)}
+    found = Calibration(edit, losses, loss([]), len(rows))
+    if not found.carries:
+        return found
+    best = min(losses, key=losses.get)
+    return dataclasses.replace(found, edit=edit.scaled(best / edit.strength))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,11 +21,18 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from dashboard import browse, derived, editing, recipes, workspace  # noqa: E402
 from dashboard.defaults import CANVAS_SCALE, DEFAULT_LAYER  # noqa: E402
-from dashboard.imaging import canvas_mask, format_seeds, mask_centre, parse_seeds  # noqa: E402
+from dashboard.imaging import canvas_mask, format_seeds, parse_seeds  # noqa: E402
 from dissect import stats  # noqa: E402
 from dissect.memory import LayerMemory  # noqa: E402
 from dissect.models.world import CLASSES  # noqa: E402
-from dissect.rewrite import Context, Erase, solve  # noqa: E402
+from dissect.rewrite import (  # noqa: E402
+    CALIBRATION_STRENGTHS,
+    MAX_STRENGTH,
+    Context,
+    Erase,
+    mask_centre,  # noqa: E402
+    solve,
+)
 
 APP = str(ROOT / "dashboard" / "streamlit_app.py")
 TINY = "tiny_model:generator"
@@ -238,6 +245,7 @@ def test_pointwise_and_strength_reach_the_applied_edit() -> None:
     brush(at, "Paste", 5, (160, 200, 160, 200))
     advanced(at)
     at.checkbox(key="pointwise").check().run()
+    at.checkbox(key="calibrate").uncheck().run()  # a strength of one's own, instead of the calibrated one
     at.slider(key="strength").set_value(2.5).run()
     apply_edit(at, "Paste")
     (edit,) = ws_of(at).rewriter.history
@@ -449,8 +457,45 @@ def test_the_recommended_settings_reach_the_applied_edit() -> None:
     want = editing.requests.RECOMMENDED["Paste"]
     assert edit.pointwise == want.pointwise and edit.rank == want.rank, messages(at)
     assert edit.request["target"].region is not None  # onto the painted region
-    assert edit.strength == want.strength
+    assert want.strength is None and edit.strength == 1.0  # calibrated, but no context image to calibrate on
     assert "Applied" in " ".join(s.value for s in at.success), messages(at)
+
+
+def test_a_paste_strength_is_calibrated_on_the_context_and_a_rule_that_does_not_carry_waits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(editing, "COLLATERAL_BOUND", float("inf"))
+    found = []
+    real = editing.calibrate_strength
+
+    def spy(*args, **kwargs):
+        found.append(real(*args, **kwargs))
+        return found[-1]
+
+    monkeypatch.setattr(editing, "calibrate_strength", spy)
+    at = open_app()
+    brush(at, "Copy", 2, (40, 120, 40, 120))
+    brush(at, "Paste", 5, (160, 200, 160, 200))
+    for seed in (1, 3):
+        brush(at, "Context", seed, (160, 200, 160, 200))
+    apply_edit(at, "Paste")
+    calibration = found[-1]  # the Apply button's (the paste preview calibrates the same edit first)
+    assert calibration.images == 2 and set(calibration.losses) == set(CALIBRATION_STRENGTHS)
+    ws = ws_of(at)
+    if calibration.carries:
+        assert ws.rewriter.history[-1].strength == min(calibration.losses, key=calibration.losses.get)
+    else:  # held back, at the solve's own strength, with the reason
+        assert not ws.edited and "does not carry" in messages(at), messages(at)
+        assert at.session_state[editing.PENDING][0].strength == 1.0
+    # A rule that does not carry always waits for the user, whatever the collateral: offered only strength 20, no
+    # strength beats leaving the model alone.
+    monkeypatch.setattr(editing, "calibrate_strength", lambda *a, **k: real(*a, strengths=(MAX_STRENGTH,)))
+    at = open_app()
+    brush(at, "Copy", 2, (40, 120, 40, 120))
+    brush(at, "Paste", 5, (160, 200, 160, 200))
+    brush(at, "Context", 1, (160, 200, 160, 200))
+    apply_edit(at, "Paste")
+    ws = ws_of(at)
+    assert not ws.edited and "does not carry" in messages(at), messages(at)
 
 
 def test_an_edit_that_changes_unrelated_samples_waits_for_confirmation(monkeypatch: pytest.MonkeyPatch) -> None:

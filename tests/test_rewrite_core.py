@@ -21,8 +21,11 @@ from dissect.rewrite import (
     Paste,
     Request,
     Rewriter,
+    calibrate_strength,
     constraint,
+    goal_output,
     load,
+    mask_centre,
     output_energy,
     read_edits,
     solve,
@@ -369,3 +372,55 @@ def test_a_file_whose_header_length_starts_like_a_pickle_still_loads(tmp_path):
     assert data.getvalue()[0] == 0x80
     data.seek(0)
     assert len(read_edits(data)) == 1
+
+
+# -- strength calibrated on the context's held-out images ---------------------------------------------------
+
+
+def test_goal_output_renders_what_the_constraint_asks_for(setup):
+    model, x, memory, _, _ = setup
+    itself = Paste(x[1:2], Copy(x[1:2], _box(10, 2, 2, 4, 4)))  # a paste of an image onto itself asks for nothing new
+    c, _ = constraint(memory, itself, None)
+    with torch.no_grad():
+        assert torch.allclose(goal_output(memory, c, x[1:2]), model(x[1:2]), atol=1e-6)
+    moved, _ = constraint(memory, Paste(x[1:2], Copy(x[:1], _box(10, 2, 2, 4, 4))), None)
+    goal = goal_output(memory, moved, x[1:2])
+    held = (moved.weights > 0).unsqueeze(1).expand_as(goal)
+    assert torch.allclose(goal[held], moved.target[held], atol=1e-6)  # layer "2" is the output: exact there
+    with torch.no_grad():
+        assert torch.equal(goal[~held], model(x[1:2])[~held])
+
+
+def test_calibration_picks_the_strength_that_reaches_the_held_out_goal_and_leaves_the_model_alone():
+    model = _convnet()
+    x = 0.05 * torch.randn(40, 3, 10, 10)
+    box = _box(10, 2, 2, 4, 4)
+    x[1:4, 0] += 3 * box  # a distinctive thing in the box of images 1-3: the rule's keys…
+    x[0, 1] += 3 * box  # …and another thing in image 0, whose values the paste copies onto it
+    memory = _fitted(model, x)
+    rewriter = Rewriter(model)
+    state = _state(model)
+    target = Paste(x[1:2], Copy(x[:1], box), seeds=[1])
+    context = Context(x[1:4], torch.stack([box] * 3), rank=1, seeds=[1, 2, 3])  # images 2 and 3 are held out
+    edit = solve(memory, target, context, budget=None)
+    found = calibrate_strength(rewriter, memory, edit, strengths=(0.25, 1.0, 4.0))
+    assert found.images == 2 and found.carries and found.edit.strength == 1.0
+    assert found.losses[1.0] < found.unedited / 1.5 and found.losses[1.0] < min(found.losses[0.25], found.losses[4.0])
+    assert _same(model, state) and rewriter.history == []
+    # Only far too strong an edit on offer: no strength beats leaving the model alone, so the edit keeps its own.
+    blown = calibrate_strength(rewriter, memory, edit, strengths=(20.0,))
+    assert not blown.carries and blown.edit is edit
+
+
+def test_calibration_skips_the_request_s_own_image_and_refuses_kinds_that_cannot_move(setup):
+    model, x, memory, _, _ = setup
+    mask = _box(10, 2, 2, 4, 4)
+    own = Paste(x[1:2], Copy(x[:1], mask), seeds=[1])
+    edit = solve(memory, own, Context(x[1:2], mask[None], rank=1, seeds=[1]), budget=None)
+    found = calibrate_strength(Rewriter(model), memory, edit)
+    assert found.images == 0 and found.carries and found.edit is edit
+    erase = solve(memory, Erase(x[1:2], mask[None]), Context(x[2:4], torch.stack([mask] * 2)), budget=None)
+    with pytest.raises(RequestError, match="cannot be moved onto other images"):
+        calibrate_strength(Rewriter(model), memory, erase)
+    with pytest.raises(RequestError, match="empty mask"):
+        mask_centre(torch.zeros(4, 4))

@@ -8,6 +8,7 @@ run are deleted), and a click on a thumbnail reports its seed.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 from typing import Callable
@@ -38,20 +39,26 @@ export default function(component) {
   const root = parentElement.querySelector('.grid');
   root.style.gridTemplateColumns = `repeat(${data.columns}, minmax(0, 1fr))`;
   root.classList.toggle('pickable', data.pickable);
-  root.replaceChildren(...data.items.map((item) => {
-    const fig = document.createElement('figure');
+  // Update the pictures in place: an unchanged picture keeps its decoded image, so a redraw after one stroke
+  // decodes and repaints only the pictures that changed.
+  data.items.forEach((item, i) => {
+    let fig = root.children[i];
+    if (!fig) {
+      fig = document.createElement('figure');
+      const img = document.createElement('img');
+      img.className = 'dissect-thumb';
+      fig.append(img, document.createElement('figcaption'));
+      root.append(fig);
+    }
+    const [img, cap] = fig.children;
     fig.className = item.selected ? 'selected' : '';
     fig.dataset.seed = item.seed;
-    const img = document.createElement('img');
-    img.className = 'dissect-thumb';
-    img.src = item.src;
+    if (img.getAttribute('src') !== item.src) img.src = item.src;
     img.alt = item.caption;
-    const cap = document.createElement('figcaption');
     cap.textContent = item.caption;
-    fig.append(img, cap);
-    if (data.pickable) fig.onclick = () => setTriggerValue('picked', item.seed);
-    return fig;
-  }));
+    fig.onclick = data.pickable ? () => setTriggerValue('picked', item.seed) : null;
+  });
+  while (root.children.length > data.items.length) root.lastElementChild.remove();
 }
 """
 _CSS = """
@@ -67,9 +74,16 @@ _grid = st.components.v2.component(COMPONENT, html='<div class="grid"></div>', j
 
 
 def data_url(picture: np.ndarray) -> str:
-    """An ``(h, w, 3)`` uint8 picture as a PNG data URL."""
+    """An ``(h, w, 3)`` uint8 picture as a PNG data URL (lossless: tests and users compare pixels)."""
+    return _png_url(np.ascontiguousarray(picture).tobytes(), picture.shape)
+
+
+@functools.lru_cache(maxsize=1024)
+def _png_url(pixels: bytes, shape: tuple[int, ...]) -> str:
+    """Encoded once per distinct picture (shared by sessions: the URL depends on the pixels alone), so a redraw
+    encodes only the pictures that changed."""
     buf = io.BytesIO()
-    Image.fromarray(picture).save(buf, format="PNG", compress_level=1)
+    Image.fromarray(np.frombuffer(pixels, np.uint8).reshape(shape)).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 

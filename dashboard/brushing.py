@@ -186,7 +186,7 @@ def render(ws: Workspace, seeds: list[int], edited: bool, settings: Settings) ->
     # Room above the canvas for its own toolbar (undo, redo, clear), which shows there on hover.
     st.markdown('<div style="height: 2.6rem"></div>', unsafe_allow_html=True)
 
-    picture = to_unit(ws.images([seed], edited=edited))
+    picture = to_unit(ws.images(seeds, edited=edited)[seeds.index(seed)][None])  # one batch with the grid's
     stamped = brush.stamps.get((mode, seed))
     if stamped is not None:  # a stamped class shows under the strokes, in the brush's colour
         picture = tint(picture, stamped[None], BRUSH_COLORS[KIND[mode]])

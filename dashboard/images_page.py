@@ -11,6 +11,13 @@ from dashboard.workspace import Workspace
 
 
 def render(ws: Workspace, seeds: list[int], settings: Settings) -> None:
+    workflow(ws, seeds, settings)
+
+
+@st.fragment
+def workflow(ws: Workspace, seeds: list[int], settings: Settings) -> None:
+    """A fragment: a stroke, a click on a thumbnail or a switch of the overlay reruns this page alone, not the
+    sidebar and the header (their inputs, the arguments, change only in a full run, which reruns this too)."""
     editing.show_flashes()
     inputs, grid = st.columns([5, 7], gap="medium")
     with grid:  # the switches first: the canvas shows the model they choose

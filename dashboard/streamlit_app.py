@@ -1,14 +1,16 @@
 """dissect dashboard: `streamlit run dashboard` (from the repository root)."""
 
+import importlib
 import sys
 from pathlib import Path
+from typing import Any
 
 # `streamlit run dashboard` puts dashboard/ itself on sys.path; the page modules import as `dashboard.*`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import streamlit as st  # noqa: E402
 
-from dashboard import dissect_page, editing, images_page, inspect_page, recipes, sidebar, style_page, visualise_page  # noqa: E402
+from dashboard import sidebar  # noqa: E402
 
 st.set_page_config(page_title="dissect · rewrite a generator", layout="wide")
 
@@ -28,20 +30,25 @@ ws.status = st.empty()  # progress of a statistics collection shows here, above 
 if note := ws.brush.follow_layer(ws.layer):
     st.info(note)
 
-# (tab name, render(workspace, seeds, settings)): one line per page. Only the open tab runs
-# (on_change="rerun"), so a page's computations never slow the others down; the pages' widgets keep their
-# values while hidden (persist_state="session").
+# (tab name, module, call): one line per page; call(module, ws, seeds, settings) draws it. Only the open tab runs
+# (on_change="rerun"), so a page's computations never slow the others down, and a page's module is imported when
+# it is first opened (the first page waits for the Images page alone). The pages' widgets keep their values while
+# hidden (persist_state="session").
+def _page(module: Any, ws: Any, seeds: list[int], settings: Any) -> None:
+    module.render(ws, seeds, settings)
+
+
 PAGES = [
-    ("Images", images_page.render),
-    ("Inspect", inspect_page.render),
-    ("Edit", lambda ws, seeds, settings: editing.render(ws, settings)),
-    ("Recipes", recipes.render),
-    ("Dissect", dissect_page.render),
-    ("Visualise", visualise_page.render),
-    ("Style", style_page.render),
+    ("Images", "images_page", _page),
+    ("Inspect", "inspect_page", _page),
+    ("Edit", "editing", lambda module, ws, seeds, settings: module.render(ws, settings)),
+    ("Recipes", "recipes", _page),
+    ("Dissect", "dissect_page", _page),
+    ("Visualise", "visualise_page", _page),
+    ("Style", "style_page", _page),
 ]
-tabs = st.tabs([name for name, _ in PAGES], key="page", on_change="rerun")
-for (name, render), tab in zip(PAGES, tabs):
+tabs = st.tabs([name for name, _, _ in PAGES], key="page", on_change="rerun")
+for (name, module, call), tab in zip(PAGES, tabs):
     if tab.open:
         with tab:
-            render(ws, seeds, settings)
+            call(importlib.import_module(f"dashboard.{module}"), ws, seeds, settings)

@@ -7,6 +7,7 @@ modified: each session gets a :class:`Workspace` holding its own deep copy, and 
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -201,11 +202,29 @@ class ReportingSampler:
         return inputs
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
+ORIGINALS_KEPT = 4096  # original images kept per model (64x64 RGB: 48 kB each), the least recently made dropped
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _originals(spec: str) -> OrderedDict[int, torch.Tensor]:
+    """seed -> the unedited model's image ``(3, H, W)``: shared by every session, filled as seeds are shown."""
+    return OrderedDict()
+
+
 def original_images(spec: str, seeds: tuple[int, ...]) -> torch.Tensor:
-    """The unedited model's images: the same for every session, so computed once."""
-    model, sampler, _ = base_model(spec)
-    return run(model, sampler(list(seeds)))
+    """The unedited model's images ``(N, 3, H, W)``, each computed once per server: the canvas's image and a grid
+    grown by "More images" reuse the grid's, and only new seeds run the model."""
+    store = _originals(spec)
+    found = {s: store.get(s) for s in seeds}
+    todo = [s for s, image in found.items() if image is None]
+    if todo:
+        model, sampler, _ = base_model(spec)
+        made = dict(zip(todo, run(model, sampler(todo))))
+        found.update(made)
+        store.update(made)
+        while len(store) > ORIGINALS_KEPT:
+            store.popitem(last=False)
+    return torch.stack([found[s] for s in seeds])
 
 
 def run(model: nn.Module, inputs: Any) -> Any:

@@ -51,14 +51,14 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from eval_edits import fine_tune  # noqa: E402  (the paper's baseline, as eval_edits runs it)
 
-from dashboard import brushing, editing  # noqa: E402
+from dashboard import brushing, editing, requests  # noqa: E402
 from dashboard.defaults import CANVAS_SCALE  # noqa: E402
 from dashboard.imaging import canvas_mask  # noqa: E402
 from dashboard.requests import RECOMMENDED, Settings  # noqa: E402
 from dashboard.workspace import Workspace  # noqa: E402
 from dissect import measure  # noqa: E402
-from dissect.models.world import CLASSES  # noqa: E402
-from dissect.rewrite import Edit  # noqa: E402
+from dissect.models.world import CLASSES, is_dusk  # noqa: E402
+from dissect.rewrite import Edit, constraint, goal_output  # noqa: E402
 from dissect.visualize import image_grid, to_pil, to_unit  # noqa: E402
 
 BROWSED = range(48)  # the seeds a user browses: the grid's first four pages
@@ -106,6 +106,7 @@ class Outcome:
     baseline_collateral: float
     seeds: dict[str, list[int]] = field(default_factory=dict)
     edit: Edit | None = None  # the dashboard's edit, for the before/after sheets
+    notes: dict[str, float] = field(default_factory=dict)  # task-specific figures beside the main one
 
     def success(self, target: float, bound: float) -> bool:
         return self.figure >= target and self.collateral <= bound * self.baseline_collateral
@@ -127,6 +128,11 @@ class Bench:
     browsed: measure.Rendered
     grow: bool = True  # the recommended flow's "Add the best matches to the context" before Apply
 
+    @property
+    def dusk(self) -> torch.Tensor:
+        """(N,) bool: the metric samples with a dusk sky."""
+        return is_dusk(self.base.images, self.base.labels)
+
     def render(self) -> measure.Rendered:
         return measure.render(self.ws.model, self.ws.sampler, self.metric, self.seg)
 
@@ -135,8 +141,11 @@ class Bench:
         d = measure.collateral_per_image(self.base[unrelated], after[unrelated], None, self.perceptual)["perceptual"]
         return float(measure.relative(d.median(), self.scale))
 
-    def removal(self, after: measure.Rendered, cls: int) -> float:
-        marked = measure.present(self.base.labels, CLASSES[cls])
+    def removal(self, after: measure.Rendered, cls: int, among: torch.Tensor | None = None) -> float:
+        """Share of the marked base samples (of those ``among`` selects, if given) that are no longer marked."""
+        marked = measure.present(self.base.labels, CLASSES[cls]) & (True if among is None else among)
+        if not marked.any():
+            return float("nan")
         return 1 - float(measure.present(after.labels[marked], CLASSES[cls]).float().mean())
 
     def pixels_changed(self, after: measure.Rendered, cls: int, to: int | None) -> float:
@@ -160,6 +169,16 @@ def region(bench: Bench, seed: int, cls: int) -> torch.Tensor:
     return bench.browsed.labels[list(BROWSED).index(seed)] == cls
 
 
+def apply(ws: Workspace, kind: str, settings: Settings) -> tuple[Edit, bool]:
+    """The *Apply edit* button (``editing.solve_and_check``) without its page: solve with the calibrated strength and
+    apply. Returns the edit and whether the dashboard would have held it because the rule does not carry to the
+    context's other images (the simulated user then presses *Apply anyway*)."""
+    edit, found = editing.solve_calibrated(ws, kind, settings)
+    ws.rewriter.apply(edit)
+    ws.weights_changed()
+    return edit, found is not None and not found.carries
+
+
 def erase_task(bench: Bench, rng: random.Random, cls: int, settings: Settings) -> Outcome:
     """Brush ``cls`` on 3 browsed images that show it, apply the dashboard's Erase; beside it, the 30-unit ablation."""
     ws = bench.ws
@@ -168,10 +187,12 @@ def erase_task(bench: Bench, rng: random.Random, cls: int, settings: Settings) -
         brush(ws, brushing.CONTEXT, s, stroke_mask(region(bench, s, cls), rng))
     if bench.grow:
         editing.add_matches(ws, editing.ERASE, settings)
-    edit = editing.apply(ws, editing.ERASE, settings)
+    edit, _ = apply(ws, editing.ERASE, settings)
     after = bench.render()
     figure = bench.removal(after, cls) if cls == WATERMARK else bench.pixels_changed(after, cls, None)
     outcome = Outcome(figure, bench.collateral(after, cls), 0, 0, {"context": seeds}, edit)
+    if cls == WATERMARK:  # the generator draws two kinds of watermark: STOCK on day scenes, a garbled one at dusk
+        outcome.notes = {"day": bench.removal(after, cls, ~bench.dusk), "dusk": bench.removal(after, cls, bench.dusk)}
     ws.rewriter.revert()
     ws.weights_changed()
     memory = ws.memory()
@@ -203,10 +224,12 @@ def paste_task(bench: Bench, rng: random.Random, settings: Settings) -> Outcome:
         brush(ws, brushing.CONTEXT, s, stroke_mask(region(bench, s, SPIRE), rng))
     if bench.grow:
         editing.add_matches(ws, editing.PASTE, settings)
-    edit = editing.apply(ws, editing.PASTE, settings)
+    goal = goal_conversion(bench, spires[0], settings)
+    edit, held = apply(ws, editing.PASTE, settings)
     after = bench.render()
     outcome = Outcome(bench.pixels_changed(after, SPIRE, TREE), bench.collateral(after, SPIRE), 0, 0,
-                      {"copy": [tree_seed], "paste": spires[:1], "context": spires[1:]}, edit)
+                      {"copy": [tree_seed], "paste": spires[:1], "context": spires[1:]}, edit,
+                      {"held": float(held), "goal": goal})
     ws.rewriter.revert()
     ws.weights_changed()
     memory = ws.memory()
@@ -217,6 +240,19 @@ def paste_task(bench: Bench, rng: random.Random, settings: Settings) -> Outcome:
     outcome.baseline_figure = bench.pixels_changed(tuned_after, SPIRE, TREE)
     outcome.baseline_collateral = bench.collateral(tuned_after, SPIRE)
     return outcome
+
+
+def goal_conversion(bench: Bench, seed: int, settings: Settings) -> float:
+    """Share of the paste image's spire pixels the segmenter labels tree when the session's paste request is
+    rendered exactly (``rewrite.goal_output``: the copied values written over the painted spire at the layer, the
+    model as it is): what the user asked for, which bounds what any rule fitted to it can show on that image."""
+    memory = bench.ws.memory()
+    target, _ = requests.paste(bench.ws, settings)
+    c, _ = constraint(memory, target, None)
+    goal = goal_output(memory, c, target.inputs)
+    with torch.no_grad():
+        labels = bench.seg(goal.to(next(bench.seg.parameters()))).argmax(1)[0].cpu()
+    return float((labels[region(bench, seed, SPIRE)] == TREE).float().mean())
 
 
 TASKS: dict[str, tuple[str, Callable[[Bench, random.Random, Settings], Outcome], float, float]] = {
@@ -308,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
             ctx = len(o.edit.request["context"].seeds or []) if o.edit else 0
             print(f"  request {i}: figure {o.figure:.3f} collateral {o.collateral:.4f} change {change:.4f} mu {smooth:.3g} "
                   f"strength {strength:.2f} context {ctx} | "
-                  f"baseline {o.baseline_figure:.3f} at {o.baseline_collateral:.4f} {o.seeds}", flush=True)
+                  f"baseline {o.baseline_figure:.3f} at {o.baseline_collateral:.4f} {o.seeds}"
+                  + "".join(f" {k} {v:.3f}" for k, v in o.notes.items()), flush=True)
         figures = sorted(o.figure for o in outcomes)
         coll = [o.collateral for o in outcomes]
         base_coll = [o.baseline_collateral for o in outcomes]
@@ -317,6 +354,10 @@ def main(argv: list[str] | None = None) -> None:
               f"collateral median {statistics.median(coll):.4f} of a different image (baseline "
               f"{statistics.median(base_coll):.4f}); baseline figure median "
               f"{statistics.median(o.baseline_figure for o in outcomes):.3f}; success {ok:.0%}", flush=True)
+        for key in outcomes[0].notes if outcomes[0].notes else ():
+            values = [o.notes[key] for o in outcomes if key in o.notes and o.notes[key] == o.notes[key]]
+            print(f"{task}: {NOTES[key]}: median {statistics.median(values):.3f}, mean {statistics.mean(values):.3f} "
+                  f"over {len(values)} requests", flush=True)
         summary[task] = [f"{ok:.2f}", f"{statistics.median(figures):.3f}", f"{statistics.median(coll):.4f}"]
         if args.sheets:
             args.sheets.mkdir(parents=True, exist_ok=True)
@@ -326,6 +367,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.write_text(json.dumps(summary))
     print(summary_line(summary))
+
+
+NOTES = {
+    "day": "removal on the day scenes' watermarked samples (the STOCK watermark)",
+    "dusk": "removal on the dusk scenes' watermarked samples (the garbled watermark)",
+    "goal": "spire pixels of the paste image turned tree by the request itself, rendered exactly",
+    "held": "requests the dashboard holds because the rule does not carry to the context (share)",
+}
 
 
 def summary_line(summary: dict[str, list[str]]) -> str:

@@ -773,6 +773,10 @@ def _solve(memory: LayerMemory, target: Request, context: Context | None, refine
             lam, after, objective, solver = torch.zeros_like(lam), before, before, "lbfgs"
         refined = _refine(memory, c, directions, lam, base, taps, max_iter, mu)
         with torch.no_grad():
+            # At μ = 0 nothing holds L-BFGS to the budget the closed form met: scale it back onto the budget.
+            moved = float(refined.double().square().sum()) / memory.out_channels / energy
+            if smooth is None and budget is not None and moved > budget:
+                refined = refined * math.sqrt(budget / moved)
             refined_objective = float(_objective(memory, c, base, refined, directions, mu))
             if refined_objective < objective:
                 after = float(constraint_loss(memory, c, base + memory.delta(refined, directions)))

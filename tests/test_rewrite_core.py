@@ -209,6 +209,18 @@ def test_a_trial_leaves_weights_history_and_redo_bitwise(setup):
     assert _same(model, state) and rewriter.redoable == [first]
 
 
+@pytest.mark.parametrize("budget", [0.01, 0.5, 100.0])
+def test_the_refined_edit_keeps_the_budget_too(budget):
+    model = Modulated().eval()
+    z = torch.randn(32, 6)
+    memory = _fitted(model, z, "conv1")
+    mask = _box(16, 4, 5, 4, 4)
+    context = Context(z[2:6], torch.stack([mask] * 4), rank=2)
+    edit = solve(memory, Paste(z[1:2], Copy(z[:1], mask), position=(10, 10)), context, budget=budget, max_iter=200)
+    assert "lbfgs" in edit.solver or budget < 1  # at a loose budget L-BFGS runs from a μ = 0 closed form
+    assert edit.expected_change <= budget * (1 + 1e-5)
+
+
 def test_apply_all_is_all_or_nothing_with_no_buffer_left_behind():
     model = Modulated().eval()
     z = torch.randn(32, 6)

@@ -7,14 +7,18 @@
 Each request is a different random draw among the first 48 seeds a user browses (the grid's first four pages).
 Masks are made as the canvas makes them: strokes of the default brush drawn over the region the segmenter finds,
 turned into a mask by the dashboard's own ``imaging.canvas_mask``, recorded with ``brushing.record_stroke``;
-then *Add the best matches to the context* (``editing.add_matches``, one button), and the edit is solved and
-applied by ``editing.apply`` with the dashboard's recommended settings for the request kind
-(``requests.RECOMMENDED``), as the *Apply edit* button does. Tasks:
+then *Add the best matches to the context* (``editing.add_matches``, one button), and the edit is solved by
+``editing.solve_calibrated`` with the dashboard's recommended settings for the request kind
+(``requests.RECOMMENDED``; a paste's strength calibrated on the context's images) and applied, as the *Apply edit*
+button does (where the dashboard would hold a rule that does not carry to its context, the simulated user presses
+*Apply anyway*; how often is reported). Tasks:
 
   erase   brush the watermark on 3 images (Context), Erase. Figure: removal, the share of the metric samples
-          marked before that are no longer marked. Baseline: zeroing the erase's 30 units (GAN dissection).
+          marked before that are no longer marked (also apart for day and dusk scenes, whose watermarks the
+          generator draws differently). Baseline: zeroing the erase's 30 units (GAN dissection).
   paste   copy one tree (Copy), paint one spire (Paste, onto the painted region), brush 3 other spires
-          (Context), Paste. Figure: the share of the original spire pixels the segmenter labels tree.
+          (Context), Paste. Figure: the share of the original spire pixels the segmenter labels tree. Beside it,
+          the same share on the paste image when the request itself is rendered exactly (the goal).
           Baseline: fine-tuning the whole weight on the same constraint (Adam, as eval_edits).
   trees   the third rule: remove trees. Brush the trees of 3 images (Context), Erase. Figure: the share of
           original tree pixels that are no longer tree. Baseline: zeroing the erase's 30 units.

@@ -10,20 +10,34 @@ direction); figures are the attribute's prevalence (share of samples the segment
 median perceptual change of the samples (dissect.measure's LPIPS-style distance, as a share of a different image's,
 the model's calibrated Scale). A sweep is *monotone* when no step of alpha lowers prevalence by more than one
 sample's share (1/n). The main configuration (w, mean difference) runs every attribute on --n seeds, the other
-spaces and methods on the first --grid-n of them; the watermark's every configuration (and the w vector moving
-only the middle or only the fine layers' w) on --n, for the comparison.
+spaces and methods on the first --grid-n of them; the watermark's every configuration, and the w vectors moving
+only some style groups' w (watermark: middle, fine; dusk: coarse), on --n, for the comparisons.
 Watermark removal: every watermark vector at each negative alpha, applied to every sample, against the rewrite
 (Erase at --layer with its default fill, context = --ctx request images with the watermark's bounding boxes; rank
 1 at the library's default budget, rank 1 as plain least squares, the dashboard's recommended rank and budget,
-and each of --ranks), on the --n seeds: watermark prevalence, and collateral by the edits' protocol
-(dissect.measure: perceptual distance on the samples that showed no watermark before, median, as a share of a
-different image). The last line is machine-readable: its vector is --summary-vector at alpha = --summary-alpha,
-its rewrite rank 1 at the library's default budget.
+each of --ranks, and the recommended erase on the context grown by its best matches as the Remove-watermark recipe
+grows it), on the --n seeds: watermark prevalence, and collateral by the edits' protocol (dissect.measure:
+perceptual distance on the samples that showed no watermark before, median, as a share of a different image).
+Making skies dusk: the dusk vectors at each positive alpha on every sample, against a Paste made as a user makes
+it (dusk_request: the sky of a dusk request image copied onto the sky of a day one, --dusk-ctx other day skies as
+the context, grown by their best matches; the dashboard's recommended paste settings, its strength calibrated
+on the context's images, and also each fixed strength of --dusk-strengths) at each of --dusk-layers.
+Figures on the --n seeds: the dusk share (segmenter sky colour, dissect.models.world.is_dusk) of all samples and
+of those that were day before; collateral on the day samples outside the sky (perceptual distance with every
+pixel that either render labels sky, grown by one pixel, taken from the original: a sky edit may change the sky
+and nothing else), and on the samples that were dusk already (whole image: a "make every sky dusk" rule should
+leave them alone). Both rewrites are one helper (rewritten), solved with the dashboard's Settings.
+The last line is machine-readable: its watermark vector is --summary-vector at alpha = --summary-alpha, its
+watermark rewrite rank 1 at the library's default budget; its dusk vector is w, mean at --dusk-alpha, its dusk
+rewrite the recommended paste at the first of --dusk-layers (collateral: the day samples outside the sky).
+Seeds: vectors fitted on 700000+, measured on 710000+; request images 900000+; grown contexts from the
+dashboard's pool (100000+); none of the metric seeds was used to fit or choose anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -36,7 +50,19 @@ from dissect.hooks import model_device
 from dissect.memory import LayerMemory
 from dissect.models import load
 from dissect.models.segmenter import load_segmenter
-from dissect.rewrite import DEFAULT_BUDGET, Context, Erase, Rewriter, solve
+from dissect.rewrite import (
+    DEFAULT_BUDGET,
+    Context,
+    Copy,
+    Edit,
+    Erase,
+    Paste,
+    Request,
+    Rewriter,
+    calibrate_strength,
+    mask_centre,
+    solve,
+)
 from dissect.stats import DEFAULT_CACHE_DIR
 from dissect.style import GROUPS, Shift, Style, interpolate, render, styles, synthesize
 from dissect.visualize import image_grid, to_pil, to_unit
@@ -44,7 +70,16 @@ from dissect.visualize import image_grid, to_pil, to_unit
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the dashboard's defaults, eval_edits' request
 from eval_edits import watermark_request  # noqa: E402
 
-from dashboard.defaults import DEFAULT_UNITS, ERASE_BUDGET, ERASE_RANK, STATS_SAMPLES  # noqa: E402
+from dashboard.defaults import (  # noqa: E402
+    DEFAULT_LAYER,
+    DEFAULT_UNITS,
+    GROW_IMAGES,
+    GROW_POOL,
+    MATCH_QUANTILE,
+    POOL_SEEDS,
+    STATS_SAMPLES,
+)
+from dashboard.requests import RECOMMENDED, Settings  # noqa: E402
 
 FIT_SEEDS = 700_000  # labelled samples the vectors are fitted on
 METRIC_SEEDS = 710_000  # samples the sweeps and the comparison are measured on
@@ -52,6 +87,7 @@ REQUEST_SEEDS = 900_000  # the rewrite's request images (eval_edits' pool)
 POOL = 200
 ATTRIBUTES = ("watermark", "tree", "dusk", "spire vs dome")
 GRID_ATTRIBUTES = ("watermark", "tree", "dusk")  # also measured in every space x method
+GROUP_MOVES = {"watermark": ("middle", "fine"), "dusk": ("coarse",)}  # w moved in these style groups only, too
 MAIN = ("w", "mean", ())
 
 
@@ -70,6 +106,69 @@ def positive_share(r: measure.Rendered, attribute: str) -> float:
 def monotone(prevalences: list[float], n: int) -> bool:
     """No step lowers prevalence by more than one sample's share."""
     return all(b >= a - 1.0 / n - 1e-9 for a, b in zip(prevalences, prevalences[1:]))
+
+
+def layer_memory(G, sampler, layer: str) -> LayerMemory:
+    """``layer``'s key statistics as the dashboard and the CLI fit them (one shared disk cache)."""
+    memory = LayerMemory(G, layer)
+    memory.fit_moment(sampler, STATS_SAMPLES, cache_dir=str(DEFAULT_CACHE_DIR), progress=False)
+    return memory
+
+
+def grown(memory: LayerMemory, sampler, context: Context) -> Context:
+    """What the dashboard's *Add the best matches to the context* makes of a brushed ``context``
+    (dashboard.requests.grown_context): plus the pool images whose keys match it best, each masked where it matches."""
+    seeds = list(POOL_SEEDS)[:GROW_POOL]
+    return context.grown(memory, sampler(seeds), GROW_IMAGES, MATCH_QUANTILE, pool_seeds=seeds)
+
+
+def rewritten(rewriter: Rewriter, memory: LayerMemory, target: Request, context: Context, settings: Settings,
+              render_now) -> tuple[Edit, measure.Rendered]:
+    """The edit ``target`` and ``context`` ask for, solved as the dashboard's *Apply* solves a request
+    (dashboard.editing.solve_request: the settings' rank, budget, pointwise, L-BFGS, and strength, calibrated on the
+    context's images where it is None), and ``render_now()`` under it, applied through the Rewriter for the render
+    only (a trial: the model is unchanged afterwards)."""
+    edit = solve(memory, target, dataclasses.replace(context, rank=settings.rank), refine=settings.refine,
+                 max_iter=settings.iterations, pointwise=settings.pointwise, budget=settings.budget)
+    if settings.strength is None:
+        found = calibrate_strength(rewriter, memory, edit)
+        edit = found.edit
+        print(f"calibrated strength {edit.strength:g} on {found.images} context images (carries: {found.carries}; "
+              f"losses {', '.join(f'{k:g}: {v:.4g}' for k, v in found.losses.items())}; unedited {found.unedited:.4g})")
+    else:
+        edit = edit.scaled(settings.strength)
+    with rewriter.trial([edit]):
+        return edit, render_now()
+
+
+def dusk_request(sampler, pool: measure.Rendered, seeds: Sequence[int], n_ctx: int) -> tuple[Paste, Context]:
+    """"Make the sky dusk" as a user asks it on the Images page: *Copy* the whole sky of the pool's first dusk
+    image, *Paste* it onto the sky of its first day image (painted over that sky: the recommended paste goes onto
+    the painted region only, centred on it as requests.paste centres it), and brush the skies of
+    the next ``n_ctx`` day images as the *Context* (at the recommended paste's rank). Every mask is the
+    segmenter's sky pixels ``(H, W)``; grow the context with :func:`grown` as the dashboard's button does."""
+    dusk = segmenter_labels(pool.images, pool.labels, "dusk")
+    sky = measure.region(pool.labels, "sky", grow=0).float()
+    sources, days = (dusk == 1).nonzero()[:, 0].tolist(), (dusk == 0).nonzero()[:, 0].tolist()
+    if not sources or len(days) < n_ctx + 1:
+        raise ValueError(f"{len(sources)} dusk and {len(days)} day images among {len(seeds)} request seeds; need 1 "
+                         f"and {n_ctx + 1}.")
+    src, dst, ctx = sources[0], days[0], days[1 : n_ctx + 1]
+    copy = Copy(sampler([seeds[src]]), sky[src], seeds=[seeds[src]])
+    paste = Paste(sampler([seeds[dst]]), copy, mask_centre(sky[dst]), seeds=[seeds[dst]], region=sky[dst])
+    brushed = [seeds[i] for i in ctx]
+    return paste, Context(sampler(brushed), sky[ctx], rank=RECOMMENDED["Paste"].rank, seeds=brushed)
+
+
+def sheet(path: str, base: measure.Rendered, rows: dict[str, measure.Rendered], dusk: torch.Tensor) -> None:
+    """Before/after of the first 6 day samples and 2 dusk samples: one row per way of making skies dusk."""
+    idx = (~dusk).nonzero()[:6, 0].tolist() + dusk.nonzero()[:2, 0].tolist()
+    pictures, labels = [to_unit(base.images[idx])], [f"{base.seeds[i]} before" for i in idx]
+    for how, r in rows.items():
+        pictures.append(to_unit(r.images[idx]))
+        labels += [how] + [""] * (len(idx) - 1)
+    to_pil(image_grid(torch.cat(pictures), nrow=len(idx), labels=labels, scale=2)).save(path)
+    print(f"figure: {path}")
 
 
 def figure(G, sampler, vectors: dict, path: str, seeds: Sequence[int] = range(0, 6), other: int = 11) -> None:
@@ -116,6 +215,13 @@ def main() -> None:
     p.add_argument("--summary-alpha", type=float, default=-1.0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--figure", default=None, help="also save a picture of the controls and moves here (PNG)")
+    p.add_argument("--dusk-ctx", type=int, default=3, help="day skies brushed as the dusk paste's context (then grown)")
+    p.add_argument("--dusk-layers", nargs="+", default=[DEFAULT_LAYER, "synthesis.b4.conv1"],
+                   help="layers the dusk paste is made at; the first is on the last line")
+    p.add_argument("--dusk-strengths", type=float, nargs="*", default=[2.5],
+                   help="the dusk paste also at these fixed strengths (beside the recommended, calibrated one)")
+    p.add_argument("--dusk-alpha", type=float, default=1.0, help="the dusk vector's alpha on the last line")
+    p.add_argument("--dusk-figure", default=None, help="also save the dusk before/after sheet here (PNG)")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -137,7 +243,7 @@ def main() -> None:
         pos, neg = int((labels == 1).sum()), int((labels == 0).sum())
         print(f"{attribute}: {pos} positive, {neg} negative of {args.fit_n} fit samples")
         configs = [(space, method, ()) for space in spaces for method in ("mean", "probe")]
-        configs += [("w", "mean", (group,)) for group in ("middle", "fine")] if attribute == "watermark" else []
+        configs += [("w", "mean", (group,)) for group in GROUP_MOVES.get(attribute, ())]
         for space, method, groups in configs:
             if attribute in GRID_ATTRIBUTES or (space, method, groups) == MAIN:
                 vectors[attribute, space, method, groups] = AttributeVector(
@@ -167,7 +273,7 @@ def main() -> None:
     sweeps = {}
     for config, vec in vectors.items():
         attribute = config[0]
-        n = args.n if config[1:] == MAIN or attribute == "watermark" else args.grid_n
+        n = args.n if config[1:] == MAIN or attribute == "watermark" or config[3] else args.grid_n
         cells = []
         for alpha in alphas:
             r = moved(config, alpha, n)
@@ -197,29 +303,93 @@ def main() -> None:
     pool_seeds = list(range(REQUEST_SEEDS, REQUEST_SEEDS + POOL))
     pool = measure.render(G, sampler, pool_seeds, seg)
     wm_z, wm_masks, wm_seeds = watermark_request(sampler, pool, pool_seeds, args.ctx)
-    memory = LayerMemory(G, args.layer)
-    memory.fit_moment(sampler, STATS_SAMPLES, cache_dir=str(DEFAULT_CACHE_DIR), progress=False)
+    memory = layer_memory(G, sampler, args.layer)
     rewriter = Rewriter(G)
-    variants = [(1, DEFAULT_BUDGET, "the library's default budget"), (1, None, "least squares, as in the paper"),
-                (ERASE_RANK, ERASE_BUDGET, "the dashboard's recommended erase")]
-    variants += [(rank, DEFAULT_BUDGET, "the library's default budget") for rank in args.ranks]
-    for rank, budget, what in variants:
-        rewriter.apply(solve(memory, Erase(wm_z, wm_masks, units=args.units, seeds=wm_seeds),
-                             Context(wm_z, wm_masks, rank=rank, seeds=wm_seeds), budget=budget))
-        rows[f"rewrite: rank {rank}, budget {budget}, {args.ctx} images ({what})"] = removal(
-            measure.render(G, sampler, seeds, seg))
-        rewriter.undo()
-    rewrite = rows[f"rewrite: rank 1, budget {DEFAULT_BUDGET}, {args.ctx} images (the library's default budget)"]
-    print(f"{'how':90s} {'after':>6s} {'collateral':>10s}")
+    brushed = Context(wm_z, wm_masks, seeds=wm_seeds)
+
+    def metric_render() -> measure.Rendered:
+        return measure.render(G, sampler, seeds, seg)
+
+    def erased(context: Context, settings: Settings) -> measure.Rendered:
+        erase = Erase(context.inputs, context.masks, units=args.units, seeds=context.seeds)  # as requests.erase
+        return rewritten(rewriter, memory, erase, context, settings, metric_render)[1]
+
+    default = f"rewrite: rank 1, budget {DEFAULT_BUDGET}, {args.ctx} images (the library's default budget)"
+    variants = {default: Settings(rank=1), f"rewrite: rank 1, budget None, {args.ctx} images (least squares, as "
+                "in the paper)": Settings(rank=1, budget=None)}  # type: ignore[arg-type]  # None: plain least squares
+    erase = RECOMMENDED["Erase"]
+    variants[f"rewrite: rank {erase.rank}, budget {erase.budget}, {args.ctx} images (the dashboard's recommended "
+             "erase)"] = erase
+    variants.update({f"rewrite: rank {rank}, budget {DEFAULT_BUDGET}, {args.ctx} images (the library's default "
+                     "budget)": Settings(rank=rank) for rank in args.ranks})
+    for how, settings in variants.items():
+        rows[how] = removal(erased(brushed, settings))
+    recipe = grown(memory, sampler, dataclasses.replace(brushed, rank=erase.rank))
+    rows[f"rewrite: the recommended erase, {args.ctx} images grown to {len(recipe.seeds or [])} by their best "
+         "matches (the Remove-watermark recipe)"] = removal(erased(recipe, erase))
+    rewrite = rows[default]
+    print(f"{'how':100s} {'after':>6s} {'collateral':>10s}")
     for how, (after, coll) in rows.items():
-        print(f"{how:90s} {after:6.3f} {coll:10.4f}")
+        print(f"{how:100s} {after:6.3f} {coll:10.4f}")
+
+    # -- dusk: vectors against the rank-one paste --------------------------------------------------------------
+    dusk = segmenter_labels(base.images, base.labels, "dusk") == 1
+    day = ~dusk
+
+    def duskening(r: measure.Rendered) -> tuple[float, float, float, float]:
+        """Dusk share of all samples, dusk share of the day samples, the day samples' change outside the sky
+        (either render's sky, grown by a pixel: what a sky edit is allowed to change), the dusk samples' change."""
+        now = segmenter_labels(r.images, r.labels, "dusk") == 1
+        sky = measure.region(base.labels, "sky") | measure.region(r.labels, "sky")
+        outside = measure.collateral(base[day], r[day], sky[day], perceptual)["perceptual_median"]
+        kept = measure.collateral(base[dusk], r[dusk], None, perceptual)["perceptual_median"]
+        return (float(now.float().mean()), float(now[day].float().mean()), outside / scale.different,
+                kept / scale.different)
+
+    print(f"\nmake skies dusk on {args.n} seeds ({int(day.sum())} day, {int(dusk.sum())} dusk before): dusk share of all, "
+          f"of the day samples; median change of the day samples outside the sky, of the dusk samples (whole image); "
+          f"shares of a different image")
+    dusk_rows: dict[str, tuple[float, float, float, float]] = {"unchanged": duskening(base)}
+    pictures: dict[str, measure.Rendered] = {}
+    for config in vectors:
+        if config[0] == "dusk" and (config[1:] == MAIN or config[3]):
+            for alpha in (a for a in alphas if a > 0):
+                how = f"vector {name(config)} alpha={alpha:g}"
+                dusk_rows[how] = duskening(moved(config, alpha, args.n))
+                if alpha == args.dusk_alpha:
+                    pictures[f"{name(config)} +{alpha:g}"] = moved(config, alpha, args.n)
+    paste = RECOMMENDED["Paste"]
+    target, dusk_brushed = dusk_request(sampler, pool, pool_seeds, args.dusk_ctx)
+    dusk_rewrites = []
+    for layer in args.dusk_layers:
+        at = layer_memory(G, sampler, layer)
+        context = grown(at, sampler, dusk_brushed)
+        for strength in [None, *args.dusk_strengths]:  # None: the recommended paste's calibrated strength
+            edit, r = rewritten(rewriter, at, target, context, dataclasses.replace(paste, strength=strength),
+                                metric_render)
+            how = (f"rewrite: paste at {layer}, rank {paste.rank}, pointwise, budget {paste.budget:g}, strength "
+                   f"{edit.strength:g} " + ("(recommended: calibrated)" if strength is None else "(fixed)")
+                   + f", {args.dusk_ctx} skies grown to {len(context.seeds or [])}")
+            dusk_rows[how] = duskening(r)
+            dusk_rewrites.append(how)
+            if strength is None:
+                pictures[f"paste {layer.removeprefix('synthesis.')}"] = r
+    print(f"{'how':120s} {'dusk':>5s} {'day->dusk':>9s} {'outside sky':>11s} {'dusk samples':>12s}")
+    for how, (share, turned, outside, kept) in dusk_rows.items():
+        print(f"{how:120s} {share:5.3f} {turned:9.3f} {outside:11.4f} {kept:12.4f}")
+    if args.dusk_figure:
+        sheet(args.dusk_figure, base, pictures, dusk)
 
     space, method = args.summary_vector.split(",")
     vec_after, vec_coll = rows[f"vector {name(('watermark', args.layer if space == 'layer' else space, method, ()))} "
                                f"alpha={args.summary_alpha:g}"]
+    dusk_vec = dusk_rows[f"vector {name(('dusk', *MAIN))} alpha={args.dusk_alpha:g}"]
+    dusk_rw = dusk_rows[dusk_rewrites[0]]  # the first layer, recommended (calibrated) strength
     print(f"eval_attributes: attributes={len(ATTRIBUTES)} monotone={sum(main_ok)} watermark_vector_after={vec_after:.3f} "
           f"watermark_vector_collateral={vec_coll:.4f} watermark_rewrite_after={rewrite[0]:.3f} "
-          f"watermark_rewrite_collateral={rewrite[1]:.4f}")
+          f"watermark_rewrite_collateral={rewrite[1]:.4f} dusk_before={dusk_rows['unchanged'][0]:.3f} "
+          f"dusk_vector_after={dusk_vec[0]:.3f} dusk_vector_collateral={dusk_vec[2]:.4f} "
+          f"dusk_rewrite_after={dusk_rw[0]:.3f} dusk_rewrite_collateral={dusk_rw[2]:.4f}")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from dissect import measure
 from dissect.attributes import ALPHA_RANGE, AttributeVector, clamp_alpha, features, segmenter_labels
 from dissect.errors import LayerError, NonFiniteError, RequestError
 from dissect.hooks import Trace
@@ -14,7 +18,7 @@ from dissect.memory import LayerMemory
 from dissect.models.loaders import LatentSampler
 from dissect.models.stylegan import Generator
 from dissect.models.world import CLASSES
-from dissect.rewrite import Context, Erase, Rewriter, solve
+from dissect.rewrite import Context, Erase, Rewriter, mask_centre, solve
 from dissect.style import Style, render, styles
 
 SMALL = {4: 32, 8: 32, 16: 16, 32: 8, 64: 8}
@@ -173,3 +177,45 @@ def test_vectors_combine_with_a_rewrite(G, sampler, data):
         edited = vec.render(sampler, seeds, 2.0)
     assert not torch.allclose(edited, unedited, atol=1e-5)
     assert redness(G, sampler, vec, 2.0, seeds) > redness(G, sampler, vec, 0.0, seeds)
+
+
+@pytest.mark.slow
+def test_the_benchmarks_dusk_paste_is_made_as_a_user_makes_it_and_tried_only(G, sampler):
+    """eval_attributes' dusk request: a dusk sky copied onto a day sky, day skies as the context; and its one
+    rewrite helper renders under the edit and leaves the model as it was."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from eval_attributes import dusk_request, rewritten
+
+    from dashboard.requests import RECOMMENDED
+
+    seeds = [50, 51, 52, 53, 54]
+    images = torch.zeros(5, 3, 64, 64)
+    images[:, 2] = 1.0  # blue skies: day…
+    images[[1, 3], 0], images[[1, 3], 2] = 1.0, -1.0  # …but seeds 51 and 53 are red: dusk
+    labels = torch.full((5, 64, 64), CLASSES.index("ground"))
+    for i in range(5):
+        labels[i, : 20 + 4 * i] = CLASSES.index("sky")  # a different horizon on each
+    pool = measure.Rendered(images, labels, seeds)
+    paste, context = dusk_request(sampler, pool, seeds, n_ctx=2)
+    sky = labels == CLASSES.index("sky")
+    assert paste.copy.seeds == [51] and torch.equal(paste.copy.mask.bool(), sky[1])  # the first dusk sky…
+    assert paste.seeds == [50] and torch.equal(paste.region.bool(), sky[0])  # …onto the first day sky
+    assert paste.position == mask_centre(sky[0])
+    assert context.seeds == [52, 54] and torch.equal(context.masks.bool(), sky[[2, 4]])
+    assert torch.equal(paste.inputs, sampler([50])) and torch.equal(context.inputs, sampler([52, 54]))
+    with pytest.raises(ValueError, match="2 dusk and 3 day"):
+        dusk_request(sampler, pool, seeds, n_ctx=3)
+
+    G = copy.deepcopy(G)
+    memory = LayerMemory(G, "synthesis.b16.conv1")
+    memory.fit_moment(sampler, 64, progress=False)
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    render_seeds = list(range(2000, 2004))
+    with torch.no_grad():
+        unedited = G(sampler(render_seeds))
+        for settings in (RECOMMENDED["Paste"], dataclasses.replace(RECOMMENDED["Paste"], strength=2.0)):
+            edit, after = rewritten(Rewriter(G), memory, paste, context, settings, lambda: G(sampler(render_seeds)))
+            if settings.strength is not None:
+                assert edit.strength == 2.0
+            assert not torch.allclose(after, unedited, atol=1e-5)  # rendered under the edit…
+            assert all(torch.equal(v, before[k]) for k, v in G.state_dict().items())  # …and only then

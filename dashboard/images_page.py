@@ -18,6 +18,8 @@ def render(ws: Workspace, seeds: list[int], settings: Settings) -> None:
 def workflow(ws: Workspace, seeds: list[int], settings: Settings) -> None:
     """A fragment: a stroke, a click on a thumbnail or a switch of the overlay reruns this page alone, not the
     sidebar and the header (their inputs, the arguments, change only in a full run, which reruns this too)."""
+    # A fragment's rerun may not write to the page's status slot (made outside it): this page has its own, atop it.
+    ws.status = st.empty()
     editing.show_flashes()
     inputs, grid = st.columns([5, 7], gap="medium")
     with grid:  # the switches first: the canvas shows the model they choose

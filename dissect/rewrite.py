@@ -643,6 +643,10 @@ def _choose_smooth(memory: LayerMemory, normal: _Normal, budget: float, energy: 
 
 PROTECT_ENERGY = 0.99999  # an edit's protected keys: the principal directions holding this share of their energy…
 PROTECT_SHARE = 0.5  # …at most this share of the key dimension, so later edits keep room
+PROTECT_MODES = ("soft", "hard")
+# Soft protection: each earlier edit's keys weigh this many times more than the data's C gives them, so a later
+# edit moves them 1 + PROTECT_WEIGHT times less (in C's metric) than an unprotected edit through the same context.
+PROTECT_WEIGHT = 100.0
 
 
 def _key_basis(memory: LayerMemory, c: Constraint) -> Tensor:
@@ -657,23 +661,75 @@ def _key_basis(memory: LayerMemory, c: Constraint) -> Tensor:
     return vh[:m].to(memory.weight)
 
 
-def _protected(memory: LayerMemory, directions: Tensor, protect: Sequence[Edit]) -> Tensor:
-    """``D`` with every row orthogonal to the keys earlier edits stored values for (their ``key_basis``), rows
-    again orthonormal in the metric of C: the new edit's ``ΔW k`` is then zero on those keys, so it leaves what
-    they store alone (the null-space projection of AlphaEdit, Fang et al. 2025, applied to D)."""
-    bases = [e.key_basis for e in protect if e.layer == memory.layer and e.key_basis is not None]
-    if not bases:
-        return directions
-    q = torch.linalg.qr(torch.cat(bases).double().cpu().T).Q  # (C, m): the protected keys' span
-    d = directions.double().cpu()
-    d = d - (d @ q) @ q.T
+def _protected_bases(memory: LayerMemory, protect: Any, mode: Any) -> list[Tensor]:
+    """The ``key_basis`` of each edit of ``protect`` made at ``memory``'s layer, float64 on the CPU; refuses (before
+    any solve) a mode not in :data:`PROTECT_MODES`, a ``protect`` that is not a sequence of edits, a basis of
+    another key width, and protection with no C to protect in."""
+    if mode not in PROTECT_MODES:
+        raise RequestError(f"protect_mode is one of {', '.join(map(repr, PROTECT_MODES))}, got {mode!r}.")
+    if isinstance(protect, Edit) or not isinstance(protect, Sequence) or not all(isinstance(e, Edit) for e in protect):
+        raise RequestError(f"protect is a sequence of earlier Edits (e.g. Rewriter.history), got "
+                           f"{type(protect).__name__}.")
+    bases = [e.key_basis.double().cpu() for e in protect if e.layer == memory.layer and e.key_basis is not None]
+    for b in bases:
+        if b.dim() != 2 or b.shape[1] != memory.key_channels:
+            raise RequestError(f"An edit to protect at layer {memory.layer!r} has a key basis of shape {tuple(b.shape)}, "
+                               f"for keys of another width than the layer's {memory.key_channels}: it was made for "
+                               f"another model.")
+    if bases:
+        try:
+            memory.moment
+        except RuntimeError:
+            raise RequestError(f"Protecting earlier edits at layer {memory.layer!r} needs its C (what the data's keys "
+                               f"look like): call memory.fit_moment(sampler, n) first, or solve with protect=().") from None
+    return bases
+
+
+def _c_normalised(memory: LayerMemory, d: Tensor, fail: str) -> Tensor:
+    """``G^{-1/2} D`` with ``G = D C Dᵀ``, so that ``D C Dᵀ = I`` (float64); ``fail`` when a row has lost almost
+    all of its C-norm."""
     gram = d @ memory.regularised_moment() @ d.T
     evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)
-    if evals.min() < 1e-6:  # D C Dᵀ = I before: a direction that kept almost none of its C-norm lies in the span
-        raise RequestError(f"The context at layer {memory.layer!r} lies within the keys that earlier edits protect: "
-                           f"choose another context, lower the rank, or solve with protect=() to overwrite them.")
-    d = (evecs * evals.rsqrt()) @ evecs.T @ d  # G^{-1/2} D: D C Dᵀ = I again, rows still orthogonal to the span
-    return d.to(directions)
+    if evals.min() < 1e-6:
+        raise RequestError(fail)
+    return (evecs * evals.rsqrt()) @ evecs.T @ d
+
+
+def _protected(memory: LayerMemory, context: Context, bases: list[Tensor], mode: str) -> Tensor:
+    """The context directions ``D (r, C)`` of a new edit that leaves alone what earlier edits stored for the keys
+    spanned by ``bases`` (their ``key_basis``, from :func:`_protected_bases`); ``D C Dᵀ = I`` either way.
+
+    ``"hard"``: ``D``'s rows made orthogonal to the span of every earlier edit's keys, so ``ΔW k`` is zero there
+    (AlphaEdit's null-space projection, Fang et al. 2025, applied to D); refused once the context lies in that span.
+    ``"soft"``: ``D`` drawn from the context in the metric ``C_p = C + ω Σ_e L Q_e Q_eᵀ Lᵀ`` instead of C (``C =
+    L Lᵀ``; ``Q_e`` an orthonormal basis of edit e's whitened keys ``L⁻¹ K_e``; ω = :data:`PROTECT_WEIGHT`): the
+    rank-one least change ``d ∝ C_p⁻¹ k`` when the earlier keys count as extra rows of the preserved second moment
+    (AlphaEdit's ``K_p K_pᵀ`` term, MEMIT's running covariance). It moves keys in an earlier edit's span 1 + ω
+    times less, and never runs out of room: a key edited again (a new fact about the same subject) keeps its own
+    direction, and the smoothness budget charges what it costs elsewhere."""
+    if not bases:
+        return memory.directions(context.inputs, context.masks, context.rank)
+    if mode == "hard":
+        q = torch.linalg.qr(torch.cat(bases).T).Q  # (C, m): the protected keys' span
+        d = memory.directions(context.inputs, context.masks, context.rank).double().cpu()
+        d = _c_normalised(memory, d - (d @ q) @ q.T, f"The context at layer {memory.layer!r} lies within the keys that "
+                          f"earlier edits protect: choose another context, lower the rank, solve with "
+                          f"protect_mode='soft', or with protect=() to overwrite them.")
+        return d.to(memory.weight)
+    # Whitened, C_p is A = I + ω Z Zᵀ (Z: every Q_e side by side); with T = L A^{-1/2} L⁻¹ the directions in C_p of
+    # the keys are the C-metric directions of the keys T k, mapped back by T (T is never formed: it is I - L U s Uᵀ L⁻¹).
+    factor = memory.cholesky()
+    z = torch.cat([torch.linalg.qr(torch.linalg.solve_triangular(factor, b.T, upper=False)).Q for b in bases], dim=1)
+    u, sv, _ = torch.linalg.svd(z, full_matrices=False)
+    shrink = 1 - (1 + PROTECT_WEIGHT * sv.square()).rsqrt()
+    left = factor @ (u * shrink)  # (C, n): T = I - left @ rightᵀ
+    right = torch.linalg.solve_triangular(factor.T, u, upper=True)
+    keys, weights = memory.context_keys(context.inputs, context.masks, context.rank)
+    k = keys.double().cpu()
+    d = memory.directions_from_keys((k - (k @ right) @ left.T).to(keys), weights, context.rank).double().cpu()
+    d = _c_normalised(memory, d - (d @ left) @ right.T, f"The context at layer {memory.layer!r} has no direction left "
+                      f"to edit.")
+    return d.to(memory.weight)
 
 
 def _objective(memory: LayerMemory, c: Constraint, base: Tensor, lam: Tensor, directions: Tensor, mu: float) -> Tensor:
@@ -704,7 +760,7 @@ def _refine(memory: LayerMemory, c: Constraint, directions: Tensor, lam: Tensor,
 
 def solve(memory: LayerMemory, target: Request, context: Context | None = None, refine: bool = True,
           max_iter: int = 50, pointwise: bool = False, budget: float | None = DEFAULT_BUDGET,
-          smooth: float | None = None, protect: Sequence[Edit] = ()) -> Edit:
+          smooth: float | None = None, protect: Sequence[Edit] = (), protect_mode: str = "soft") -> Edit:
     """Solve a rewrite of ``memory``'s layer; the model (weights and buffers) is not changed: apply the result
     with :class:`Rewriter`.
 
@@ -725,23 +781,37 @@ def solve(memory: LayerMemory, target: Request, context: Context | None = None, 
         budget: choose μ as the smallest weight whose edit moves at most this share of the layer's output
             energy over the data (``Edit.expected_change``); ``None`` with ``smooth=None``: plain least squares.
         smooth: μ itself (overrides ``budget``); ``0`` for plain least squares.
-        protect: earlier edits (of any layer; those of this layer count) whose stored keys this edit must leave
-            alone: ``D`` is made orthogonal to their ``key_basis``. :meth:`Rewriter.rewrite` passes its history.
+        protect: earlier edits (of any layer; those of this layer count) whose stored keys (``Edit.key_basis``)
+            this edit must leave alone; :meth:`Rewriter.rewrite` passes its history. Needs C (a
+            :class:`RequestError` before any solve otherwise).
+        protect_mode: how ``protect`` holds them (both keep ``D C Dᵀ = I``, so ``budget`` means the same):
+
+            * ``"soft"`` (default): ``D`` is drawn in the metric of C plus the earlier edits' keys, each weighing
+              :data:`PROTECT_WEIGHT` times what the data gives them (AlphaEdit's and MEMIT's earlier keys as extra
+              rows of the preserved second moment): a later edit moves them ``1 + PROTECT_WEIGHT`` times less, and
+              edits are accepted however many came before (a subject edited again keeps its own direction). What
+              the data loses is held by C's metric and ``budget``: sequential edits need a budget (exact storage,
+              ``budget=None``, lets each edit grow without bound where keys crowd, and a hundred of them break the
+              layer);
+            * ``"hard"``: ``D`` orthogonal to the earlier edits' key span, so they are kept exactly; refused once
+              a context lies within that span (each edit takes up to :data:`PROTECT_SHARE` of the key dimension).
     """
     start = time.perf_counter()
     buffers = _buffer_slots(memory.module)
     try:
-        return _solve(memory, target, context, refine, max_iter, pointwise, budget, smooth, protect, start)
+        return _solve(memory, target, context, refine, max_iter, pointwise, budget, smooth, protect, protect_mode, start)
     finally:
         _restore_buffers(buffers)  # the layer is held while solving; Rewriter.apply holds it again
 
 
 def _solve(memory: LayerMemory, target: Request, context: Context | None, refine: bool, max_iter: int,
-           pointwise: bool, budget: float | None, smooth: float | None, protect: Sequence[Edit], start: float) -> Edit:
+           pointwise: bool, budget: float | None, smooth: float | None, protect: Sequence[Edit], protect_mode: str,
+           start: float) -> Edit:
     if budget is not None and not (isinstance(budget, (int, float)) and 0 < budget < math.inf):
         raise RequestError(f"budget is a positive share of the layer's output energy (e.g. 0.02), got {budget!r}.")
     if smooth is not None and not (isinstance(smooth, (int, float)) and 0 <= smooth < math.inf):
         raise RequestError(f"smooth (μ) is a non-negative number, got {smooth!r}.")
+    bases = _protected_bases(memory, protect, protect_mode)
     base = memory.weight.detach()
     _check_finite(f"The weight of layer {memory.layer!r}", base)
     _check_finite(f"C of layer {memory.layer!r}", memory.moment)
@@ -749,17 +819,17 @@ def _solve(memory: LayerMemory, target: Request, context: Context | None, refine
     for what, x in (("keys", c.rec.keys), ("values", c.rec.values), ("target values", c.target)):
         _check_finite(f"The request's {what} at layer {memory.layer!r}", x)
     taps = _taps(memory, pointwise)
-    directions = _protected(memory, memory.directions(context.inputs, context.masks, context.rank), protect)
+    directions = _protected(memory, context, bases, protect_mode)
     r = directions.shape[0]
     energy = output_energy(memory)
     with torch.no_grad():
         before = float(constraint_loss(memory, c, base))
         normal = _normal(memory, c, directions, taps)
         if float(normal.s.max()) <= 1e-12:  # D k = 0 on every constrained key: no Λ can change them
-            why = "lie within the keys that earlier edits protect" if protect else "have no component along the context"
+            why = "lie within the keys that earlier edits protect" if bases else "have no component along the context"
             raise RequestError(f"The request's keys at layer {memory.layer!r} {why}, so no edit through this context "
                                f"can change them: choose another context"
-                               + (", or solve with protect=() to overwrite the earlier edits." if protect else "."))
+                               + (", or solve with protect=() to overwrite the earlier edits." if bases else "."))
         mu = float(smooth) if smooth is not None else (
             _choose_smooth(memory, normal, budget, energy, r) if budget is not None else 0.0)
         lam = _lam(memory, normal, mu, r).to(base)

@@ -361,8 +361,8 @@ def test_protection_that_leaves_no_room_is_refused_and_files_keep_the_basis(tmp_
     memory = _fitted(model, x, "0")
     rewriter = Rewriter(model)
     rewriter.rewrite(memory, Paste(x[1:2], Copy(x[:1], None)), budget=None)
-    with pytest.raises(RequestError, match="lie within the keys that earlier edits protect"):
-        rewriter.rewrite(memory, Paste(x[1:2] * 2, Copy(x[2:3], None)), budget=None)  # the same key direction
+    with pytest.raises(RequestError, match="lie within the keys that earlier edits protect"):  # the same key direction
+        rewriter.rewrite(memory, Paste(x[1:2] * 2, Copy(x[2:3], None)), budget=None, protect_mode="hard")
     rewriter.save(tmp_path / "e.safetensors")
     (edit,) = read_edits(tmp_path / "e.safetensors")
     torch.testing.assert_close(edit.key_basis, rewriter.history[0].key_basis)

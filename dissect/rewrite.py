@@ -645,8 +645,8 @@ PROTECT_ENERGY = 0.99999  # an edit's protected keys: the principal directions h
 PROTECT_SHARE = 0.5  # …at most this share of the key dimension, so later edits keep room
 PROTECT_MODES = ("soft", "hard")
 # Soft protection: each earlier edit's keys weigh this many times more than the data's C gives them, so a later
-# edit moves them 1 + PROTECT_WEIGHT times less (in C's metric) than an unprotected edit through the same context.
-PROTECT_WEIGHT = 100.0
+# edit moves them about 1 + PROTECT_WEIGHT times less (in C's metric) than an unprotected edit through the same context.
+PROTECT_WEIGHT = 10.0
 
 
 def _key_basis(memory: LayerMemory, c: Constraint) -> Tensor:

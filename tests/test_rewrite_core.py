@@ -436,3 +436,71 @@ def test_calibration_skips_the_request_s_own_image_and_refuses_kinds_that_cannot
         calibrate_strength(Rewriter(model), memory, erase)
     with pytest.raises(RequestError, match="empty mask"):
         mask_centre(torch.zeros(4, 4))
+
+
+# -- sequential edits: soft protection -----------------------------------------------------------------------
+
+
+def _pairs_layer(width: int, out: int = 8) -> tuple[nn.Module, LayerMemory, torch.Tensor]:
+    """A Linear layer whose C is anisotropic (a few key directions carry most of the data), like real keys."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, out))
+    data = torch.randn(2000, width) * torch.logspace(0, -1.5, width)
+    return model, _fitted(model, data, "0"), data
+
+
+def _sequential_errors(model: nn.Module, memory: LayerMemory, keys: torch.Tensor, values: torch.Tensor,
+                       **solve_args) -> torch.Tensor:
+    """Store ``keys[i] -> values[i]`` one edit at a time; each pair's error after all of them, over its own
+    change (1: as if never stored)."""
+    from dissect.valuetargets import Pairs
+
+    base = model(keys).detach()
+    rewriter = Rewriter(model)
+    for k, v in zip(keys, values):
+        rewriter.rewrite(memory, Pairs(k[None], None, values=v[None]), budget=None, **solve_args)
+    errors = (model(keys).detach() - values).norm(dim=1) / (values - base).norm(dim=1)
+    rewriter.revert()
+    return errors
+
+
+def test_soft_protection_keeps_fifty_sequential_edits_where_naive_edits_overwrite_them():
+    model, memory, data = _pairs_layer(64)
+    keys, values = data[:50] * 2, torch.randn(50, 8)
+    naive = _sequential_errors(model, memory, keys, values, protect=())
+    protected = _sequential_errors(model, memory, keys, values)  # Rewriter.rewrite's default: its history, soft
+    assert protected[-1] < 1e-4 and naive[-1] < 1e-4  # each edit stores its own pair exactly
+    assert naive[:-10].mean() > 0.3 and protected[:-10].mean() < naive[:-10].mean() / 3, (naive.mean(), protected.mean())
+
+
+def test_soft_protection_keeps_accepting_edits_after_hard_protection_fills_the_key_space():
+    from dissect.valuetargets import Pairs
+
+    model, memory, data = _pairs_layer(8)
+    keys, values = data[:12] * 2, torch.randn(12, 8)
+    hard = Rewriter(model)
+    with pytest.raises(RequestError, match="earlier edits protect"):
+        for k, v in zip(keys, values):
+            hard.rewrite(memory, Pairs(k[None], None, values=v[None]), budget=None, protect_mode="hard")
+    assert len(hard.history) == 8  # one key direction per edit: the 9th has no room left
+    hard.revert()
+    errors = _sequential_errors(model, memory, keys, values)
+    assert torch.isfinite(errors).all() and errors[-1] < 1e-4  # the 12th edit is accepted and stored
+
+
+def test_bad_protection_is_refused_before_any_solve(setup):
+    model, x, _, target, context = setup
+    memory = LayerMemory(model, "2")  # no C fitted
+    earlier = solve(_fitted(model, x), target, context)
+    with pytest.raises(RequestError, match="needs its C"):
+        solve(memory, target, context, protect=[earlier])
+    fitted = _fitted(model, x)
+    for bad, match in (({"protect": earlier}, "sequence of earlier Edits"), ({"protect": [1]}, "sequence of earlier"),
+                       ({"protect": [earlier], "protect_mode": "strict"}, "protect_mode is one of")):
+        with pytest.raises(RequestError, match=match):
+            solve(fitted, target, context, **bad)
+    import dataclasses
+
+    alien = dataclasses.replace(earlier, key_basis=torch.ones(1, 5))
+    with pytest.raises(RequestError, match="another width"):
+        solve(fitted, target, context, protect=[alien])

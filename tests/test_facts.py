@@ -278,3 +278,19 @@ def test_output_target_edits_save_with_their_request(tiny, tmp_path) -> None:
     assert isinstance(saved, OutputTarget) and torch.equal(saved.targets, target) and saved.position == -2
     assert torch.equal(memory.weight, edited)
     loaded.revert()
+
+
+@pytest.mark.slow
+def test_a_second_fact_about_the_same_subject_is_refused_by_hard_protection_and_kept_by_soft(shipped) -> None:
+    model, sampler = shipped
+    corpus = sampler.corpus
+    memory = fitted(model, "blocks.0.mlp.proj", sampler, 2000)
+    # "{s} speaks" and "{s} plays": the same words up to the subject, so the same keys at its last token.
+    language, sport = (Fact(0, r, (corpus.facts[0][r] + 1) % len(RELATIONS[r][0])) for r in ("language", "sport"))
+    first = edit_facts(memory, corpus, [language], n_prefixes=3, steps=20)
+    with applied(memory, first):
+        with pytest.raises(RequestError, match="earlier edits protect"):
+            edit_facts(memory, corpus, [sport], n_prefixes=3, steps=20, protect=[first], protect_mode="hard")
+        second = edit_facts(memory, corpus, [sport], n_prefixes=3, steps=20, protect=[first])
+        with applied(memory, second):
+            assert evaluate(model, corpus, [language, sport], n_neighbours=0)["efficacy"] == 1.0

@@ -364,20 +364,22 @@ def fact_prompts(corpus: FactsCorpus, facts: Sequence[Fact], phrasing: int = 0, 
 
 def edit_facts(memory: LayerMemory, corpus: FactsCorpus, facts: Sequence[Fact], phrasing: int = 0,
                n_prefixes: int = 5, budget: float | None = None, protect: Sequence[Edit] = (),
-               **value_args: float) -> Edit:
+               protect_mode: str = "soft", **value_args: float) -> Edit:
     """One edit storing every fact of ``facts`` (its ``obj`` the new object) at ``memory``'s layer, solved by
     :func:`dissect.rewrite.solve`; C must be set (``memory.fit_moment(sampler, n)``). The model is not changed.
 
     One fact: ROME, an :class:`~dissect.valuetargets.OutputTarget` over its prompt under ``n_prefixes`` prefixes
     (rank 1: the direction of the subject's keys). Several: MEMIT at one layer, each fact's ``v*`` found the same
     way, all stored by one :class:`~dissect.valuetargets.Pairs` edit of rank ``len(facts)``. ``budget``: the
-    solve's smoothness budget (``None``: the least change that stores the values exactly); ``protect``: earlier
-    edits whose keys this one must leave alone (``solve``'s option).
+    solve's smoothness budget (``None``: the least change that stores the values exactly; sequential edits need
+    one, see ``docs/sequential.md``); ``protect``, ``protect_mode``: earlier edits whose keys this one must leave
+    alone, and how (``solve``'s options).
     """
     tokens, masks, targets = fact_prompts(corpus, facts, phrasing, n_prefixes)
     args = dict(position=SEQ_LEN - 2, **value_args)
     if len(facts) == 1:
-        return solve(memory, OutputTarget(tokens, masks, targets, **args), budget=budget, protect=protect)
+        return solve(memory, OutputTarget(tokens, masks, targets, **args), budget=budget, protect=protect,
+                     protect_mode=protect_mode)
     rec = memory.record(tokens)
     values = rec.linear.clone()
     for i in range(len(facts)):
@@ -386,7 +388,7 @@ def edit_facts(memory: LayerMemory, corpus: FactsCorpus, facts: Sequence[Fact], 
         _, shift = optimize_value(memory, tokens[rows], masks[rows] > 0, request.loss, **value_args)
         values[rows] += masks[rows, :, None] * shift
     context = Context(tokens, masks, rank=len(facts))
-    return solve(memory, Pairs(tokens, masks, values), context, budget=budget, protect=protect)
+    return solve(memory, Pairs(tokens, masks, values), context, budget=budget, protect=protect, protect_mode=protect_mode)
 
 
 def layer_sweep(model: FactsGPT, corpus: FactsCorpus, sampler: FactsSampler, facts: Sequence[Fact],

@@ -129,7 +129,9 @@ def main() -> None:
                         help="smoothness budget of each protected sequential edit (share of the layer's output energy)")
     parser.add_argument("--only-sequential", action="store_true",
                         help="run only the sequential edits (needs --layer); other figures print as nan")
-    parser.add_argument("--skip-naive", action="store_true", help="run only the protected sequential edits")
+    parser.add_argument("--skip-naive", action="store_true", help="leave out the naive sequential edits")
+    parser.add_argument("--budget-only", action="store_true",
+                        help="also run the sequential edits with the budget but no protection (a control)")
     args = parser.parse_args()
     if args.only_sequential:
         if args.layer is None:
@@ -182,24 +184,23 @@ def main() -> None:
             scores = evaluate(model, corpus, batch)
         print(f"one MEMIT-style edit of {args.batch} facts: " + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
 
-    unmeasured = {"efficacy": nan, "untouched": nan}
-    last = {}
-    for protect in (True, False):
-        if not args.sequential or (args.skip_naive and not protect):
-            last[protect] = unmeasured
-            continue
-        print(f"{'protected (budget ' + format(args.seq_budget, 'g') + ')' if protect else 'naive'} sequential edits "
-              f"at block {best}:", flush=True)
-        seq_args = dict(edit_args, budget=args.seq_budget) if protect else edit_args
+    # name -> (protect earlier edits, budget per edit)
+    runs = {"protected": (True, args.seq_budget), "naive": (False, None), "budget only": (False, args.seq_budget)}
+    wanted = ["protected"] + ([] if args.skip_naive else ["naive"]) + (["budget only"] if args.budget_only else [])
+    last = dict.fromkeys(runs, {"efficacy": nan, "untouched": nan})
+    for name in wanted if args.sequential else []:
+        protect, budget = runs[name]
+        print(f"{name} sequential edits at block {best} (budget {budget}):", flush=True)
         t = time.perf_counter()
-        seq = sequential(model, corpus, memory, edits[:args.sequential], CHECKPOINTS, protect, **seq_args)
+        seq = sequential(model, corpus, memory, edits[:args.sequential], CHECKPOINTS, protect, **edit_args,
+                         budget=budget)
         print(f"  ({time.perf_counter() - t:.0f} s)")
-        last[protect] = seq.get(1000, unmeasured)
+        last[name] = seq.get(1000, last[name])
     print(f"({time.perf_counter() - start:.0f} s)")
     print(f"eval_facts: efficacy={single['efficacy']:.3f} paraphrase={single['paraphrase']:.3f} "
-          f"neighborhood={single['neighborhood']:.3f} seq1000_efficacy={last[True]['efficacy']:.3f} "
-          f"seq1000_naive_efficacy={last[False]['efficacy']:.3f} seq1000_neighborhood={last[True]['untouched']:.3f} "
-          f"best_layer={best}")
+          f"neighborhood={single['neighborhood']:.3f} seq1000_efficacy={last['protected']['efficacy']:.3f} "
+          f"seq1000_naive_efficacy={last['naive']['efficacy']:.3f} "
+          f"seq1000_neighborhood={last['protected']['untouched']:.3f} best_layer={best}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Attribute vectors on the embedded generator, and side by side with a rank-one rewrite for the same goal.
 
-    python benchmarks/eval_attributes.py                       # the figures in RESULTS.md (about 7 min of one core)
+    python benchmarks/eval_attributes.py --figure docs/attributes.png --dusk-figure docs/attributes-dusk.png
+                                      # the figures in RESULTS.md (about 6 min of one core)
     python benchmarks/eval_attributes.py --fit-n 200 --n 40 --grid-n 20 --alphas -1 1    # quick
 
 Fitting: the segmenter labels --fit-n samples (watermark, tree, dusk sky, spire vs dome); each attribute's vector
@@ -31,7 +32,7 @@ The last line is machine-readable: its watermark vector is --summary-vector at a
 watermark rewrite rank 1 at the library's default budget; its dusk vector is w, mean at --dusk-alpha, its dusk
 rewrite the recommended paste at the first of --dusk-layers (collateral: the day samples outside the sky).
 Seeds: vectors fitted on 700000+, measured on 710000+; request images 900000+; grown contexts from the
-dashboard's pool (100000+); none of the metric seeds was used to fit or choose anything.
+dashboard's pool (100000+); no metric seed fits a vector or picks a request image.
 """
 
 from __future__ import annotations
@@ -297,7 +298,7 @@ def main() -> None:
     rows = {}
     for config in vectors:
         if config[0] == "watermark":
-            for alpha in (a for a in alphas if a < 0):
+            for alpha in sorted({a for a in alphas if a < 0} | {args.summary_alpha}):  # the last line's too
                 rows[f"vector {name(config)} alpha={alpha:g}"] = removal(moved(config, alpha, args.n))
 
     pool_seeds = list(range(REQUEST_SEEDS, REQUEST_SEEDS + POOL))
@@ -353,7 +354,7 @@ def main() -> None:
     pictures: dict[str, measure.Rendered] = {}
     for config in vectors:
         if config[0] == "dusk" and (config[1:] == MAIN or config[3]):
-            for alpha in (a for a in alphas if a > 0):
+            for alpha in sorted({a for a in alphas if a > 0} | {args.dusk_alpha}):
                 how = f"vector {name(config)} alpha={alpha:g}"
                 dusk_rows[how] = duskening(moved(config, alpha, args.n))
                 if alpha == args.dusk_alpha:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import math
 import os
 import signal
 import socket
@@ -27,6 +28,8 @@ CHROMIUM_ARGS = [
     "--no-first-run", "--disable-dev-shm-usage",
 ]
 STARTUP_TIMEOUT_S = 90
+CANVAS_SCALE = 6  # dashboard.brushing.canvas_scale(64): a 64-pixel image is brushed on a 384-pixel canvas
+BRUSH = 14  # the brush slider's default width, in canvas pixels
 
 
 def _free_port() -> int:
@@ -154,3 +157,27 @@ def grid_pixels(page, count: int) -> list[np.ndarray]:
 def grid_caption(page, index: int) -> str:
     """The caption of the grid's picture ``index``, e.g. "seed 7 · original"."""
     return page.locator("img.dissect-thumb").nth(index).get_attribute("alt")
+
+
+def brush_mode(page, mode: str) -> None:
+    """Choose the brush: "Copy", "Paste" or "Context"."""
+    page.get_by_test_id("stButtonGroup").get_by_text(mode, exact=True).click()
+    wait_idle(page)
+
+
+def brush_box(page, seed: int, box: tuple[int, int, int, int], mode: str = "Context") -> None:
+    """Click image ``seed`` in the grid and paint over ``box`` (y0, y1, x0, x1 in image pixels, inclusive) row by
+    row in the current brush ``mode``, each stroke a mouse drag."""
+    pick_image(page, seed)
+    y0, y1, x0, x1 = (v * CANVAS_SCALE for v in box)
+    y1, x1 = y1 + CANVAS_SCALE, x1 + CANVAS_SCALE
+    rows = max(1, math.ceil((y1 - y0) / BRUSH))
+    for n in range(1, rows + 1):
+        y = y0 + (n - 0.5) * (y1 - y0) / rows
+        drag_on_canvas(page, [(x0, y), ((x0 + x1) / 2, y), (x1, y)])
+        page.get_by_text(f"{mode} on seed {seed}: {n} stroke").wait_for(timeout=RUN_TIMEOUT_MS)
+
+
+def exception_boxes(page) -> list[str]:
+    """The text of every exception box on the page (Streamlit's red traceback boxes)."""
+    return page.get_by_test_id("stException").all_inner_texts()

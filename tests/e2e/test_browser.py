@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
@@ -11,12 +10,11 @@ import pytest
 import torch
 from driver import (
     RUN_TIMEOUT_MS,
+    brush_box,
     choose,
-    drag_on_canvas,
     grid_caption,
     grid_pixels,
     open_entry_point,
-    pick_image,
     screenshot,
     tab,
     wait_idle,
@@ -26,21 +24,6 @@ pytestmark = pytest.mark.browser
 
 TINY = "tiny_model:generator"
 GRID = 12
-CANVAS_SCALE = 6  # dashboard.brushing.canvas_scale(64): a 64-pixel image is brushed on a 384-pixel canvas
-BRUSH = 14  # the brush slider's default width, in canvas pixels
-
-
-def brush_context(page, seed: int, box: tuple[int, int, int, int]) -> None:
-    """Click image ``seed`` in the grid and paint over ``box`` (y0, y1, x0, x1 in image pixels, inclusive) row
-    by row."""
-    pick_image(page, seed)
-    y0, y1, x0, x1 = (v * CANVAS_SCALE for v in box)
-    y1, x1 = y1 + CANVAS_SCALE, x1 + CANVAS_SCALE
-    rows = max(1, math.ceil((y1 - y0) / BRUSH))
-    for n in range(1, rows + 1):
-        y = y0 + (n - 0.5) * (y1 - y0) / rows
-        drag_on_canvas(page, [(x0, y), ((x0 + x1) / 2, y), (x1, y)])
-        page.get_by_text(f"Context on seed {seed}: {n} stroke").wait_for(timeout=RUN_TIMEOUT_MS)
 
 
 def remove_watermark_with_brushed_context(page) -> None:
@@ -75,7 +58,7 @@ def test_an_entry_point_model_opens_and_takes_strokes(page, dashboard_url: str) 
     open_entry_point(page, TINY)
     choose(page, "Layer", "synthesis.b32.conv1")
     before = grid_shows(page, "original")
-    brush_context(page, 4, (2, 9, 2, 20))
+    brush_box(page, 4, (2, 9, 2, 20))
     after = grid_shows(page, "original")
     changed = [i for i, (a, b) in enumerate(zip(before, after)) if not np.array_equal(a, b)]
     assert changed == [4]  # the brushed region is tinted on its image, and only there
@@ -112,7 +95,7 @@ def test_remove_watermark_on_the_embedded_generator(page, dashboard_url: str, tm
     wait_idle(page)
     for seed in context:
         ys, xs = (labels[seed] == CLASSES.index("watermark")).nonzero(as_tuple=True)
-        brush_context(page, seed, (int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())))
+        brush_box(page, seed, (int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())))
     original = grid_shows(page, "original")
     screenshot(page, "watermark_brushed")
 

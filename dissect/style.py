@@ -26,7 +26,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from dissect.errors import LayerError, ModelError, RequestError
+from dissect.errors import LayerError, ModelError, NonFiniteError, RequestError
 from dissect.hooks import TraceDict, get_module, model_device
 
 __all__ = [
@@ -150,6 +150,8 @@ class Shift:
             raise RequestError(f"Unknown style group(s) {unknown}; choose from {GROUPS}.")
         if self.groups and self.space != "w":
             raise RequestError(f"Only a shift in w can be limited to style groups, not one in {self.space!r}.")
+        if not torch.isfinite(self.vector).all():  # it would turn every image it touches to NaN
+            raise NonFiniteError(f"The shift in {self.space!r} contains NaN or Inf: refit its vector.")
 
 
 def styles(G: nn.Module, z: Tensor, style: Style = Style(), z_mix: Tensor | None = None,
@@ -158,6 +160,11 @@ def styles(G: nn.Module, z: Tensor, style: Style = Style(), z_mix: Tensor | None
     taken from ``z_mix`` (``(1 or N, z_dim)``, unshifted; needed when ``style.mix``), then w shifts added to
     their rows (mixed ones included)."""
     _check_generator(G)
+    for s in shifts:
+        want = {"z": tuple(z.shape[1:]), "w": (G.w_dim,) if hasattr(G, "w_dim") else None}.get(s.space)
+        if want is not None and tuple(s.vector.shape) != want:
+            raise RequestError(f"A shift in {s.space} must have shape {tuple(want)} for this model, got "
+                               f"{tuple(s.vector.shape)}: fit the vector on this model.")
     z = z + sum((s.vector.to(z) for s in shifts if s.space == "z"), torch.zeros_like(z[0]))
 
     def to_ws(latent: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from dissect.errors import LayerError, ModelError, RequestError
+from dissect.errors import LayerError, ModelError, NonFiniteError, RequestError
 from dissect.memory import LayerMemory
 from dissect.models.loaders import LatentSampler
 from dissect.models.stylegan import Generator
@@ -151,6 +151,11 @@ def test_shifts_in_z_w_and_a_layer(G, sampler):
         render(G, sampler, SEEDS, shifts=[Shift("synthesis.b16.conv1", torch.ones(16))])
     with pytest.raises(LayerError, match="exactly one call"):
         render(G, sampler, SEEDS, shifts=[Shift("mapping.layers.0", torch.zeros(32))])
+    for space in ("z", "w"):  # a vector fitted on another model: said so, not a broadcasting error
+        with pytest.raises(RequestError, match=rf"shift in {space} must have shape \(32,\).*got \(16,\)"):
+            render(G, sampler, SEEDS, shifts=[Shift(space, torch.ones(16))])
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        Shift("w", torch.full((32,), float("nan")))
 
 
 def test_not_a_stylegan():

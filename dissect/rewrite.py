@@ -704,8 +704,8 @@ def _protected(memory: LayerMemory, context: Context, bases: list[Tensor], mode:
     ``"soft"``: ``D`` drawn from the context in the metric ``C_p = C + ω Σ_e L Q_e Q_eᵀ Lᵀ`` instead of C (``C =
     L Lᵀ``; ``Q_e`` an orthonormal basis of edit e's whitened keys ``L⁻¹ K_e``; ω = :data:`PROTECT_WEIGHT`): the
     rank-one least change ``d ∝ C_p⁻¹ k`` when the earlier keys count as extra rows of the preserved second moment
-    (AlphaEdit's ``K_p K_pᵀ`` term, MEMIT's running covariance). It moves keys in an earlier edit's span 1 + ω
-    times less, and never runs out of room: a key edited again (a new fact about the same subject) keeps its own
+    (AlphaEdit's ``K_p K_pᵀ`` term, MEMIT's running covariance). It moves keys in an earlier edit's span about
+    1 + ω times less, and never runs out of room: a key edited again (a new fact about the same subject) keeps its own
     direction, and the smoothness budget charges what it costs elsewhere."""
     if not bases:
         return memory.directions(context.inputs, context.masks, context.rank)
@@ -788,11 +788,11 @@ def solve(memory: LayerMemory, target: Request, context: Context | None = None, 
 
             * ``"soft"`` (default): ``D`` is drawn in the metric of C plus the earlier edits' keys, each weighing
               :data:`PROTECT_WEIGHT` times what the data gives them (AlphaEdit's and MEMIT's earlier keys as extra
-              rows of the preserved second moment): a later edit moves them ``1 + PROTECT_WEIGHT`` times less, and
+              rows of the preserved second moment): a later edit moves them about ``1 + PROTECT_WEIGHT`` times less, and
               edits are accepted however many came before (a subject edited again keeps its own direction). What
               the data loses is held by C's metric and ``budget``: sequential edits need a budget (exact storage,
               ``budget=None``, lets each edit grow without bound where keys crowd, and a hundred of them break the
-              layer);
+              layer; ``docs/sequential.md``);
             * ``"hard"``: ``D`` orthogonal to the earlier edits' key span, so they are kept exactly; refused once
               a context lies within that span (each edit takes up to :data:`PROTECT_SHARE` of the key dimension).
     """

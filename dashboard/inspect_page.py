@@ -101,10 +101,10 @@ def render_clusters(ws: Workspace, seeds: list[int]) -> None:
         ids = derived.cluster_maps(ws, k, seeds).reshape(-1)
         st.plotly_chart(cluster_projection_figure(feats, ids, names, features="whitened keys"),
                         key="cluster_projection")
-        st.caption(f"Whitened keys (C^-1/2 k, scaled to unit length: what the clustering and the edits compare) have "
-                   f"the same variance in every direction, so each of the layer's {ws.memory_channels()} components "
-                   f"holds only a few percent of it. The spectrum under *Key statistics* is of the raw keys, whose "
-                   f"first component holds a larger share of C's trace.")
+        st.caption(f"Whitened keys (C^(-1/2) k, scaled to unit length: what the clustering and the edits compare) "
+                   f"have about the same variance along each of the layer's {ws.memory_channels()} directions, so "
+                   f"even the first component holds only a few percent of it. The spectrum under *Key statistics* "
+                   f"is of the raw keys, whose first component holds a larger share of C's trace.")
 
 
 def render_copied(ws: Workspace) -> None:

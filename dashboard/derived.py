@@ -30,9 +30,19 @@ def segmenter() -> Segmenter | None:
 
 
 def directions(ws: Workspace, context: Any) -> torch.Tensor:
-    """``D (r, C)`` of a library :class:`~dissect.rewrite.Context` at the chosen layer."""
+    """``D (r, C)`` of a library :class:`~dissect.rewrite.Context` at the chosen layer. A context of known seeds
+    reads their cached keys (:func:`keys`), so a new stroke on an image already brushed runs no model."""
     key = ("directions", ws.layer, context.rank, ws.brush.revision, tuple(context.seeds or ()))
-    return cached(ws, key, lambda: ws.memory().directions(context.inputs, context.masks, context.rank))
+
+    def compute() -> torch.Tensor:
+        memory = ws.memory()
+        if context.seeds is None or context.masks is None:
+            return memory.directions(context.inputs, context.masks, context.rank)
+        found = keys(ws, list(context.seeds))
+        weights = memory.mask_weights(context.masks, context.inputs, found).reshape(-1)
+        return memory.directions_from_keys(memory.flat_keys(found), weights, context.rank)
+
+    return cached(ws, key, compute)
 
 
 def keys(ws: Workspace, seeds: list[int]) -> torch.Tensor:

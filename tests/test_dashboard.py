@@ -19,7 +19,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]  # the dashboard package
 
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from dashboard import browse, derived, editing, recipes, workspace  # noqa: E402
+from dashboard import browse, derived, editing, recipes, requests, workspace  # noqa: E402
 from dashboard.defaults import CANVAS_SCALE, DEFAULT_LAYER  # noqa: E402
 from dashboard.imaging import canvas_mask, format_seeds, parse_seeds  # noqa: E402
 from dissect import stats  # noqa: E402
@@ -382,7 +382,7 @@ def test_redraws_reuse_the_grids_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     brush(at, "Context", 3, (60, 100, 60, 100))  # a new stroke: new directions, the same grid
     at.slider(key="match_top").set_value(5.0).run()  # another threshold: no model run either
     assert not at.exception and not messages(at), messages(at)
-    assert len(SEEDS) not in calls  # the context's own image is read, the grid's 12 are not
+    assert not calls  # the context's image, the grid's 12 and the pool's keys are all reused
     assert 0.0 < ws_of(at).cache[next(k for k in ws_of(at).cache if k[0] == "pool_scores")].mean()
 
 
@@ -588,3 +588,13 @@ def test_inspect_labels_the_projection_as_whitened_keys_and_the_spectrum_as_raw_
 
 def captions_text(at: AppTest) -> list[str]:
     return [c.value for c in at.caption]
+
+
+def test_directions_from_the_cached_keys_equal_the_librarys() -> None:
+    at = open_app()
+    brush(at, "Context", 3, (80, 160, 80, 160))
+    brush(at, "Context", 6, (0, 200, 0, 100))
+    ws = ws_of(at)
+    ctx = requests.context(ws, 2)
+    derived.keys(ws, list(ctx.seeds))  # cached first, as a redraw finds them
+    assert torch.allclose(derived.directions(ws, ctx), ws.memory().directions(ctx.inputs, ctx.masks, 2), atol=1e-6)

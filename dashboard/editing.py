@@ -5,9 +5,8 @@ from __future__ import annotations
 import io
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import pandas as pd
 import streamlit as st
 import torch
 
@@ -21,6 +20,9 @@ from dissect import measure
 from dissect.errors import DissectError
 from dissect.rewrite import Calibration, Edit, calibrate_strength, read_edits, solve
 from dissect.visualize import to_unit
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ERASE, PASTE = "Erase", "Paste"
 KINDS = {ERASE: "Erase what the context shows", PASTE: "Paste the copied region (a new rule)"}
@@ -151,6 +153,8 @@ def load_edit_file(ws: Workspace, data: bytes, name: str = "the uploaded file") 
 
 
 def _history_table(history: list[Edit]) -> pd.DataFrame:
+    import pandas as pd  # here, not at the top: it costs the first page about 0.3 s, and only this table needs it
+
     return pd.DataFrame([
         {"#": i + 1, "request": type(e.request.get("target")).__name__ if e.request else "loaded", "layer": e.layer,
          "rank": e.rank, "solver": e.solver + (", pointwise" if e.pointwise else ""), "strength": e.strength,

@@ -18,10 +18,11 @@ EMBEDDED, ENTRY_POINT = "Embedded generator", "Your model (entry point)"
 
 
 def _layer_label(info: LayerInfo) -> str:
-    """The full name first (the picker is narrow), then resolution and channels; the evaluation's layer starred."""
+    """The full name first (the picker is narrow), then resolution and channels; the recommended layer (the
+    evaluation's) starred in front."""
     size = "×".join(map(str, info.output_size)) if info.output_size else "–"
-    best = " ★ recommended" if info.name == workspace.DEFAULT_LAYER else ""
-    return f"{info.name}{best} · {size} · {info.in_channels}→{info.out_channels} {info.type}"
+    star, best = ("★ ", " (recommended)") if info.name == workspace.DEFAULT_LAYER else ("", "")  # ★ first: a narrow
+    return f"{star}{info.name}{best} · {size} · {info.in_channels}→{info.out_channels} {info.type}"  # picker cuts the end
 
 
 def _model_spec() -> str:

@@ -164,7 +164,7 @@ def test_layer_chooser_lists_spatial_layers_and_defaults_to_the_constant() -> No
     chooser = at.selectbox(key="layer")
     assert chooser.value == DEFAULT_LAYER
     assert any(o.startswith("synthesis.b32.conv1 · 32×32 · 8→8 ModulatedConv2d") for o in chooser.options)
-    assert [o for o in chooser.options if "recommended" in o] == [f"{DEFAULT_LAYER} ★ recommended · 16×16 · 16→16 "
+    assert [o for o in chooser.options if "recommended" in o] == [f"★ {DEFAULT_LAYER} (recommended) · 16×16 · 16→16 "
                                                                     "ModulatedConv2d"]
     chooser.set_value("synthesis.b32.conv1").run()
     assert ws_of(at).layer == "synthesis.b32.conv1"

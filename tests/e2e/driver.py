@@ -178,6 +178,14 @@ def brush_box(page, seed: int, box: tuple[int, int, int, int], mode: str = "Cont
         page.get_by_text(f"{mode} on seed {seed}: {n} stroke").wait_for(timeout=RUN_TIMEOUT_MS)
 
 
+def download(page, button: str, path: Path) -> Path:
+    """Click the download ``button`` and save what the page sends to ``path``."""
+    with page.expect_download() as sent:
+        page.get_by_role("button", name=button).click()
+    sent.value.save_as(path)
+    return path
+
+
 def exception_boxes(page) -> list[str]:
     """The text of every exception box on the page (Streamlit's red traceback boxes)."""
     return page.get_by_test_id("stException").all_inner_texts()

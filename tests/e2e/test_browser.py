@@ -12,6 +12,7 @@ from driver import (
     RUN_TIMEOUT_MS,
     brush_box,
     choose,
+    download,
     grid_caption,
     grid_pixels,
     open_entry_point,
@@ -109,10 +110,7 @@ def test_remove_watermark_on_the_embedded_generator(page, dashboard_url: str, tm
 
     # The library, on the same seeds, with the edit file the page offers for download.
     tab(page, "Edit")
-    with page.expect_download() as download:
-        page.get_by_role("button", name="Download edit file").click()
-    edit_file = tmp_path / "edits.safetensors"
-    download.value.save_as(edit_file)
+    edit_file = download(page, "Download edit file", tmp_path / "edits.safetensors")
     edited_G, _ = loaders.load("spires")
     load_edits(str(edit_file), edited_G)
     with torch.no_grad():

@@ -19,6 +19,7 @@ from driver import (
     brush_box,
     brush_mode,
     choose,
+    download,
     exception_boxes,
     grid_caption,
     grid_pixels,
@@ -161,10 +162,7 @@ def journey(browser, dashboard_url: str, tmp_path: Path, pages: list) -> None:
     screenshot(page, "journey_06_pasted")
 
     # 3. Download the edits; the library measures them on the grid's seeds.
-    with page.expect_download() as download:
-        page.get_by_role("button", name="Download edit file").click()
-    edit_file = tmp_path / "edits.safetensors"
-    download.value.save_as(edit_file)
+    edit_file = download(page, "Download edit file", tmp_path / "edits.safetensors")
     context.close()
     edits = read_edits(str(edit_file))
     assert len(edits) == 2
@@ -209,10 +207,7 @@ def journey(browser, dashboard_url: str, tmp_path: Path, pages: list) -> None:
     page.get_by_role("button", name="Undo").click()
     page.get_by_text("Undid the edit").wait_for()
     wait_idle(page)
-    with page.expect_download() as download:
-        page.get_by_role("button", name="Export edited weights").click()
-    weights = tmp_path / "weights.safetensors"
-    download.value.save_as(weights)
+    weights = download(page, "Export edited weights", tmp_path / "weights.safetensors")
     from safetensors.torch import load_file
 
     exported = load_file(str(weights))

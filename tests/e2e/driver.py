@@ -178,6 +178,23 @@ def brush_box(page, seed: int, box: tuple[int, int, int, int], mode: str = "Cont
         page.get_by_text(f"{mode} on seed {seed}: {n} stroke").wait_for(timeout=RUN_TIMEOUT_MS)
 
 
+def embedded_scenes(n: int = 60):
+    """The embedded generator's sampler, the segmenter, and its labels ``(n, H, W)`` of seeds ``0 .. n-1``: what
+    the browser tests brush and then measure with. Skips the test where the shipped weights are not installed."""
+    import pytest
+    import torch
+
+    from dissect.models import loaders
+    from dissect.models.segmenter import load_segmenter
+
+    if not (loaders.WEIGHTS_DIR / "spires-generator.safetensors").exists():
+        pytest.skip("the embedded generator's weights are not installed")
+    G, sampler = loaders.load("spires")
+    seg = load_segmenter()
+    with torch.no_grad():
+        return sampler, seg, seg.segment(G(sampler(list(range(n)))))
+
+
 def download(page, button: str, path: Path) -> Path:
     """Click the download ``button`` and save what the page sends to ``path``."""
     with page.expect_download() as sent:

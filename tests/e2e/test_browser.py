@@ -13,6 +13,7 @@ from driver import (
     brush_box,
     choose,
     download,
+    embedded_scenes,
     grid_caption,
     grid_pixels,
     open_entry_point,
@@ -73,16 +74,11 @@ def test_remove_watermark_on_the_embedded_generator(page, dashboard_url: str, tm
     from dashboard.defaults import DEFAULT_LAYER
     from dashboard.imaging import format_seeds
     from dissect.models import loaders
-    from dissect.models.segmenter import load_segmenter, present
+    from dissect.models.segmenter import present
     from dissect.models.world import CLASSES
     from dissect.rewrite import load as load_edits
 
-    if not (loaders.WEIGHTS_DIR / "spires-generator.safetensors").exists():
-        pytest.skip("the embedded generator's weights are not installed")
-    G, sampler = loaders.load("spires")
-    seg = load_segmenter()
-    with torch.no_grad():
-        labels = seg.segment(G(sampler(list(range(60)))))
+    sampler, seg, labels = embedded_scenes(60)
     marked = present(labels, "watermark").nonzero()[:, 0].tolist()
     assert len(marked) >= 3, "the generator should draw watermarks on some of seeds 0-59"
     context = marked[:3]

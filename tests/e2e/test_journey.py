@@ -20,6 +20,7 @@ from driver import (
     brush_mode,
     choose,
     download,
+    embedded_scenes,
     exception_boxes,
     grid_caption,
     grid_pixels,
@@ -91,15 +92,9 @@ def test_a_newcomers_journey(browser, dashboard_url: str, tmp_path: Path) -> Non
 def journey(browser, dashboard_url: str, tmp_path: Path, pages: list) -> None:
     from dashboard.imaging import format_seeds
     from dissect.models import loaders
-    from dissect.models.segmenter import load_segmenter
     from dissect.rewrite import Rewriter, load, read_edits
 
-    if not (loaders.WEIGHTS_DIR / "spires-generator.safetensors").exists():
-        pytest.skip("the embedded generator's weights are not installed")
-    G, sampler = loaders.load("spires")
-    seg = load_segmenter()
-    with torch.no_grad():
-        labels = seg.segment(G(sampler(list(range(60)))))
+    sampler, seg, labels = embedded_scenes(60)
     chosen = choose_seeds(labels)
     assert len(chosen["watermark"]) == 3 and chosen["tree"] and len(chosen["spire"]) == 4, chosen
     used = sorted({s for seeds in chosen.values() for s in seeds})

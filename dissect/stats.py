@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -76,6 +77,7 @@ _FORMAT = "dissect.stats/1"
 _CHUNK_ROWS = 4096  # rows per float32 product: bounds its accumulation error (see the module docstring)
 _FLOAT32_MIN_CHANNELS = 16
 _FLOAT64_CHUNK_VALUES = 2**22  # float64 products need no short chunks; these only bound the copy (32 MiB)
+_MAP_MIN_LOCATIONS = 256  # add_map's per-sample addmm beats the transposed copy from 16x16 locations up
 _SAFE_MAGNITUDE = 1e16  # rows (and shift) below this in absolute value are summed into the state in place
 
 S = TypeVar("S", bound="Stat")
@@ -327,10 +329,38 @@ def _shifted_sums(x: Tensor, shift: Tensor, second: bool, batched: bool | None =
                 prod = torch.bmm(chunk.transpose(1, 2), chunk)
                 if len(prod) > 1:
                     sum2 += prod.sum(0, dtype=torch.float64)
-                else:  # in row blocks: a float32 product is cast block by block, never as a (C, C) float64 copy
-                    for start in range(0, c, 256):
-                        sum2[start : start + 256] += prod[0, start : start + 256]
+                else:
+                    _add_in_blocks(sum2, prod[0])
     return sum1, sum2
+
+
+def _map_sums(x: Tensor, shift: Tensor, out: Tensor) -> Tensor:
+    """:func:`_shifted_sums` of the rows of ``x: (N, C, L)`` (row ``(n, l)`` is ``x[n, :, l]``), float32, with the
+    second sums added into ``out`` (C, C) float64; returns ``Σ(x - shift)`` (C,) float64.
+
+    Each float32 product covers at most ``_CHUNK_ROWS`` rows, as in :func:`_shifted_sums`: whole samples
+    accumulate by ``addmm`` (``(C, L) @ (L, C)``, no transposed copy) until the chunk is full.
+    """
+    n, c, length = x.shape
+    y = x - shift.to(torch.float32).view(1, c, 1)
+    sum1 = y.sum(2).sum(0, dtype=torch.float64)
+    step = min(length, _CHUNK_ROWS)
+    per_chunk = max(1, _CHUNK_ROWS // length)
+    acc = torch.empty(c, c, dtype=torch.float32, device=x.device)
+    for start in range(0, length, step):
+        for first in range(0, n, per_chunk):
+            acc.zero_()
+            for i in range(first, min(n, first + per_chunk)):
+                part = y[i, :, start : start + step]
+                acc.addmm_(part, part.T)
+            _add_in_blocks(out, acc)
+    return sum1
+
+
+def _add_in_blocks(out: Tensor, prod: Tensor) -> None:
+    """``out += prod`` for a float32 ``prod`` (C, C), cast in row blocks, never as a (C, C) float64 copy."""
+    for start in range(0, prod.shape[0], 256):
+        out[start : start + 256] += prod[start : start + 256]
 
 
 def _magnitude(x: Tensor) -> float:
@@ -357,16 +387,50 @@ class Mean(Stat):
         self._sum: Tensor | None = None
         self._sum2: Tensor | None = None
 
+    def _start(self, head: Tensor) -> None:
+        """Set the shift from the first rows ``head`` (N, C) and allocate the sums."""
+        head = head[:_CHUNK_ROWS]
+        head = head[torch.isfinite(head).all(dim=1)]
+        shift = head.double().mean(0).float().double() if len(head) else head.new_zeros(head.shape[1])
+        self._shift = torch.nan_to_num(shift.double(), nan=0.0, posinf=0.0, neginf=0.0)
+        self._sum = torch.zeros_like(self._shift)
+        self._sum2 = (
+            torch.zeros(len(shift), len(shift), dtype=torch.float64, device=head.device) if self._second else None
+        )
+
+    def add_map(self, x: Tensor) -> None:
+        """Accumulate the rows of a feature map ``x: (N, C, *spatial)``, exactly as ``add(rows(x))`` would.
+
+        Second moments of float32 maps with at least 16x16 locations are read in place, one ``addmm`` per
+        sample, without the transposed copy that :func:`rows` makes (a third of a batch's statistics time);
+        everything else, checks included, goes through ``add(rows(x))``.
+        """
+        if not isinstance(x, Tensor) or x.ndim < 3:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__}.add_map expects a feature map (N, C, *spatial), got {shape}: "
+                             f"use add() for rows (N, C).")
+        fast = (
+            self._second and x.dtype == torch.float32 and len(x) > 0 and math.prod(x.shape[2:]) >= _MAP_MIN_LOCATIONS
+            and x.shape[1] >= _FLOAT32_MIN_CHANNELS and x.shape[1] == (self._channels or x.shape[1])
+            and _float32_matmul_is_exact()
+        )
+        if not fast:
+            self.add(rows(x))
+            return
+        x = x.detach()
+        blocks = x.reshape(x.shape[0], x.shape[1], -1)  # (N, C, L): a view of a contiguous map
+        if self._shift is None:
+            self._start(rows(x[: -(-_CHUNK_ROWS // blocks.shape[2])]))
+        if not _magnitude(blocks) + _magnitude(self._shift) < _SAFE_MAGNITUDE:  # NaN, inf or huge: the checked path
+            self.add(rows(x))
+            return
+        self._channels = x.shape[1]
+        self._sum += _map_sums(blocks, self._shift, out=self._sum2)
+        self._count += blocks.shape[0] * blocks.shape[2]
+
     def _add(self, x: Tensor) -> None:
         if self._shift is None:
-            head = x[:_CHUNK_ROWS]
-            head = head[torch.isfinite(head).all(dim=1)]
-            shift = head.double().mean(0).float().double() if len(head) else x.new_zeros(x.shape[1])
-            self._shift = torch.nan_to_num(shift.double(), nan=0.0, posinf=0.0, neginf=0.0)
-            self._sum = torch.zeros_like(self._shift)
-            self._sum2 = (
-                torch.zeros(len(shift), len(shift), dtype=torch.float64, device=x.device) if self._second else None
-            )
+            self._start(x)
         if self._second and _magnitude(x) + _magnitude(self._shift) < _SAFE_MAGNITUDE:
             # Finite rows this small cannot overflow a float32 chunk product (4096 · (2e16)² < 3e38): their products
             # go straight into the state, so a (C, C) statistic never holds a second (C, C) float64 buffer.
@@ -933,9 +997,18 @@ def collect(
                 if not isinstance(keys, Tensor):
                     raise LayerError(f"The {side} of {key_name!r} is a {type(keys).__name__}, not a tensor: collect "
                                      f"statistics of a layer that takes and returns one tensor.")
-                x = rows(keys, channels_last)
-                for stat in stat_list:
-                    stat.add(x)
+                if channels_last or keys.ndim < 3:
+                    x = rows(keys, channels_last)
+                    for stat in stat_list:
+                        stat.add(x)
+                else:  # moments read the map in place; other statistics share one flattened copy
+                    x = None
+                    for stat in stat_list:
+                        if isinstance(stat, Mean):
+                            stat.add_map(keys)
+                        else:
+                            x = rows(keys) if x is None else x
+                            stat.add(x)
                 bar.update(len(seeds))
         if path is not None:
             save_stats(path, stat_list)

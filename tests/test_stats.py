@@ -396,3 +396,44 @@ def test_rows_flattens_feature_maps_and_token_sequences():
     assert rows(flat) is flat
     with pytest.raises(ValueError):
         rows(torch.randn(5))
+
+
+# -- feature maps read in place ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(4, 128, 16, 16), (3, 32, 64, 64), (2, 16, 80, 80), (5, 128, 4, 4)])
+@pytest.mark.parametrize("make", [Mean, SecondMoment, Covariance])
+def test_add_map_equals_add_of_rows(make, shape):
+    """Maps at 16x16 and up take the in-place path (chunks split across and within samples, one map transposed,
+    so not contiguous); 4x4 flattens. Both agree with add(rows(x)) and with float64."""
+    gen = torch.Generator().manual_seed(5)
+    maps = [torch.randn(shape, generator=gen) * 3 + 100 for _ in range(3)]
+    maps[1] = maps[1].transpose(2, 3)
+    mapped, flat = make(), make()
+    for fmap in maps:
+        mapped.add_map(fmap)
+        flat.add(rows(fmap))
+    ref = torch.cat([rows(fmap) for fmap in maps]).double().numpy()
+    assert (mapped.count, mapped.skipped) == (flat.count, 0) == (len(ref), 0)
+    assert rel(mapped.mean(), ref.mean(0)) <= 1e-9
+    if isinstance(mapped, Covariance):
+        assert rel(mapped.covariance(), np.cov(ref.T)) <= 1e-6
+    elif isinstance(mapped, SecondMoment):
+        assert rel(mapped.moment(), ref.T @ ref / len(ref)) <= 1e-9
+        assert rel(mapped.moment(), flat.moment().numpy()) <= 1e-9
+
+
+def test_add_map_drops_nonfinite_rows_and_checks_its_input():
+    fmap = torch.randn(4, 128, 16, 16)
+    fmap[1, 3, 2, 2] = float("nan")
+    moment = SecondMoment()
+    with pytest.warns(RuntimeWarning, match="NaN or inf"):
+        moment.add_map(fmap)
+    assert (moment.count, moment.skipped) == (1023, 1)
+    assert torch.isfinite(moment.moment()).all()
+    with pytest.raises(ValueError, match=r"feature map \(N, C, \*spatial\).*add\(\)"):
+        moment.add_map(torch.randn(3, 128))
+    with pytest.raises(ValueError, match="64 channels after earlier batches with 128"):
+        moment.add_map(torch.randn(2, 64, 16, 16))
+    moment.add_map(torch.empty(0, 128, 16, 16))
+    assert moment.count == 1023

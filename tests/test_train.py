@@ -153,3 +153,32 @@ def test_latent_agreement_is_high_for_the_world_itself_and_low_for_a_generator_t
     assert set(own) == {"watermark", "spire", "dome", "tree", "dusk"} and min(own.values()) >= 0.95
     shuffled = latent_agreement(images, labels, z.roll(1, 0))  # every image judged against another scene's facts
     assert sum(shuffled.values()) / len(shuffled) < 0.8
+
+
+def test_a_pack_carries_the_run_in_fp16_and_resumes_where_it_stopped(tmp_path, capsys):
+    from dissect.models.train import load_pack
+
+    pack = tmp_path / "run.safetensors"
+    packed = train(_args(tmp_path / "a", 3, "--pack", str(pack)))
+    loaded = Trainer(_args(tmp_path / "b", 5))
+    load_pack(loaded, pack)
+    assert loaded.step_count == 3
+    assert torch.equal(loaded.latents.get_state(), packed.latents.get_state())
+    for net in ("G", "G_ema", "D"):
+        for (name, p), q in zip(getattr(packed, net).state_dict().items(), getattr(loaded, net).state_dict().values()):
+            torch.testing.assert_close(q, p.half().to(p.dtype), rtol=0, atol=0, msg=f"{net}.{name}")
+    capsys.readouterr()
+    assert train(_args(tmp_path / "b", 5, "--from-pack", str(pack))).step_count == 5
+    assert f"started from {pack} at step 3" in capsys.readouterr().out
+
+
+def test_a_pack_of_another_configuration_or_a_broken_file_is_refused_by_name(tmp_path):
+    pack = tmp_path / "run.safetensors"
+    train(_args(tmp_path / "a", 1, "--pack", str(pack)))
+    wide = ["--g-channels", "4:16,8:16,16:16,32:8,64:8"]
+    with pytest.raises(ModelError, match=r"run.safetensors is not a pack of this run's generator configuration"):
+        train(_args(tmp_path / "b", 2, "--from-pack", str(pack), *wide))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(pack.read_bytes()[:100])
+    with pytest.raises(ModelError, match="broken.safetensors is not a readable safetensors file"):
+        train(_args(tmp_path / "c", 2, "--from-pack", str(broken)))

@@ -401,16 +401,17 @@ class Mean(Stat):
     def add_map(self, x: Tensor) -> None:
         """Accumulate the rows of a feature map ``x: (N, C, *spatial)``, exactly as ``add(rows(x))`` would.
 
-        Second moments of float32 maps with at least 16x16 locations are read in place, one ``addmm`` per
-        sample, without the transposed copy that :func:`rows` makes (a third of a batch's statistics time);
-        everything else, checks included, goes through ``add(rows(x))``.
+        On the CPU, second moments of float32 maps with at least 16x16 locations are read in place, one
+        ``addmm`` per sample, without the transposed copy that :func:`rows` makes (a quarter of a batch's
+        statistics time); everything else, checks included, goes through ``add(rows(x))`` (on a GPU the copy
+        is cheap and the rows' batched products beat a kernel per sample).
         """
         if not isinstance(x, Tensor) or x.ndim < 3:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{type(self).__name__}.add_map expects a feature map (N, C, *spatial), got {shape}: "
                              f"use add() for rows (N, C).")
         fast = (
-            self._second and x.dtype == torch.float32 and len(x) > 0 and math.prod(x.shape[2:]) >= _MAP_MIN_LOCATIONS
+            self._second and x.device.type == "cpu" and x.dtype == torch.float32 and len(x) > 0 and math.prod(x.shape[2:]) >= _MAP_MIN_LOCATIONS
             and x.shape[1] >= _FLOAT32_MIN_CHANNELS and x.shape[1] == (self._channels or x.shape[1])
             and _float32_matmul_is_exact()
         )

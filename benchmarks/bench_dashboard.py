@@ -32,8 +32,6 @@ Medians over ``--repeats`` runs resist other processes on a shared machine.
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import os
 import statistics
 import sys
@@ -43,14 +41,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]  # the dashboard package and the browser tests' driver
 
+from driver import CANVAS, CHROMIUM, CHROMIUM_ARGS, pick_image, serve, server_env, stroke_on_canvas, tab  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from dashboard import browse, derived, workspace  # noqa: E402
+from dashboard import browse, canvas, derived, workspace  # noqa: E402
 from dashboard.defaults import CANVAS_SCALE, DEFAULT_LAYER, DEFAULT_MODEL  # noqa: E402
 from dashboard.imaging import format_seeds  # noqa: E402
 from dissect.models.segmenter import present  # noqa: E402
@@ -84,10 +82,7 @@ def stroke(at: AppTest, seed: int, box: tuple[int, int, int, int], stroke_id: in
     rgba = np.zeros((size, size, 4), np.uint8)
     y0, y1, x0, x1 = (v * CANVAS_SCALE for v in box)
     rgba[y0:y1, x0:x1] = (255, 210, 0, 140)
-    buf = io.BytesIO()
-    Image.fromarray(rgba).save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    at.session_state[key] = {"drawing": {"raw": {"objects": [{"type": "path", "id": stroke_id}]}, "data": url}}
+    at.session_state[key] = canvas.message({"objects": [{"type": "path", "id": stroke_id}]}, rgba)
     start = time.perf_counter()
     at.run()
     seconds = time.perf_counter() - start
@@ -203,18 +198,10 @@ SPLIT: list[float] = []  # per stroke: ms from the canvas's message until the gr
 
 def _stroke(page, points: list[tuple[float, float]]) -> float:
     """A brush stroke on the canvas (canvas pixels); ms from its mouse-up until the grid has changed. Appends to
-    ``SPLIT`` the ms from the canvas's message (it waits 200 ms after a mouse-up: streamlit-drawable-canvas's own
-    debounce) until the grid has changed: the server's rerun and the browser's repaint."""
-    canvas = page.locator("canvas.upper-canvas").first
-    canvas.scroll_into_view_if_needed()
-    box = canvas.bounding_box()
+    ``SPLIT`` the ms from the canvas's message (sent on the mouse-up) until the grid has changed: the server's
+    rerun and the browser's repaint."""
     before = _grid_srcs(page)
-    page.mouse.move(box["x"] + points[0][0], box["y"] + points[0][1])
-    page.mouse.down()
-    for x, y in points[1:]:
-        page.mouse.move(box["x"] + x, box["y"] + y, steps=3)
-    start = time.perf_counter()
-    page.mouse.up()
+    start = stroke_on_canvas(page, points)
     _until_grid_changes(page, before)
     end = time.perf_counter()
     sent = [t for t in SENT if start <= t <= end]
@@ -226,8 +213,6 @@ def _stroke(page, points: list[tuple[float, float]]) -> float:
 
 def browser_main(args: argparse.Namespace) -> None:
     """The figures a person waits for in Chromium (see the module docstring)."""
-    sys.path.insert(0, str(ROOT / "tests" / "e2e"))
-    from driver import CHROMIUM, CHROMIUM_ARGS, pick_image, serve, server_env, tab
     from playwright.sync_api import sync_playwright
 
     from dissect.models import load
@@ -246,7 +231,7 @@ def browser_main(args: argparse.Namespace) -> None:
         page.on("websocket", lambda ws: ws.on("framesent", lambda _: SENT.append(time.perf_counter())))
         start = time.perf_counter()
         page.goto(url)
-        page.locator("canvas.upper-canvas").first.wait_for()
+        page.locator(CANVAS).first.wait_for()
         page.locator("img.dissect-thumb").nth(11).wait_for()
         page.wait_for_function(_IDLE, polling="raf")
         first_page = time.perf_counter() - start
@@ -268,7 +253,7 @@ def browser_main(args: argparse.Namespace) -> None:
             _timed_run(page, lambda: page.get_by_role("button", name="Brush it here").click())
             _settle(page)
         last = context[-1][0]
-        size = page.locator("canvas.upper-canvas").first.bounding_box()["width"]
+        size = page.locator(CANVAS).first.evaluate("(c) => c.width")  # canvas pixels
         redraw = {}
         for top, overlay in ((0.25, "Brushed regions"), (0.6, "Key matches")):
             page.get_by_text(overlay, exact=True).click()

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import streamlit as st
 import torch
-from PIL import Image
 
-from dashboard import derived
+from dashboard import canvas, derived
 from dashboard.browse import BRUSH_COLORS, swatch
 from dashboard.defaults import DISPLAY_SCALE
 from dashboard.editing import flash, preview_paste
@@ -167,10 +166,6 @@ def pick(seed: int) -> None:
 
 def render(ws: Workspace, seeds: list[int], edited: bool, settings: Settings) -> int:
     """The brush controls and the canvas; returns the seed being brushed."""
-    # Imported here: the component registers its files on import, which fails outside a running app, and the
-    # page's helpers (masks, stamps, clearing) are used by other pages and tests without one.
-    from streamlit_drawable_canvas import st_canvas
-
     brush = ws.brush
     mode = st.segmented_control("Brush", MODES, key="brush_mode", persist_state="session", default=CONTEXT,
                                 required=True, help=" ".join(f"{m}: {LEGEND[m]}." for m in MODES))
@@ -183,33 +178,19 @@ def render(ws: Workspace, seeds: list[int], edited: bool, settings: Settings) ->
     seed = c1.selectbox("Image", seeds, key="brush_seed", format_func=lambda s: f"seed {s}",
                         help="Or click a picture in the grid.")
     width = c2.slider("Brush size", 3, 40, 14, key="brush_size", persist_state="session")
-    # Room above the canvas for its own toolbar (undo, redo, clear), which shows there on hover.
-    st.markdown('<div style="height: 2.6rem"></div>', unsafe_allow_html=True)
 
     picture = to_unit(ws.images(seeds, edited=edited)[seeds.index(seed)][None])  # one batch with the grid's
     stamped = brush.stamps.get((mode, seed))
     if stamped is not None:  # a stamped class shows under the strokes, in the brush's colour
         picture = tint(picture, stamped[None], BRUSH_COLORS[KIND[mode]])
-    scale = canvas_scale(picture.shape[-1])
-    picture = to_uint8(picture, scale)[0]
-    h, w = picture.shape[:2]
-    key = canvas_key(mode, seed, brush)
-    if key not in st.session_state:
-        # Mounting: redraw what was stored. While mounted the canvas owns its drawing, and initial_drawing
-        # must stay fixed: a changed one makes the canvas reload it, dropping a stroke drawn meanwhile.
-        brush.mounted[key] = brush.drawings.get((mode, seed))
-    result = st_canvas(
-        stroke_width=width, stroke_color=STROKES[mode], background_image=Image.fromarray(picture),
-        height=h, width=w, drawing_mode="freedraw", initial_drawing=brush.mounted.get(key),
-        return_image_data=True, key=key,
-    )
-    # A freshly mounted canvas reports no pixels: keep what was stored, update only on a real drawing.
-    rgba = result.image_data
-    if rgba is not None and result.json_data != brush.drawings.get((mode, seed)):
-        record_stroke(brush, mode, seed, result.json_data, canvas_mask(rgba, (h // scale, w // scale)))
+    picture = to_uint8(picture)[0]
+    # The canvas redraws the stored strokes when it mounts (a new image, mode or clearing), and owns them after.
+    sent = canvas.draw(picture, canvas_scale(picture.shape[1]), width, STROKES[mode], brush.drawings.get((mode, seed)),
+                       key=canvas_key(mode, seed, brush))
+    if sent is not None and sent[0] != brush.drawings.get((mode, seed)):  # a stroke, an undo or a redo
+        record_stroke(brush, mode, seed, sent[0], canvas_mask(sent[1], picture.shape[:2]))
     model = f"the **edited** model ({len(ws.rewriter.history)} edit(s))" if edited else "the **original** model"
-    st.markdown(f"{stroke_note(brush, mode, seed)}, as drawn by {model}. Undo or redo a stroke with the arrows "
-                "above the canvas (shown on hover).")
+    st.markdown(f"{stroke_note(brush, mode, seed)}, as drawn by {model}.")
 
     c1, c2 = st.columns([3, 2], vertical_alignment="bottom")
     name = c1.selectbox("Segmenter class", CLASSES, index=CLASSES.index(STAMP_DEFAULT[mode]), key=f"stamp_{mode}",

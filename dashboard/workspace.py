@@ -78,7 +78,6 @@ class Brush:
     stroked: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (mode, seed) -> the strokes' mask…
     stamps: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # …and a segmenter class brushed at once
     generation: dict[tuple[str, int], int] = field(default_factory=dict)  # bumped to give a cleared canvas a new key
-    mounted: dict[str, dict | None] = field(default_factory=dict)  # canvas key -> the drawing it was mounted with
     revision: int = 0  # bumped on every change; keys what is derived from the brush (directions, previews)
 
     def context_seeds(self) -> list[int]:

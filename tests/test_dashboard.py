@@ -1,10 +1,8 @@
 """The dashboard's flow logic through streamlit's AppTest (no browser): brushing is injected as the canvas
-component's state, exactly what the browser would send (an RGBA PNG of the strokes and the Fabric JSON)."""
+component's state, exactly what the browser would send (the strokes and an RGBA PNG of them, dashboard.canvas)."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import sys
 from pathlib import Path
@@ -12,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]  # the dashboard package and the tiny test model
 
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from dashboard import browse, derived, editing, recipes, requests, workspace  # noqa: E402
+from dashboard import browse, canvas, derived, editing, recipes, requests, workspace  # noqa: E402
 from dashboard.defaults import CANVAS_SCALE, DEFAULT_LAYER  # noqa: E402
 from dashboard.imaging import canvas_mask, format_seeds, parse_seeds  # noqa: E402
 from dissect import stats  # noqa: E402
@@ -51,14 +48,12 @@ def small_statistics(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.T
     monkeypatch.setattr(editing, "COLLATERAL_BOUND", float("inf"))
 
 
-def strokes_png(box: tuple[int, int, int, int], size: int = 64 * CANVAS_SCALE) -> str:
-    """What the canvas sends for a painted rectangle (rows y0:y1, columns x0:x1 of the canvas)."""
+def painted(box: tuple[int, int, int, int], size: int = 64 * CANVAS_SCALE) -> np.ndarray:
+    """The canvas's RGBA pixels with a painted rectangle (rows y0:y1, columns x0:x1 of the canvas)."""
     rgba = np.zeros((size, size, 4), np.uint8)
     y0, y1, x0, x1 = box
     rgba[y0:y1, x0:x1] = (255, 210, 0, 140)
-    buf = io.BytesIO()
-    Image.fromarray(rgba).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return rgba
 
 
 def open_app(spec: str = TINY) -> AppTest:
@@ -82,8 +77,7 @@ def brush(at: AppTest, mode: str, seed: int, box: tuple[int, int, int, int]) -> 
     ws = ws_of(at)
     key = f"canvas-{mode}-{seed}-{ws.brush.generation.get((mode, seed), 0)}"
     stroke_id = len(ws.brush.drawings) + ws.brush.revision + 1  # any new drawing JSON
-    at.session_state[key] = {"drawing": {"raw": {"objects": [{"type": "path", "id": stroke_id}]},
-                                         "data": strokes_png(box)}}
+    at.session_state[key] = canvas.message({"objects": [{"type": "path", "id": stroke_id}]}, painted(box))
     at.run()
     assert not at.exception, at.exception
 

@@ -29,6 +29,7 @@ CHROMIUM_ARGS = [
 ]
 STARTUP_TIMEOUT_S = 90
 CANVAS_SCALE = 6  # dashboard.brushing.canvas_scale(64): a 64-pixel image is brushed on a 384-pixel canvas
+CANVAS = "canvas.strokes"  # the brush canvas's drawing layer (dashboard.canvas)
 BRUSH = 14  # the brush slider's default width, in canvas pixels
 
 
@@ -124,17 +125,26 @@ def tab(page, name: str) -> None:
     wait_idle(page)
 
 
-def drag_on_canvas(page, points: list[tuple[float, float]]) -> None:
-    """A brush stroke through ``points`` given in the canvas's own pixels (x, y)."""
-    canvas = page.locator("canvas.upper-canvas").first
+def stroke_on_canvas(page, points: list[tuple[float, float]]) -> float:
+    """A mouse drag on the brush canvas through ``points`` in its own pixels (x, y); returns ``time.perf_counter()``
+    just before the mouse-up, when the canvas sends the stroke."""
+    canvas = page.locator(CANVAS).first
     canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
-    x0, y0 = points[0]
-    page.mouse.move(box["x"] + x0, box["y"] + y0)
+    size = canvas.evaluate("(c) => [c.width, c.height]")  # canvas pixels per CSS pixel, whatever the layout
+    at = [(box["x"] + x * box["width"] / size[0], box["y"] + y * box["height"] / size[1]) for x, y in points]
+    page.mouse.move(*at[0])
     page.mouse.down()
-    for x, y in points[1:]:
-        page.mouse.move(box["x"] + x, box["y"] + y, steps=4)
+    for x, y in at[1:]:
+        page.mouse.move(x, y, steps=4)
+    start = time.perf_counter()
     page.mouse.up()
+    return start
+
+
+def drag_on_canvas(page, points: list[tuple[float, float]]) -> None:
+    """A brush stroke through ``points`` given in the canvas's own pixels (x, y), and its script run."""
+    stroke_on_canvas(page, points)
     wait_idle(page)
 
 

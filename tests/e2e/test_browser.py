@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from driver import (
+    CANVAS,
     RUN_TIMEOUT_MS,
     brush_box,
     choose,
@@ -17,6 +18,7 @@ from driver import (
     grid_caption,
     grid_pixels,
     open_entry_point,
+    pick_image,
     screenshot,
     tab,
     wait_idle,
@@ -39,7 +41,7 @@ def remove_watermark_with_brushed_context(page) -> None:
 
 def undo(page) -> None:
     tab(page, "Edit")
-    page.get_by_role("button", name="Undo").click()
+    page.get_by_role("button", name="Undo", exact=True).click()
     page.get_by_text("Undid the edit").wait_for(timeout=RUN_TIMEOUT_MS)
 
 
@@ -66,6 +68,43 @@ def test_an_entry_point_model_opens_and_takes_strokes(page, dashboard_url: str) 
     assert changed == [4]  # the brushed region is tinted on its image, and only there
     page.get_by_text("Context: 1 image(s): seeds 4").wait_for()
     screenshot(page, "entry_point_brushed")
+
+    # The canvas's own controls: undo and redo a stroke; the strokes come back when the image is brushed again.
+    page.get_by_role("button", name="Undo stroke").click()
+    page.get_by_text("Context on seed 4: 3 strokes").wait_for()
+    page.get_by_role("button", name="Redo stroke").click()
+    page.get_by_text("Context on seed 4: 4 strokes").wait_for()
+    wait_idle(page)
+    assert np.array_equal(grid_shows(page, "original")[4], after[4])
+    share = painted_share(page)
+    pick_image(page, 5)
+    assert painted_share(page) == 0  # a fresh canvas for an image not brushed
+    pick_image(page, 4)
+    assert painted_share(page) == share > 0  # seed 4's strokes, redrawn as they were
+
+
+def painted_share(page) -> float:
+    """The share of the brush canvas's pixels that are painted."""
+    return page.locator(CANVAS).first.evaluate(
+        "(c) => { const a = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        " let n = 0; for (let i = 3; i < a.length; i += 4) n += a[i] > 0; return n / (c.width * c.height); }")
+
+
+def test_a_stroke_shows_while_it_is_drawn(page, dashboard_url: str) -> None:
+    """A newcomer sees the stroke under the pointer before lifting it, in the brush's colour."""
+    page.goto(dashboard_url)
+    wait_idle(page)
+    open_entry_point(page, TINY)
+    canvas = page.locator(CANVAS).first
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + 20, box["y"] + 20)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 200, box["y"] + 20, steps=8)
+    assert painted_share(page) > 0.01  # drawn while the button is still down, nothing sent yet
+    screenshot(page, "stroke_while_drawing")
+    page.mouse.up()
+    page.get_by_text("Context on seed 0: 1 stroke,").wait_for()
 
 
 def test_remove_watermark_on_the_embedded_generator(page, dashboard_url: str, tmp_path: Path) -> None:

@@ -199,7 +199,7 @@ def journey(browser, dashboard_url: str, tmp_path: Path, pages: list) -> None:
     ok(page)
     assert not page.get_by_text("No edits yet").count()
     screenshot(page, "journey_07_loaded")
-    page.get_by_role("button", name="Undo").click()
+    page.get_by_role("button", name="Undo", exact=True).click()
     page.get_by_text("Undid the edit").wait_for()
     wait_idle(page)
     weights = download(page, "Export edited weights", tmp_path / "weights.safetensors")
@@ -211,7 +211,7 @@ def journey(browser, dashboard_url: str, tmp_path: Path, pages: list) -> None:
     expected = alone.state_dict()
     assert exported.keys() == expected.keys()
     assert all(torch.equal(exported[k], expected[k]) for k in expected)  # bitwise: the erase, exactly
-    page.get_by_role("button", name="Undo").click()
+    page.get_by_role("button", name="Undo", exact=True).click()
     page.get_by_text("No edits yet").wait_for()
     wait_idle(page)
     tab(page, "Images")

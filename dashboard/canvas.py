@@ -16,7 +16,7 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
-from dashboard.browse import data_url
+from dashboard.browse import component_data, data_url
 
 COMPONENT = "dissect_brush"
 
@@ -101,7 +101,8 @@ function mount(root) {
 }
 
 export default function (component) {
-  const { data, parentElement, setStateValue } = component;
+  const { parentElement, setStateValue } = component;
+  const [data] = component.data;  // wrapped in a list (browse.component_data)
   const root = parentElement.querySelector('.brush');
   const canvas = root.querySelector('canvas.strokes');
   let s = root.dissectBrush;
@@ -154,7 +155,7 @@ def draw(picture: np.ndarray, scale: int, stroke_width: int, color: str, initial
     h, w = picture.shape[:2]
     data = {"picture": data_url(picture), "width": w * scale, "height": h * scale, "strokeWidth": stroke_width,
             "color": color, "initial": initial}
-    sent = _brush(data=data, key=key, default={"drawing": None}, on_drawing_change=lambda: None, width="content")
+    sent = _brush(data=component_data(data), key=key, default={"drawing": None}, on_drawing_change=lambda: None, width="content")
     drawing = sent.get("drawing") if sent is not None else None
     if not drawing:
         return None

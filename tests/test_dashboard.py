@@ -341,7 +341,7 @@ def test_matches_follow_the_copied_region_and_a_too_large_rank_is_a_message() ->
 
 def grid_items(at: AppTest) -> list[dict]:
     (grid,) = [e.proto for e in at.get("bidi_component") if e.proto.component_name.endswith(browse.COMPONENT)]
-    return json.loads(grid.json)["items"]
+    return browse.grid_items(grid.json)
 
 
 def test_the_grid_carries_its_pictures_inline_and_marks_the_brushed_image() -> None:

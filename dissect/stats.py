@@ -411,7 +411,8 @@ class Mean(Stat):
             raise ValueError(f"{type(self).__name__}.add_map expects a feature map (N, C, *spatial), got {shape}: "
                              f"use add() for rows (N, C).")
         fast = (
-            self._second and x.device.type == "cpu" and x.dtype == torch.float32 and len(x) > 0 and math.prod(x.shape[2:]) >= _MAP_MIN_LOCATIONS
+            self._second and x.device.type == "cpu" and x.dtype == torch.float32 and len(x) > 0
+            and math.prod(x.shape[2:]) >= _MAP_MIN_LOCATIONS
             and x.shape[1] >= _FLOAT32_MIN_CHANNELS and x.shape[1] == (self._channels or x.shape[1])
             and _float32_matmul_is_exact()
         )

@@ -49,8 +49,8 @@ from driver import CANVAS, CHROMIUM, CHROMIUM_ARGS, pick_image, serve, server_en
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from dashboard import browse, canvas, derived, workspace  # noqa: E402
-from dashboard.defaults import CANVAS_SCALE, DEFAULT_LAYER, DEFAULT_MODEL  # noqa: E402
-from dashboard.imaging import format_seeds  # noqa: E402
+from dashboard.defaults import DEFAULT_LAYER, DEFAULT_MODEL  # noqa: E402
+from dashboard.imaging import canvas_scale, format_seeds  # noqa: E402
 from dissect.models.segmenter import present  # noqa: E402
 from dissect.models.world import CLASSES  # noqa: E402
 
@@ -78,9 +78,10 @@ def stroke(at: AppTest, seed: int, box: tuple[int, int, int, int], stroke_id: in
     """Send what the canvas sends for one painted box (image pixels) on ``seed``; seconds of the rerun it causes."""
     ws = at.session_state[workspace.KEY]
     key = f"canvas-Context-{seed}-{ws.brush.generation.get(('Context', seed), 0)}"
-    size = int(ws.images([seed])[0].shape[-1]) * CANVAS_SCALE
-    rgba = np.zeros((size, size, 4), np.uint8)
-    y0, y1, x0, x1 = (v * CANVAS_SCALE for v in box)
+    side = int(ws.images([seed])[0].shape[-1])
+    scale = canvas_scale(side)
+    rgba = np.zeros((side * scale, side * scale, 4), np.uint8)
+    y0, y1, x0, x1 = (v * scale for v in box)
     rgba[y0:y1, x0:x1] = (255, 210, 0, 140)
     at.session_state[key] = canvas.message({"objects": [{"type": "path", "id": stroke_id}]}, rgba)
     start = time.perf_counter()

@@ -56,8 +56,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from eval_edits import fine_tune  # noqa: E402  (the paper's baseline, as eval_edits runs it)
 
 from dashboard import brushing, editing, requests  # noqa: E402
-from dashboard.defaults import CANVAS_SCALE  # noqa: E402
-from dashboard.imaging import canvas_mask  # noqa: E402
+from dashboard.imaging import canvas_mask, canvas_scale  # noqa: E402
 from dashboard.requests import RECOMMENDED, Settings  # noqa: E402
 from dashboard.workspace import Workspace  # noqa: E402
 from dissect import measure  # noqa: E402
@@ -75,11 +74,12 @@ TREE, SPIRE, WATERMARK = CLASSES.index("tree"), CLASSES.index("spire"), CLASSES.
 # ---------------------------------------------------------------------------------------------------------
 
 
-def stroke_mask(region: torch.Tensor, rng: random.Random, brush: int = BRUSH, scale: int = CANVAS_SCALE) -> torch.Tensor:
+def stroke_mask(region: torch.Tensor, rng: random.Random, brush: int = BRUSH) -> torch.Tensor:
     """The mask the canvas gives for a person covering ``region (H, W) bool`` with the default brush: back-and-forth
     strokes across each band of the region's rows, ends jittered by a few canvas pixels, drawn on an RGBA canvas
-    ``scale`` times the image and converted by the dashboard's ``canvas_mask``."""
+    as large as the dashboard's (``canvas_scale``) and converted by its ``canvas_mask``."""
     h, w = region.shape
+    scale = canvas_scale(w)
     canvas = Image.new("RGBA", (w * scale, h * scale), (0, 0, 0, 0))
     draw = ImageDraw.Draw(canvas)
     rows = region.any(dim=1).nonzero()[:, 0]

@@ -15,8 +15,7 @@ PASTE_BUDGET = 1.0
 DEFAULT_ITERATIONS = 50  # L-BFGS iterations after the closed form (dissect.rewrite.solve's default)
 DEFAULT_SEEDS = "0-11"
 GRID_COLUMNS = 6
-DISPLAY_SCALE = 3  # 64-pixel images are shown at 192 pixels…
-CANVAS_SCALE = 4  # …and brushed at 256
+DISPLAY_SCALE = 3  # 64-pixel images are shown at 192 pixels (and brushed at imaging.canvas_scale)
 # Images whose keys estimate C = E[k kᵀ] (collected once, then cached on disk): the CLI's and the evaluation's
 # --stats-n, so the three share one cache and solve the same edit from the same request.
 STATS_SAMPLES = 2000

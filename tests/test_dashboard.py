@@ -17,8 +17,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]  # the dashboard package
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from dashboard import browse, canvas, derived, editing, recipes, requests, workspace  # noqa: E402
-from dashboard.defaults import CANVAS_SCALE, DEFAULT_LAYER  # noqa: E402
-from dashboard.imaging import canvas_mask, format_seeds, parse_seeds  # noqa: E402
+from dashboard.defaults import DEFAULT_LAYER  # noqa: E402
+from dashboard.imaging import canvas_mask, canvas_scale, format_seeds, parse_seeds  # noqa: E402
 from dissect import stats  # noqa: E402
 from dissect.memory import LayerMemory  # noqa: E402
 from dissect.models.world import CLASSES  # noqa: E402
@@ -48,7 +48,7 @@ def small_statistics(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.T
     monkeypatch.setattr(editing, "COLLATERAL_BOUND", float("inf"))
 
 
-def painted(box: tuple[int, int, int, int], size: int = 64 * CANVAS_SCALE) -> np.ndarray:
+def painted(box: tuple[int, int, int, int], size: int = 64 * canvas_scale(64)) -> np.ndarray:
     """The canvas's RGBA pixels with a painted rectangle (rows y0:y1, columns x0:x1 of the canvas)."""
     rgba = np.zeros((size, size, 4), np.uint8)
     y0, y1, x0, x1 = box
@@ -221,8 +221,9 @@ def test_copy_paste_previews_then_applies() -> None:
 
 def test_paste_onto_the_painted_region_sends_it_as_the_paste_region() -> None:
     at = open_app()
+    s = canvas_scale(64)
     brush(at, "Copy", 2, (40, 120, 40, 120))
-    brush(at, "Paste", 5, (160, 200, 160, 200))
+    brush(at, "Paste", 5, (27 * s, 37 * s, 27 * s, 37 * s))
     advanced(at)
     at.checkbox(key="onto_region").check().run()
     apply_edit(at, "Paste")
@@ -230,7 +231,7 @@ def test_paste_onto_the_painted_region_sends_it_as_the_paste_region() -> None:
     (edit,) = ws.rewriter.history
     region = edit.request["target"].region
     assert region is not None and torch.equal(region, ws.brush.paste[1]), messages(at)
-    assert int(region.sum()) == 10 * 10  # the painted 40x40 canvas pixels at image resolution
+    assert int(region.sum()) == 10 * 10  # the painted 10s x 10s canvas pixels at image resolution
 
 
 def test_pointwise_and_strength_reach_the_applied_edit() -> None:

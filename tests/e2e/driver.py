@@ -20,6 +20,9 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the dashboard package, for its canvas geometry
+from dashboard.imaging import canvas_scale  # noqa: E402
+
 ARTIFACTS = ROOT / "artifacts"
 RUN_TIMEOUT_MS = 240_000  # one script run: an edit solves and renders on 2 busy cores
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright's own browser downloads are never used
@@ -28,7 +31,7 @@ CHROMIUM_ARGS = [
     "--no-first-run", "--disable-dev-shm-usage",
 ]
 STARTUP_TIMEOUT_S = 90
-CANVAS_SCALE = 6  # dashboard.brushing.canvas_scale(64): a 64-pixel image is brushed on a 384-pixel canvas
+CANVAS_SCALE = canvas_scale(64)  # the embedded 64-pixel images, as the dashboard enlarges them for brushing
 CANVAS = "canvas.strokes"  # the brush canvas's drawing layer (dashboard.canvas)
 BRUSH = 14  # the brush slider's default width, in canvas pixels
 

@@ -23,6 +23,7 @@ from dissect.rewrite import (
     Rewriter,
     calibrate_strength,
     constraint,
+    constraint_loss,
     goal_output,
     load,
     mask_centre,
@@ -344,12 +345,10 @@ def test_a_second_edit_keeps_what_the_first_stored():
         first = rewriter.rewrite(memory, first_request)
         assert first.key_basis is not None and first.key_basis.shape[1] == 48
         c, _ = constraint(memory, first_request)
-        from dissect.rewrite import constraint_loss
-
-        before = float(constraint_loss(memory, c, memory.weight.detach()))
+        before = float(constraint_loss(memory, c, memory.weight.detach()).detach())
         # An unconstrained second edit (budget=None), the worst case for what the first stored.
         rewriter.rewrite(memory, *second, budget=None, **({} if protect else {"protect": ()}))
-        losses[protect] = float(constraint_loss(memory, c, memory.weight.detach())) / max(before, 1e-12)
+        losses[protect] = float(constraint_loss(memory, c, memory.weight.detach()).detach()) / max(before, 1e-12)
         rewriter.revert()
     assert losses[True] <= 1.2 and losses[False] > 2 * losses[True], losses
 

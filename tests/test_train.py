@@ -182,3 +182,16 @@ def test_a_pack_of_another_configuration_or_a_broken_file_is_refused_by_name(tmp
     broken.write_bytes(pack.read_bytes()[:100])
     with pytest.raises(ModelError, match="broken.safetensors is not a readable safetensors file"):
         train(_args(tmp_path / "c", 2, "--from-pack", str(broken)))
+
+
+def test_channels_last_runs_resume_exactly_and_export_plain_generators(tmp_path):
+    straight = train(_args(tmp_path / "a", 4, "--ckpt-every", "100", "--channels-last"))
+    assert straight.G.synthesis.b8.conv0.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    train(_args(tmp_path / "b", 2, "--ckpt-every", "2", "--channels-last"))
+    export = tmp_path / "g.safetensors"
+    resumed = train(_args(tmp_path / "b", 4, "--ckpt-every", "100", "--channels-last", "--export", str(export)))
+    for (name, p), q in zip(straight.G_ema.state_dict().items(), resumed.G_ema.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    G = load_weights(export)[0]
+    for name, p in resumed.G_ema.state_dict().items():
+        torch.testing.assert_close(G[name].float(), p.half().float(), rtol=0, atol=0, msg=name)

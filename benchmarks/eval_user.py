@@ -49,7 +49,7 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-# The canvas widget itself runs only in a browser (brushing imports it where it draws it); here its strokes are
+# The canvas itself runs only in a browser (dashboard.canvas); here its strokes are
 # simulated (stroke_mask), and everything after it (canvas_mask, record_stroke, the request, the solve) is the
 # dashboard's own code.
 

@@ -187,7 +187,7 @@ def render(ws: Workspace, seeds: list[int], edited: bool, settings: Settings) ->
     # The canvas redraws the stored strokes when it mounts (a new image, mode or clearing), and owns them after.
     sent = canvas.draw(picture, canvas_scale(picture.shape[1]), width, STROKES[mode], brush.drawings.get((mode, seed)),
                        key=canvas_key(mode, seed, brush))
-    if sent is not None and sent[0] != brush.drawings.get((mode, seed)):  # a stroke, an undo or a redo
+    if sent is not None:  # a stroke, an undo or a redo
         record_stroke(brush, mode, seed, sent[0], canvas_mask(sent[1], picture.shape[:2]))
     model = f"the **edited** model ({len(ws.rewriter.history)} edit(s))" if edited else "the **original** model"
     st.markdown(f"{stroke_note(brush, mode, seed)}, as drawn by {model}.")

@@ -149,15 +149,17 @@ def draw(picture: np.ndarray, scale: int, stroke_width: int, color: str, initial
     ``stroke_width`` canvas pixels in the CSS ``color``. ``initial`` is drawn when the canvas mounts (later values
     are ignored: while mounted the canvas owns its drawing; a new ``key`` gives a fresh canvas).
 
-    Returns the drawing and its strokes' RGBA pixels ``(h * scale, w * scale, 4)`` as last sent (after a stroke,
-    an undo or a redo), or None while nothing was sent since the canvas mounted.
+    Returns the drawing last sent (after a stroke, an undo or a redo) and its strokes' RGBA pixels
+    ``(h * scale, w * scale, 4)`` when it differs from ``initial`` (pass the drawing stored so far), else None:
+    the pixels are decoded only for a new drawing, not on every rerun.
     """
     h, w = picture.shape[:2]
     data = {"picture": data_url(picture), "width": w * scale, "height": h * scale, "strokeWidth": stroke_width,
             "color": color, "initial": initial}
-    sent = _brush(data=component_data(data), key=key, default={"drawing": None}, on_drawing_change=lambda: None, width="content")
+    sent = _brush(data=component_data(data), key=key, default={"drawing": None}, on_drawing_change=lambda: None,
+                  width="content")
     drawing = sent.get("drawing") if sent is not None else None
-    if not drawing:
+    if not drawing or {"objects": drawing["objects"]} == initial:
         return None
     _, encoded = drawing["mask"].split(",", 1)
     rgba = np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGBA"))

@@ -131,3 +131,25 @@ def test_unsupported_resolution_lists_supported():
 def test_discriminator_shapes():
     D = Discriminator(64, {64: 8, 32: 8, 16: 16, 8: 16, 4: 16})
     assert D(torch.randn(6, 3, 64, 64)).shape == (6,)
+
+
+def test_mapping_skip_starts_as_the_same_function_and_carries_z_linearly(tmp_path):
+    from dissect.models.loaders import load
+    from dissect.models.train import export_generator
+
+    torch.manual_seed(0)
+    plain = Generator(z_dim=16, w_dim=16, channels=SMALL).eval()
+    skip = Generator(z_dim=16, w_dim=16, channels=SMALL, mapping_skip=True).eval()
+    assert "mapping_skip" not in plain.config and skip.config["mapping_skip"] is True
+    load_state_dict(skip, {**plain.state_dict(), "mapping.skip.weight": torch.zeros(16, 16)})
+    z = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(skip(z), plain(z))
+        skip.mapping.skip.weight.copy_(torch.eye(16))
+        normalised = z * torch.rsqrt(z.square().mean(1, keepdim=True))
+        torch.testing.assert_close(skip.mapping(z) - plain.mapping(z), normalised)
+    export_generator(skip, tmp_path / "g.safetensors")
+    loaded, _ = load(str(tmp_path / "g.safetensors"))
+    assert loaded.config == skip.config
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.mapping(z), skip.mapping(z).half().float(), atol=1e-2, rtol=1e-2)

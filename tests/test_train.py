@@ -79,7 +79,7 @@ def test_init_from_another_architecture_names_both_configurations(tmp_path):
         Trainer(other)
 
 
-def test_d_warmup_trains_d_but_gives_g_no_adversarial_gradient(tmp_path):
+def test_d_warmup_and_adv_weight_zero_give_g_no_adversarial_gradient(tmp_path):
     quiet = ("--warmup-steps", "0", "--regress-weight", "0", "--fm-weight", "0")
     def params(net):  # parameters only: the mapping's w_avg buffer moves with every forward
         return {k: v.detach().clone() for k, v in net.named_parameters()}
@@ -93,6 +93,10 @@ def test_d_warmup_trains_d_but_gives_g_no_adversarial_gradient(tmp_path):
     before_g = params(adversarial.G)
     adversarial.step()
     assert not all(torch.equal(before_g[k], v) for k, v in params(adversarial.G).items())
+    unweighted = Trainer(_args(tmp_path / "c", 0, *quiet, "--adv-weight", "0"))
+    before_g = params(unweighted.G)
+    assert math.isfinite(unweighted.step()["adv"])  # reported, but weighs nothing
+    assert all(torch.equal(before_g[k], v) for k, v in params(unweighted.G).items())
 
 
 def test_class_weighted_l1_has_mean_weight_one_per_pixel_and_weighs_small_classes_more(tmp_path):
@@ -170,6 +174,28 @@ def test_a_pack_carries_the_run_in_fp16_and_resumes_where_it_stopped(tmp_path, c
     capsys.readouterr()
     assert train(_args(tmp_path / "b", 5, "--from-pack", str(pack))).step_count == 5
     assert f"started from {pack} at step 3" in capsys.readouterr().out
+
+
+def test_a_pack_without_the_mapping_skip_continues_as_the_same_function_with_the_path_learning(tmp_path):
+    from dissect.models.train import load_pack
+
+    pack = tmp_path / "run.safetensors"
+    packed = train(_args(tmp_path / "a", 2, "--pack", str(pack)))
+    widened = Trainer(_args(tmp_path / "b", 3, "--mapping-skip"))
+    load_pack(widened, pack)
+    assert widened.G.config["mapping_skip"] and not widened.G.mapping.skip.weight.any()
+    z = torch.randn(2, widened.G.z_dim)
+    with torch.no_grad():
+        for net in ("G", "G_ema"):
+            ref = copy.deepcopy(getattr(packed, net)).half().float().eval()
+            torch.testing.assert_close(getattr(widened, net).eval()(z), ref(z), rtol=1e-5, atol=1e-5)
+    widened.G.train()
+    widened.step()
+    assert widened.G.mapping.skip.weight.abs().sum() > 0, "the skip path must learn"
+    skip_pack = tmp_path / "skip.safetensors"
+    train(_args(tmp_path / "c", 1, "--mapping-skip", "--pack", str(skip_pack)))
+    with pytest.raises(ModelError, match="is not a pack of this run's generator configuration"):
+        load_pack(Trainer(_args(tmp_path / "d", 3)), skip_pack)  # a run cannot drop a learnt path
 
 
 def test_a_pack_of_another_configuration_or_a_broken_file_is_refused_by_name(tmp_path):

@@ -31,19 +31,34 @@ def _lrelu(x: torch.Tensor) -> torch.Tensor:
 
 
 class MappingNetwork(nn.Module):
-    """z (N, z_dim) -> w (N, w_dim): pixel norm, then an MLP. Tracks the mean w for truncation."""
+    """z (N, z_dim) -> w (N, w_dim): pixel norm, then an MLP. Tracks the mean w for truncation.
 
-    def __init__(self, z_dim: int = 128, w_dim: int = 256, num_layers: int = 4, w_avg_beta: float = 0.995) -> None:
+    With ``skip``, a linear map of the normalised z is added to the MLP's output (``skip``, bias-free, starting
+    at zero, so a generator trained without it continues as the same function). Where each entry of z is
+    already one factor of the scene, as in the world, an MLP alone scrambles them: a random 4-layer mapping
+    keeps R² ≈ 0.4 of each z entry linearly readable from w, and a trained one let the watermark's presence be
+    read from w at 85% where z gives 98%.
+    """
+
+    def __init__(
+        self, z_dim: int = 128, w_dim: int = 256, num_layers: int = 4, w_avg_beta: float = 0.995, skip: bool = False
+    ) -> None:
         super().__init__()
         dims = [z_dim] + [w_dim] * num_layers
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.skip = nn.Linear(z_dim, w_dim, bias=False) if skip else None
+        if self.skip is not None:
+            nn.init.zeros_(self.skip.weight)
         self.w_avg_beta = w_avg_beta
         self.register_buffer("w_avg", torch.zeros(w_dim))
 
     def forward(self, z: torch.Tensor, truncation_psi: float = 1.0) -> torch.Tensor:
-        x = z * torch.rsqrt(z.square().mean(dim=1, keepdim=True) + 1e-8)
+        z = z * torch.rsqrt(z.square().mean(dim=1, keepdim=True) + 1e-8)
+        x = z
         for layer in self.layers:
             x = _lrelu(layer(x))
+        if self.skip is not None:
+            x = x + self.skip(z)
         if self.training:
             with torch.no_grad():
                 self.w_avg.lerp_(x.mean(0).to(self.w_avg.dtype), 1.0 - self.w_avg_beta)
@@ -225,6 +240,7 @@ class Generator(nn.Module):
         resolution: int = 64,
         channels: Mapping[int, int] | None = None,
         mapping_layers: int = 4,
+        mapping_skip: bool = False,
     ) -> None:
         super().__init__()
         if resolution not in (32, 64, 128):
@@ -233,8 +249,10 @@ class Generator(nn.Module):
         self.config = dict(
             z_dim=z_dim, w_dim=w_dim, resolution=resolution, channels=channels, mapping_layers=mapping_layers
         )
+        if mapping_skip:  # only where set, so generators without it keep their configuration (and caches' keys)
+            self.config["mapping_skip"] = True
         self.z_dim, self.w_dim, self.resolution = z_dim, w_dim, resolution
-        self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers)
+        self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, skip=mapping_skip)
         self.synthesis = SynthesisNetwork(w_dim, resolution, channels)
         self.num_ws = self.synthesis.num_ws
 

@@ -68,12 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--g-channels", type=parse_channels, default=parse_channels("4:256,8:256,16:128,32:64,64:32"))
     p.add_argument("--d-channels", type=parse_channels, default=parse_channels("64:24,32:48,16:96,8:192,4:192"))
+    p.add_argument("--mapping-skip", action="store_true",
+                   help="add a linear path from z to w beside the mapping MLP (stylegan.MappingNetwork), so w keeps "
+                        "the world's factors; a --from-pack run without it continues with the path at zero")
     p.add_argument("--lr", type=float, default=0.002)
     p.add_argument("--mapping-lr-mul", type=float, default=0.01, help="the mapping network learns slower")
     p.add_argument("--warmup-steps", type=int, default=300, help="steps of pure regression before the GAN loss")
     # At 2.0 the adversarial term (~3) outweighed the side loss (~0.6) and G collapsed towards one layout
     # by step 1000 on CPU; 8 keeps the two comparable.
     p.add_argument("--regress-weight", type=float, default=8.0, help="L1 side loss weight after warm-up")
+    p.add_argument("--adv-weight", type=float, default=1.0,
+                   help="weight of G's adversarial loss after warm-up; below 1 the paired terms lead (D dominated "
+                        "run e, and its samples followed z less from step 4000 to 5000)")
     p.add_argument("--fm-weight", type=float, default=10.0,
                    help="feature matching after warm-up: L1 between D's features of G(z) and of the world's render "
                         "of z, which weighs small modes such as the watermark by how much D attends to them "
@@ -122,7 +128,9 @@ class Trainer:
         self.device = torch.device(args.device)
         torch.manual_seed(args.seed)
         self.world = World(args.resolution)
-        self.G = Generator(resolution=args.resolution, channels=args.g_channels).to(self.device)
+        self.G = Generator(resolution=args.resolution, channels=args.g_channels, mapping_skip=args.mapping_skip).to(
+            self.device
+        )
         if args.init_from is not None:
             self._init_generator(args.init_from)
         self.D = Discriminator(args.resolution, args.d_channels).to(self.device)
@@ -224,7 +232,7 @@ class Trainer:
                 return stats
             logits, fake_features = self.D.forward_features(fake)
             adv = F.softplus(-logits).mean()
-            loss_g = adv + a.regress_weight * regress
+            loss_g = a.adv_weight * adv + a.regress_weight * regress
             stats["adv"] = adv.item()
             if a.fm_weight > 0:
                 with torch.no_grad():
@@ -324,14 +332,24 @@ def save_pack(trainer: Trainer, path: Path) -> None:
 
 
 def load_pack(trainer: Trainer, path: Path) -> None:
-    """Load a :func:`save_pack` file into a fresh trainer (its optimisers stay fresh)."""
+    """Load a :func:`save_pack` file into a fresh trainer (its optimisers stay fresh).
+
+    A pack without the mapping's skip path loads into a run with ``--mapping-skip``: the path starts at zero,
+    so the run continues the packed function and learns the path from there.
+    """
     tensors, meta = load_weights(path)
-    if "step" not in meta or json.loads(meta.get("config", "null")) != json.loads(json.dumps(trainer.G.config)):
+    config = json.loads(meta.get("config", "null")) if "step" in meta else None
+    widened = isinstance(config, dict) and trainer.G.mapping.skip is not None and not config.get("mapping_skip")
+    if widened:
+        config["mapping_skip"] = True
+    if config != json.loads(json.dumps(trainer.G.config)):
         raise ModelError(f"--from-pack {path} is not a pack of this run's generator configuration "
                          f"({meta.get('config')}); pass a file written by --pack with the same "
                          f"--g-channels/--resolution.")
     for net in _PACKED:
         state = {k[len(net) + 1 :]: v for k, v in tensors.items() if k.startswith(net + ".")}
+        if widened and net != "D":
+            state["mapping.skip.weight"] = torch.zeros_like(getattr(trainer, net).mapping.skip.weight)
         load_state_dict(getattr(trainer, net), state, source=f"{path} ({net})")
     trainer.latents.set_state(tensors["latents_rng"])
     torch.set_rng_state(tensors["torch_rng"])

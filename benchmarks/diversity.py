@@ -7,7 +7,8 @@ no other evaluation uses). A pair of images is a near duplicate when their label
 pixels; the figure is the share of such pairs among all n(n-1) ordered pairs. A mode-collapsed generator
 repeats layouts the world almost never repeats. Since the world reads every choice from the latent, the script
 also reports how often G(z) shows what the world's scene for the same z contains (watermark, spire, dome, tree,
-dusk): a generator that ignores its latent for a class samples that class from memorised layouts.
+dusk): a generator that ignores its latent for a class samples that class from memorised layouts; and, for a
+generator with a mapping network, how much of those facts a linear probe still reads from w (``w_reads``).
 `benchmarks/eval_world.py` reports the same figures with
 these helpers, on its own seeds (0..n-1, so its first page is the dashboard's seeds 0-11). The last line is
 machine-readable.
@@ -16,6 +17,7 @@ machine-readable.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,6 +61,31 @@ def latent_agreement(images: Tensor, labels: Tensor, z: Tensor) -> dict[str, flo
     return {name: (shown[name].cpu() == truth[name].cpu()).float().mean().item() for name in shown}
 
 
+def w_readability(
+    mapping: Callable[[Tensor], Tensor], n: int = 3000, seed: int = SEEDS + 1_000_000
+) -> dict[str, tuple[float, float]]:
+    """Per fact, held-out accuracy of a linear probe (standardised logistic regression, 80/20 split) from
+    ``mapping(z)`` and from ``z`` itself, on ``n`` world latents: how much of what the world reads from z survives
+    into w. A mapping that scrambles z leaves G to unscramble it before it can place anything."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    z = World.sample_latents(range(seed, seed + n))
+    facts = World().scene_facts(z)
+    w = mapping(z).flatten(1).float().cpu().numpy()
+    train = int(0.8 * n)
+    out = {}
+    for name, fact in {**FACT_OF, "dusk": "dusk"}.items():
+        y = facts[fact].cpu().numpy().astype(int)
+        scores = []
+        for x in (w, z.numpy()):
+            probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+            scores.append(probe.fit(x[:train], y[:train]).score(x[train:], y[train:]))
+        out[name] = (scores[0], scores[1])
+    return out
+
+
 def load_model(name: str, device: str = "cpu") -> tuple[nn.Module, Any]:
     """``loaders.load(name)``, or exit with a message naming ``name`` and why it is not a loadable generator."""
     try:
@@ -91,8 +118,14 @@ def main() -> None:
     print(f"  near-duplicate pairs among seeds 0-{FIRST_PAGE - 1}: {page or 'none'}")
     print("G(z) shows what the world's scene for z contains (1: always, about 0.5: ignores z): "
           + "  ".join(f"{k}={v:.3f}" for k, v in follows.items()))
+    mapping = getattr(G, "mapping", None)
+    reads = w_readability(mapping) if isinstance(mapping, nn.Module) else {}
+    if reads:
+        print("a linear probe reads the world's facts from G's w (from z itself): "
+              + "  ".join(f"{k}={a:.3f} ({b:.3f})" for k, (a, b) in reads.items()))
+    w_reads = f" w_reads={sum(a for a, _ in reads.values()) / len(reads):.3f}" if reads else ""
     print(f"diversity: model={args.model} n={args.n} generator_near_dup={g:.5f} world_near_dup={w:.5f} "
-          f"first_page_near_dup_pairs={len(page)} follows_latent={sum(follows.values()) / len(follows):.3f}")
+          f"first_page_near_dup_pairs={len(page)} follows_latent={sum(follows.values()) / len(follows):.3f}{w_reads}")
 
 
 if __name__ == "__main__":

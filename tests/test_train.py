@@ -13,7 +13,13 @@ from dissect.models.train import Trainer, build_parser, checkpoint_path, snapsho
 from dissect.models.world import CLASSES, World
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from diversity import latent_agreement, load_model, near_duplicate_pairs, near_duplicate_share  # noqa: E402
+from diversity import (  # noqa: E402
+    latent_agreement,
+    load_model,
+    near_duplicate_pairs,
+    near_duplicate_share,
+    w_readability,
+)
 
 TINY = ["--batch", "4", "--g-channels", "4:16,8:16,16:8,32:8,64:8", "--d-channels", "64:8,32:8,16:8,8:8,4:8",
         "--warmup-steps", "1", "--r1-every", "2", "--sample-every", "0", "--snapshot-every", "0", "--threads", "1",
@@ -157,6 +163,14 @@ def test_latent_agreement_is_high_for_the_world_itself_and_low_for_a_generator_t
     assert set(own) == {"watermark", "spire", "dome", "tree", "dusk"} and min(own.values()) >= 0.95
     shuffled = latent_agreement(images, labels, z.roll(1, 0))  # every image judged against another scene's facts
     assert sum(shuffled.values()) / len(shuffled) < 0.8
+
+
+def test_w_readability_is_high_for_a_mapping_that_keeps_z_and_chance_for_one_that_drops_it():
+    kept = w_readability(lambda z: z * 3.0 + 1.0, n=1000)  # 800 fits of 128 features: below 3000's 0.98
+    assert kept["dusk"][0] >= 0.85 and kept["watermark"][0] >= 0.85
+    assert all(abs(a - b) < 1e-9 for a, b in kept.values())  # an affine map of z reads as z
+    dropped = w_readability(lambda z: torch.randn(len(z), 8, generator=torch.Generator().manual_seed(0)), n=1000)
+    assert dropped["dusk"][0] < 0.8 <= dropped["dusk"][1]
 
 
 def test_a_pack_carries_the_run_in_fp16_and_resumes_where_it_stopped(tmp_path, capsys):

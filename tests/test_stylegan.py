@@ -153,3 +153,20 @@ def test_mapping_skip_starts_as_the_same_function_and_carries_z_linearly(tmp_pat
     assert loaded.config == skip.config
     with torch.no_grad():
         torch.testing.assert_close(loaded.mapping(z), skip.mapping(z).half().float(), atol=1e-2, rtol=1e-2)
+
+
+def test_a_conditional_discriminator_starts_as_the_plain_one_and_then_reads_its_condition():
+    channels = {64: 8, 32: 8, 16: 16, 8: 16, 4: 16}
+    torch.manual_seed(0)
+    plain = Discriminator(64, channels).eval()
+    cond = Discriminator(64, channels, cond_dim=5).eval()
+    load_state_dict(cond, {**plain.state_dict(), **{k: v for k, v in cond.state_dict().items() if "cond_embed" in k}})
+    x, c = torch.randn(4, 3, 64, 64), torch.randn(4, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(cond(x, c), plain(x))
+        cond.cond_embed.weight.normal_()
+        assert not torch.allclose(cond(x, c), cond(x, c.roll(1, 0)))
+    with pytest.raises(ValueError, match=r"takes a condition \(N, 5\), got none"):
+        cond(x)
+    with pytest.raises(ValueError, match=r"takes no condition, got \(4, 5\)"):
+        plain(x, c)

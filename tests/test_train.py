@@ -190,22 +190,28 @@ def test_a_pack_carries_the_run_in_fp16_and_resumes_where_it_stopped(tmp_path, c
     assert f"started from {pack} at step 3" in capsys.readouterr().out
 
 
-def test_a_pack_without_the_mapping_skip_continues_as_the_same_function_with_the_path_learning(tmp_path):
+def test_a_pack_without_the_mapping_skip_or_d_condition_continues_as_the_same_function_and_they_learn(tmp_path):
     from dissect.models.train import load_pack
 
     pack = tmp_path / "run.safetensors"
     packed = train(_args(tmp_path / "a", 2, "--pack", str(pack)))
-    widened = Trainer(_args(tmp_path / "b", 3, "--mapping-skip"))
+    widened = Trainer(_args(tmp_path / "b", 3, "--mapping-skip", "--cond-d"))
     load_pack(widened, pack)
     assert widened.G.config["mapping_skip"] and not widened.G.mapping.skip.weight.any()
-    z = torch.randn(2, widened.G.z_dim)
+    assert not widened.D.cond_embed.weight.any()
+    z = torch.randn(4, widened.G.z_dim)
     with torch.no_grad():
         for net in ("G", "G_ema"):
             ref = copy.deepcopy(getattr(packed, net)).half().float().eval()
             torch.testing.assert_close(getattr(widened, net).eval()(z), ref(z), rtol=1e-5, atol=1e-5)
-    widened.G.train()
-    widened.step()
+        images = packed.G_ema(z)
+        ref = copy.deepcopy(packed.D).half().float().eval()
+        torch.testing.assert_close(widened.D.eval()(images, z[:, :49]), ref(images), rtol=1e-4, atol=1e-4)
+    widened.G.train(), widened.D.train()
+    stats = widened.step()
+    assert math.isfinite(stats["mismatch"])
     assert widened.G.mapping.skip.weight.abs().sum() > 0, "the skip path must learn"
+    assert widened.D.cond_embed.weight.abs().sum() > 0, "the projection must learn"
     skip_pack = tmp_path / "skip.safetensors"
     train(_args(tmp_path / "c", 1, "--mapping-skip", "--pack", str(skip_pack)))
     with pytest.raises(ModelError, match="is not a pack of this run's generator configuration"):

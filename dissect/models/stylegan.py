@@ -275,9 +275,18 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """image (N, 3, R, R) -> logits (N,): strided spectral-norm convs, minibatch stddev, a linear head."""
+    """image (N, 3, R, R) -> logits (N,): strided spectral-norm convs, minibatch stddev, a linear head.
 
-    def __init__(self, resolution: int = 64, channels: Mapping[int, int] | None = None, mbstd_group: int = 4) -> None:
+    With ``cond_dim``, ``forward(images, cond (N, cond_dim))`` also judges whether the image belongs to its
+    condition, by projection (Miyato & Koyama 2018): the head's features are dotted with a linear embedding of
+    ``cond`` (``cond_embed``, starting at zero, so a discriminator trained without it continues as the same
+    function). A paired generator must then follow its latent to fool it; an unconditional D accepts any
+    realistic image for any latent.
+    """
+
+    def __init__(
+        self, resolution: int = 64, channels: Mapping[int, int] | None = None, mbstd_group: int = 4, cond_dim: int = 0
+    ) -> None:
         super().__init__()
         channels = channels or {64: 32, 32: 64, 16: 128, 8: 256, 4: 256, 128: 16}
         sn = nn.utils.parametrizations.spectral_norm
@@ -295,12 +304,23 @@ class Discriminator(nn.Module):
             nn.Flatten(),
             sn(nn.Linear(channels[4] * 16, 1)),
         )
+        self.cond_dim = cond_dim
+        self.cond_embed = nn.Linear(cond_dim, channels[4] * 16) if cond_dim else None
+        if self.cond_embed is not None:
+            nn.init.zeros_(self.cond_embed.weight)
+            nn.init.zeros_(self.cond_embed.bias)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(images)[0]
+    def forward(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_features(images, cond)[0]
 
-    def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward_features(
+        self, images: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits ``(N,)`` and the output of every convolution of the feature stack, finest first."""
+        if (cond is None) != (self.cond_embed is None):
+            wants = f"a condition (N, {self.cond_dim})" if self.cond_dim else "no condition"
+            got = "none" if cond is None else tuple(cond.shape)
+            raise ValueError(f"This discriminator takes {wants}, got {got}.")
         taps = []
         x = images
         for layer in self.features:
@@ -312,4 +332,9 @@ class Discriminator(nn.Module):
         g = math.gcd(self.mbstd_group, n)
         std = x.reshape(g, n // g, *x.shape[1:]).std(dim=0, unbiased=False).mean(dim=(1, 2, 3))  # (n // g,)
         std = std.repeat(g)[:, None, None, None].expand(n, 1, x.shape[2], x.shape[3])
-        return self.head(torch.cat([x, std], dim=1)).squeeze(1), taps
+        x = torch.cat([x, std], dim=1)
+        if self.cond_embed is None:
+            return self.head(x).squeeze(1), taps
+        features = self.head[:-1](x)  # (N, C*16): what the last linear layer reads
+        logits = self.head[-1](features).squeeze(1) + (features * self.cond_embed(cond)).sum(1)
+        return logits, taps

@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mapping-skip", action="store_true",
                    help="add a linear path from z to w beside the mapping MLP (stylegan.MappingNetwork), so w keeps "
                         "the world's factors; a --from-pack run without it continues with the path at zero")
+    p.add_argument("--cond-d", action="store_true",
+                   help="a projection discriminator conditioned on the world's latent entries, also shown real images "
+                        "with another image's latent as fakes (GAN-CLS), so the adversary itself asks G to follow z; "
+                        "a --from-pack run without it continues with the projection at zero")
     p.add_argument("--lr", type=float, default=0.002)
     p.add_argument("--mapping-lr-mul", type=float, default=0.01, help="the mapping network learns slower")
     p.add_argument("--warmup-steps", type=int, default=300, help="steps of pure regression before the GAN loss")
@@ -133,7 +137,8 @@ class Trainer:
         )
         if args.init_from is not None:
             self._init_generator(args.init_from)
-        self.D = Discriminator(args.resolution, args.d_channels).to(self.device)
+        self.D = Discriminator(args.resolution, args.d_channels, cond_dim=self.world.latent_dim if args.cond_d else 0)
+        self.D.to(self.device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self._format(self.G, self.D, self.G_ema)
         mapping = list(self.G.mapping.parameters())
@@ -199,6 +204,10 @@ class Trainer:
             out["div"] = F.relu(d_world - d_fake).mean()
         return out
 
+    def _cond(self, z: torch.Tensor) -> torch.Tensor | None:
+        """What a conditional D reads of a latent: the entries the world reads; None for a plain D."""
+        return z[:, : self.world.latent_dim] if self.args.cond_d else None
+
     def step(self) -> dict[str, float]:
         """One step: a D update (with lazy R1) then a G update, sharing one G forward; during the D warm-up
         (``--d-warmup-steps`` after ``--warmup-steps``) G only renders."""
@@ -217,10 +226,15 @@ class Trainer:
             loss_g = regress
         else:
             real = self._world(z_real)[0]
-            loss_d = F.softplus(self.D(fake.detach())).mean() + F.softplus(-self.D(real)).mean()
+            c, c_real = self._cond(z), self._cond(z_real)
+            loss_d = F.softplus(self.D(fake.detach(), c)).mean() + F.softplus(-self.D(real, c_real)).mean()
+            if a.cond_d:  # a real image with another scene's latent is a fake: D learns what follows from z
+                mismatch = F.softplus(self.D(real, c_real.roll(1, 0))).mean()
+                loss_d = loss_d + mismatch
+                stats["mismatch"] = mismatch.item()
             if a.r1_every > 0 and self.step_count % a.r1_every == 0:
                 real_r1 = real.detach().requires_grad_(True)
-                (grad,) = torch.autograd.grad(self.D(real_r1).sum(), real_r1, create_graph=True)
+                (grad,) = torch.autograd.grad(self.D(real_r1, c_real).sum(), real_r1, create_graph=True)
                 loss_d = loss_d + grad.square().sum(dim=(1, 2, 3)).mean() * (a.r1_gamma / 2 * a.r1_every)
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
@@ -230,13 +244,13 @@ class Trainer:
                 self._update_ema()
                 self.step_count += 1
                 return stats
-            logits, fake_features = self.D.forward_features(fake)
+            logits, fake_features = self.D.forward_features(fake, c)
             adv = F.softplus(-logits).mean()
             loss_g = a.adv_weight * adv + a.regress_weight * regress
             stats["adv"] = adv.item()
             if a.fm_weight > 0:
                 with torch.no_grad():
-                    target_features = self.D.forward_features(target)[1]
+                    target_features = self.D.forward_features(target, c)[1]
                 fm = sum((f - t).abs().mean() for f, t in zip(fake_features, target_features)) / len(fake_features)
                 loss_g = loss_g + a.fm_weight * fm
                 stats["fm"] = fm.item()
@@ -315,6 +329,8 @@ def load_checkpoint(trainer: Trainer, out: Path) -> bool:
 
 
 _PACKED = ("G", "G_ema", "D")
+# Paths a run may add to a packed one, zero-initialised so that the packed function continues unchanged.
+_ADDED_AT_ZERO = ("mapping.skip.", "cond_embed.")
 
 
 def save_pack(trainer: Trainer, path: Path) -> None:
@@ -334,22 +350,22 @@ def save_pack(trainer: Trainer, path: Path) -> None:
 def load_pack(trainer: Trainer, path: Path) -> None:
     """Load a :func:`save_pack` file into a fresh trainer (its optimisers stay fresh).
 
-    A pack without the mapping's skip path loads into a run with ``--mapping-skip``: the path starts at zero,
-    so the run continues the packed function and learns the path from there.
+    A pack without the mapping's skip path or D's condition loads into a run with ``--mapping-skip`` or
+    ``--cond-d``: the added path starts at zero, so the run continues the packed function and learns it from there.
     """
     tensors, meta = load_weights(path)
     config = json.loads(meta.get("config", "null")) if "step" in meta else None
-    widened = isinstance(config, dict) and trainer.G.mapping.skip is not None and not config.get("mapping_skip")
-    if widened:
-        config["mapping_skip"] = True
+    if isinstance(config, dict) and trainer.G.mapping.skip is not None:
+        config.setdefault("mapping_skip", True)
     if config != json.loads(json.dumps(trainer.G.config)):
         raise ModelError(f"--from-pack {path} is not a pack of this run's generator configuration "
                          f"({meta.get('config')}); pass a file written by --pack with the same "
                          f"--g-channels/--resolution.")
     for net in _PACKED:
         state = {k[len(net) + 1 :]: v for k, v in tensors.items() if k.startswith(net + ".")}
-        if widened and net != "D":
-            state["mapping.skip.weight"] = torch.zeros_like(getattr(trainer, net).mapping.skip.weight)
+        for name, value in getattr(trainer, net).state_dict().items():
+            if name.startswith(_ADDED_AT_ZERO) and name not in state:  # a path this run adds: it starts at zero
+                state[name] = value
         load_state_dict(getattr(trainer, net), state, source=f"{path} ({net})")
     trainer.latents.set_state(tensors["latents_rng"])
     torch.set_rng_state(tensors["torch_rng"])

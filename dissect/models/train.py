@@ -19,6 +19,11 @@ latents). ``--l1-class-power`` weighs the pixel L1 by the class of the world's p
 without the segmenter. ``--init-from`` starts G from an exported generator; ``--d-warmup-steps`` then trains
 the fresh discriminator alone for a while.
 
+Two more reasons G ignored z (session 8): the mapping MLP scrambles a latent whose entries are already the
+scene's factors (``--mapping-skip`` adds a linear z -> w path), and an unconditional D accepts any realistic
+image for any z, so the adversary never asks G to follow it (``--cond-d``: a projection discriminator on the
+world's latent entries, with real images under another scene's latent as extra fakes).
+
 Checkpoints are resumable and written atomically under ``--out`` (default ``~/.cache/dissect/train-spires``):
 run the same command again and it continues from the latest one. A cache does not always survive to the next
 machine, so ``--pack FILE`` writes a run's state small enough to commit (G, its EMA and D in fp16, the step and

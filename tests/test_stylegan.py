@@ -159,11 +159,14 @@ def test_a_conditional_discriminator_starts_as_the_plain_one_and_then_reads_its_
     channels = {64: 8, 32: 8, 16: 16, 8: 16, 4: 16}
     torch.manual_seed(0)
     plain = Discriminator(64, channels).eval()
-    cond = Discriminator(64, channels, cond_dim=5).eval()
-    load_state_dict(cond, {**plain.state_dict(), **{k: v for k, v in cond.state_dict().items() if "cond_embed" in k}})
+    cond = Discriminator(64, channels, cond_dim=5, cond_hidden=7).eval()
+    load_state_dict(cond, {**plain.state_dict(), **{k: v for k, v in cond.state_dict().items() if "cond_" in k}})
     x, c = torch.randn(4, 3, 64, 64), torch.randn(4, 5)
     with torch.no_grad():
         torch.testing.assert_close(cond(x, c), plain(x))
+        cond.cond_mlp[2].weight.normal_()
+        assert not torch.allclose(cond(x, c), cond(x, c.roll(1, 0)))
+        cond.cond_mlp[2].weight.zero_()
         cond.cond_embed.weight.normal_()
         assert not torch.allclose(cond(x, c), cond(x, c.roll(1, 0)))
     with pytest.raises(ValueError, match=r"takes a condition \(N, 5\), got none"):

@@ -195,10 +195,10 @@ def test_a_pack_without_the_mapping_skip_or_d_condition_continues_as_the_same_fu
 
     pack = tmp_path / "run.safetensors"
     packed = train(_args(tmp_path / "a", 2, "--pack", str(pack)))
-    widened = Trainer(_args(tmp_path / "b", 3, "--mapping-skip", "--cond-d"))
+    widened = Trainer(_args(tmp_path / "b", 3, "--mapping-skip", "--cond-d", "--cond-d-hidden", "8"))
     load_pack(widened, pack)
     assert widened.G.config["mapping_skip"] and not widened.G.mapping.skip.weight.any()
-    assert not widened.D.cond_embed.weight.any()
+    assert not widened.D.cond_embed.weight.any() and not widened.D.cond_mlp[2].weight.any()
     z = torch.randn(4, widened.G.z_dim)
     with torch.no_grad():
         for net in ("G", "G_ema"):
@@ -212,6 +212,9 @@ def test_a_pack_without_the_mapping_skip_or_d_condition_continues_as_the_same_fu
     assert math.isfinite(stats["mismatch"])
     assert widened.G.mapping.skip.weight.abs().sum() > 0, "the skip path must learn"
     assert widened.D.cond_embed.weight.abs().sum() > 0, "the projection must learn"
+    assert widened.D.cond_mlp[2].weight.abs().sum() > 0, "the MLP embedding must learn"
+    with pytest.raises(ValueError, match="pass --cond-d as well"):
+        Trainer(_args(tmp_path / "e", 3, "--cond-d-hidden", "8"))
     skip_pack = tmp_path / "skip.safetensors"
     train(_args(tmp_path / "c", 1, "--mapping-skip", "--pack", str(skip_pack)))
     with pytest.raises(ModelError, match="is not a pack of this run's generator configuration"):

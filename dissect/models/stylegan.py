@@ -280,12 +280,18 @@ class Discriminator(nn.Module):
     With ``cond_dim``, ``forward(images, cond (N, cond_dim))`` also judges whether the image belongs to its
     condition, by projection (Miyato & Koyama 2018): the head's features are dotted with a linear embedding of
     ``cond`` (``cond_embed``, starting at zero, so a discriminator trained without it continues as the same
-    function). A paired generator must then follow its latent to fool it; an unconditional D accepts any
+    function), plus with ``cond_hidden`` a one-hidden-layer MLP embedding (``cond_mlp``, its output starting at
+    zero). A paired generator must then follow its latent to fool it; an unconditional D accepts any
     realistic image for any latent.
     """
 
     def __init__(
-        self, resolution: int = 64, channels: Mapping[int, int] | None = None, mbstd_group: int = 4, cond_dim: int = 0
+        self,
+        resolution: int = 64,
+        channels: Mapping[int, int] | None = None,
+        mbstd_group: int = 4,
+        cond_dim: int = 0,
+        cond_hidden: int = 0,
     ) -> None:
         super().__init__()
         channels = channels or {64: 32, 32: 64, 16: 128, 8: 256, 4: 256, 128: 16}
@@ -309,6 +315,15 @@ class Discriminator(nn.Module):
         if self.cond_embed is not None:
             nn.init.zeros_(self.cond_embed.weight)
             nn.init.zeros_(self.cond_embed.bias)
+        # With cond_hidden, an MLP embedding beside the linear one, for facts that are not monotone in one entry
+        # (a dome is a band of its roof entry); its last layer starts at zero.
+        self.cond_mlp = None
+        if cond_dim and cond_hidden:
+            self.cond_mlp = nn.Sequential(
+                nn.Linear(cond_dim, cond_hidden), nn.LeakyReLU(0.2), nn.Linear(cond_hidden, channels[4] * 16)
+            )
+            nn.init.zeros_(self.cond_mlp[2].weight)
+            nn.init.zeros_(self.cond_mlp[2].bias)
 
     def forward(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_features(images, cond)[0]
@@ -336,5 +351,6 @@ class Discriminator(nn.Module):
         if self.cond_embed is None:
             return self.head(x).squeeze(1), taps
         features = self.head[:-1](x)  # (N, C*16): what the last linear layer reads
-        logits = self.head[-1](features).squeeze(1) + (features * self.cond_embed(cond)).sum(1)
+        embed = self.cond_embed(cond) if self.cond_mlp is None else self.cond_embed(cond) + self.cond_mlp(cond)
+        logits = self.head[-1](features).squeeze(1) + (features * embed).sum(1)
         return logits, taps

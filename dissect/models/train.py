@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a projection discriminator conditioned on the world's latent entries, also shown real images "
                         "with another image's latent as fakes (GAN-CLS), so the adversary itself asks G to follow z; "
                         "a --from-pack run without it continues with the projection at zero")
+    p.add_argument("--cond-d-hidden", type=int, default=0,
+                   help="with --cond-d, also an MLP embedding of the condition with this many hidden units (a dome is "
+                        "a band of its roof entry, which a linear embedding cannot single out); added at zero")
     p.add_argument("--lr", type=float, default=0.002)
     p.add_argument("--mapping-lr-mul", type=float, default=0.01, help="the mapping network learns slower")
     p.add_argument("--warmup-steps", type=int, default=300, help="steps of pure regression before the GAN loss")
@@ -142,7 +145,10 @@ class Trainer:
         )
         if args.init_from is not None:
             self._init_generator(args.init_from)
-        self.D = Discriminator(args.resolution, args.d_channels, cond_dim=self.world.latent_dim if args.cond_d else 0)
+        if args.cond_d_hidden and not args.cond_d:
+            raise ValueError("--cond-d-hidden adds to the conditional discriminator: pass --cond-d as well.")
+        self.D = Discriminator(args.resolution, args.d_channels, cond_dim=self.world.latent_dim if args.cond_d else 0,
+                               cond_hidden=args.cond_d_hidden)
         self.D.to(self.device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self._format(self.G, self.D, self.G_ema)
@@ -334,8 +340,8 @@ def load_checkpoint(trainer: Trainer, out: Path) -> bool:
 
 
 _PACKED = ("G", "G_ema", "D")
-# Paths a run may add to a packed one, zero-initialised so that the packed function continues unchanged.
-_ADDED_AT_ZERO = ("mapping.skip.", "cond_embed.")
+# Paths a run may add to a packed one, whose output starts at zero, so that the packed function continues unchanged.
+_ADDED_AT_ZERO = ("mapping.skip.", "cond_embed.", "cond_mlp.")
 
 
 def save_pack(trainer: Trainer, path: Path) -> None:
@@ -369,7 +375,7 @@ def load_pack(trainer: Trainer, path: Path) -> None:
     for net in _PACKED:
         state = {k[len(net) + 1 :]: v for k, v in tensors.items() if k.startswith(net + ".")}
         for name, value in getattr(trainer, net).state_dict().items():
-            if name.startswith(_ADDED_AT_ZERO) and name not in state:  # a path this run adds: it starts at zero
+            if name.startswith(_ADDED_AT_ZERO) and name not in state:  # a path this run adds: its output starts at zero
                 state[name] = value
         load_state_dict(getattr(trainer, net), state, source=f"{path} ({net})")
     trainer.latents.set_state(tensors["latents_rng"])

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import statistics
 import sys
@@ -49,6 +50,9 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+# The dashboard's cached helpers run here outside a Streamlit script, where each call warns of a missing script
+# context: hundreds of lines that bury the figures. (Streamlit resets its loggers' levels, not `disabled`.)
+logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context").disabled = True
 # The canvas itself runs only in a browser (dashboard.canvas); here its strokes are
 # simulated (stroke_mask), and everything after it (canvas_mask, record_stroke, the request, the solve) is the
 # dashboard's own code.
@@ -299,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=float, default=None, help="override the smoothness budget (a probe)")
     p.add_argument("--strength", type=float, default=None, help="override the paste strength (a probe)")
     p.add_argument("--layer", default=None, help="override the dashboard's layer (a probe)")
+    p.add_argument("--model", default="spires",
+                   help="the model the dashboard opens: the embedded generator, or a candidate's exported file")
     p.add_argument("--sheets", type=Path, default=None, help="write typical / worst before-after sheets here")
     p.add_argument("--no-grow", action="store_true", help="skip 'Add the best matches to the context' (a probe)")
     p.add_argument("--threads", type=int, default=1)
@@ -314,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
 
-    ws = Workspace.open("spires")
+    ws = Workspace.open(args.model)
     if args.layer:
         ws.layer = args.layer
     seg = measure.load_segmenter()
@@ -323,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     metric = list(range(args.metric_start, args.metric_start + args.metric_n))
     bench = Bench(ws, seg, perceptual, scale, metric, measure.render(ws.model, ws.sampler, metric, seg),
                   measure.render(ws.model, ws.sampler, list(BROWSED), seg), grow=not args.no_grow)
-    print(f"layer {ws.layer}; perceptual scale: {scale}; {len(metric)} metric seeds from {args.metric_start}", flush=True)
+    print(f"model {args.model}; layer {ws.layer}; perceptual scale: {scale}; {len(metric)} metric seeds from "
+          f"{args.metric_start}", flush=True)
 
     summary: dict[str, list[str]] = {}
     for task in args.tasks.split(","):

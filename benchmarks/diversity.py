@@ -8,7 +8,9 @@ pixels; the figure is the share of such pairs among all n(n-1) ordered pairs. A 
 repeats layouts the world almost never repeats. Since the world reads every choice from the latent, the script
 also reports how often G(z) shows what the world's scene for the same z contains (watermark, spire, dome, tree,
 dusk): a generator that ignores its latent for a class samples that class from memorised layouts; and, for a
-generator with a mapping network, how much of those facts a linear probe still reads from w (``w_reads``).
+generator with a mapping network, how much of those facts a linear probe still reads from w (``w_reads``); and
+whether G(z) puts each object where the world's scene for z has it (``layout_iou``: per-class IoU of the two label
+maps, beside the same against another scene's map).
 `benchmarks/eval_world.py` reports the same figures with
 these helpers, on its own seeds (0..n-1, so its first page is the dashboard's seeds 0-11). The last line is
 machine-readable.
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 
 from dissect.models import load
 from dissect.models.segmenter import load_segmenter, present
-from dissect.models.world import World, is_dusk
+from dissect.models.world import CLASSES, World, is_dusk
 
 SEEDS = 7_000_000
 AGREEMENT = 0.95
@@ -59,6 +61,21 @@ def latent_agreement(images: Tensor, labels: Tensor, z: Tensor) -> dict[str, flo
     shown = {name: present(labels, name) for name in FACT_OF} | {"dusk": is_dusk(images, labels)}
     truth = {name: facts[fact] for name, fact in FACT_OF.items()} | {"dusk": facts["dusk"]}
     return {name: (shown[name].cpu() == truth[name].cpu()).float().mean().item() for name in shown}
+
+
+OBJECTS = tuple(c for c in CLASSES if c not in ("sky", "ground"))
+
+
+def layout_iou(generated: Tensor, world: Tensor) -> dict[str, float]:
+    """Per object class, the IoU of G(z)'s label map ``generated (N, H, W)`` with the world's map for the same z
+    ``world (N, H, W)``, pooled over images: whether G puts things where the world's scene for z has them. Pairing
+    each map with another scene's (``world.roll(1, 0)``) gives the level of a generator that ignores positions."""
+    out = {}
+    for name in OBJECTS:
+        g, w = generated == CLASSES.index(name), world == CLASSES.index(name)
+        union = (g | w).sum().item()
+        out[name] = (g & w).sum().item() / union if union else float("nan")
+    return out
 
 
 def w_readability(
@@ -118,6 +135,15 @@ def main() -> None:
     print(f"  near-duplicate pairs among seeds 0-{FIRST_PAGE - 1}: {page or 'none'}")
     print("G(z) shows what the world's scene for z contains (1: always, about 0.5: ignores z): "
           + "  ".join(f"{k}={v:.3f}" for k, v in follows.items()))
+    layout, unpaired = layout_iou(generated, world), layout_iou(generated, world.roll(1, 0))
+    def mean(values: dict[str, float]) -> float:
+        seen = [v for v in values.values() if v == v]  # a class neither map shows has no IoU
+        return sum(seen) / len(seen)
+
+    mean_layout = mean(layout)
+    print("G(z) puts objects where the world's scene for z has them (IoU; against another scene's map): "
+          + "  ".join(f"{k}={v:.2f} ({unpaired[k]:.2f})" for k, v in layout.items())
+          + f"  mean {mean_layout:.3f} ({mean(unpaired):.3f})")
     mapping = getattr(G, "mapping", None)
     reads = w_readability(mapping) if isinstance(mapping, nn.Module) else {}
     if reads:
@@ -125,7 +151,8 @@ def main() -> None:
               + "  ".join(f"{k}={a:.3f} ({b:.3f})" for k, (a, b) in reads.items()))
     w_reads = f" w_reads={sum(a for a, _ in reads.values()) / len(reads):.3f}" if reads else ""
     print(f"diversity: model={args.model} n={args.n} generator_near_dup={g:.5f} world_near_dup={w:.5f} "
-          f"first_page_near_dup_pairs={len(page)} follows_latent={sum(follows.values()) / len(follows):.3f}{w_reads}")
+          f"first_page_near_dup_pairs={len(page)} follows_latent={sum(follows.values()) / len(follows):.3f}"
+          f" layout_iou={mean_layout:.3f}{w_reads}")
 
 
 if __name__ == "__main__":

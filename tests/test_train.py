@@ -15,6 +15,7 @@ from dissect.models.world import CLASSES, World
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from diversity import (  # noqa: E402
     latent_agreement,
+    layout_iou,
     load_model,
     near_duplicate_pairs,
     near_duplicate_share,
@@ -163,6 +164,15 @@ def test_latent_agreement_is_high_for_the_world_itself_and_low_for_a_generator_t
     assert set(own) == {"watermark", "spire", "dome", "tree", "dusk"} and min(own.values()) >= 0.95
     shuffled = latent_agreement(images, labels, z.roll(1, 0))  # every image judged against another scene's facts
     assert sum(shuffled.values()) / len(shuffled) < 0.8
+
+
+def test_layout_iou_is_one_for_the_world_itself_and_low_against_other_scenes():
+    world = World()
+    _, labels = world.render(world.sample_latents(range(40)))
+    own = layout_iou(labels, labels)
+    assert "sky" not in own and all(v == 1.0 for v in own.values() if v == v)
+    other = layout_iou(labels, labels.roll(1, 0))
+    assert other["wall"] < 0.5 and other["tree"] < 0.5
 
 
 def test_w_readability_is_high_for_a_mapping_that_keeps_z_and_chance_for_one_that_drops_it():

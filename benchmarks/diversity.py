@@ -78,6 +78,12 @@ def layout_iou(generated: Tensor, world: Tensor) -> dict[str, float]:
     return out
 
 
+def mean_iou(ious: dict[str, float]) -> float:
+    """The mean of :func:`layout_iou`'s figures over the classes either map shows (the others have no IoU)."""
+    seen = [v for v in ious.values() if v == v]
+    return sum(seen) / len(seen)
+
+
 def w_readability(
     mapping: Callable[[Tensor], Tensor], n: int = 3000, seed: int = SEEDS + 1_000_000
 ) -> dict[str, tuple[float, float]]:
@@ -136,14 +142,10 @@ def main() -> None:
     print("G(z) shows what the world's scene for z contains (1: always, about 0.5: ignores z): "
           + "  ".join(f"{k}={v:.3f}" for k, v in follows.items()))
     layout, unpaired = layout_iou(generated, world), layout_iou(generated, world.roll(1, 0))
-    def mean(values: dict[str, float]) -> float:
-        seen = [v for v in values.values() if v == v]  # a class neither map shows has no IoU
-        return sum(seen) / len(seen)
-
-    mean_layout = mean(layout)
+    mean_layout = mean_iou(layout)
     print("G(z) puts objects where the world's scene for z has them (IoU; against another scene's map): "
           + "  ".join(f"{k}={v:.2f} ({unpaired[k]:.2f})" for k, v in layout.items())
-          + f"  mean {mean_layout:.3f} ({mean(unpaired):.3f})")
+          + f"  mean {mean_layout:.3f} ({mean_iou(unpaired):.3f})")
     mapping = getattr(G, "mapping", None)
     reads = w_readability(mapping) if isinstance(mapping, nn.Module) else {}
     if reads:

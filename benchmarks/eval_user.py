@@ -16,7 +16,7 @@ button does (where the dashboard would hold a rule that does not carry to its co
   erase   brush the watermark on 3 images (Context), Erase. Figure: removal, the share of the metric samples
           marked before that are no longer marked (also apart for day and dusk scenes, whose watermarks the
           generator draws differently). Baseline: zeroing the erase's 30 units (GAN dissection).
-  paste   copy one tree (Copy), paint one spire (Paste, onto the painted region), brush 3 other spires
+  paste   copy one tree (Copy), paint one spire (the image's largest; Paste, onto the painted region), brush 3 other spires
           (Context), Paste. Figure: the share of the original spire pixels the segmenter labels tree. Beside it,
           the same share on the paste image when the request itself is rendered exactly (the goal).
           Baseline: fine-tuning the whole weight on the same constraint (Adam, as eval_edits).
@@ -48,6 +48,7 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 # The dashboard's cached helpers run here outside a Streamlit script, where each call warns of a missing script
@@ -177,6 +178,15 @@ def region(bench: Bench, seed: int, cls: int) -> torch.Tensor:
     return bench.browsed.labels[list(BROWSED).index(seed)] == cls
 
 
+def one_object(mask: torch.Tensor) -> torch.Tensor:
+    """The largest connected part of ``mask (H, W) bool`` (8-connected): the one spire a person paints to paste
+    onto. The dashboard centres the copy on the painted region's centre of mass, which for two spires lies in the
+    sky between them, where the copy meets neither."""
+    parts, n = ndimage.label(mask.numpy(), structure=np.ones((3, 3)))
+    sizes = np.bincount(parts.ravel(), minlength=n + 1)[1:]
+    return torch.from_numpy(parts == 1 + int(sizes.argmax()))
+
+
 def apply(ws: Workspace, kind: str, settings: Settings) -> tuple[Edit, bool]:
     """The *Apply edit* button (``editing.solve_and_check``) without its page: solve with the calibrated strength and
     apply. Returns the edit and whether the dashboard would have held it because the rule does not carry to the
@@ -227,12 +237,13 @@ def paste_task(bench: Bench, rng: random.Random, settings: Settings) -> Outcome:
     cy, cx = int(ys[pick]), int(xs[pick])
     window[max(0, cy - 5) : cy + 5, max(0, cx - 5) : cx + 5] = True
     brush(ws, brushing.COPY, tree_seed, stroke_mask(trees & window, rng))
-    brush(ws, brushing.PASTE, spires[0], stroke_mask(region(bench, spires[0], SPIRE), rng))
+    onto = one_object(region(bench, spires[0], SPIRE))
+    brush(ws, brushing.PASTE, spires[0], stroke_mask(onto, rng))
     for s in spires[1:]:
         brush(ws, brushing.CONTEXT, s, stroke_mask(region(bench, s, SPIRE), rng))
     if bench.grow:
         editing.add_matches(ws, editing.PASTE, settings)
-    goal = goal_conversion(bench, spires[0], settings)
+    goal = goal_conversion(bench, onto, settings)
     edit, held = apply(ws, editing.PASTE, settings)
     after = bench.render()
     outcome = Outcome(bench.pixels_changed(after, SPIRE, TREE), bench.collateral(after, SPIRE), 0, 0,
@@ -250,8 +261,8 @@ def paste_task(bench: Bench, rng: random.Random, settings: Settings) -> Outcome:
     return outcome
 
 
-def goal_conversion(bench: Bench, seed: int, settings: Settings) -> float:
-    """Share of the paste image's spire pixels the segmenter labels tree when the session's paste request is
+def goal_conversion(bench: Bench, onto: torch.Tensor, settings: Settings) -> float:
+    """Share of the painted spire's pixels ``onto (H, W)`` the segmenter labels tree when the session's paste request is
     rendered exactly (``rewrite.goal_output``: the copied values written over the painted spire at the layer, the
     model as it is): what the user asked for, which bounds what any rule fitted to it can show on that image."""
     memory = bench.ws.memory()
@@ -260,7 +271,7 @@ def goal_conversion(bench: Bench, seed: int, settings: Settings) -> float:
     goal = goal_output(memory, c, target.inputs)
     with torch.no_grad():
         labels = bench.seg(goal.to(next(bench.seg.parameters()))).argmax(1)[0].cpu()
-    return float((labels[region(bench, seed, SPIRE)] == TREE).float().mean())
+    return float((labels[onto] == TREE).float().mean())
 
 
 TASKS: dict[str, tuple[str, Callable[[Bench, random.Random, Settings], Outcome], float, float]] = {

@@ -48,7 +48,6 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from scipy import ndimage
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 # The dashboard's cached helpers run here outside a Streamlit script, where each call warns of a missing script
@@ -66,7 +65,7 @@ from dashboard.requests import RECOMMENDED, Settings  # noqa: E402
 from dashboard.workspace import Workspace  # noqa: E402
 from dissect import measure  # noqa: E402
 from dissect.models.world import CLASSES, is_dusk  # noqa: E402
-from dissect.rewrite import Edit, constraint, goal_output  # noqa: E402
+from dissect.rewrite import Edit, constraint, goal_output, mask_parts  # noqa: E402
 from dissect.visualize import image_grid, to_pil, to_unit  # noqa: E402
 
 BROWSED = range(48)  # the seeds a user browses: the grid's first four pages
@@ -178,15 +177,6 @@ def region(bench: Bench, seed: int, cls: int) -> torch.Tensor:
     return bench.browsed.labels[list(BROWSED).index(seed)] == cls
 
 
-def one_object(mask: torch.Tensor) -> torch.Tensor:
-    """The largest connected part of ``mask (H, W) bool`` (8-connected): the one spire a person paints to paste
-    onto. The dashboard centres the copy on the painted region's centre of mass, which for two spires lies in the
-    sky between them, where the copy meets neither."""
-    parts, n = ndimage.label(mask.numpy(), structure=np.ones((3, 3)))
-    sizes = np.bincount(parts.ravel(), minlength=n + 1)[1:]
-    return torch.from_numpy(parts == 1 + int(sizes.argmax()))
-
-
 def apply(ws: Workspace, kind: str, settings: Settings) -> tuple[Edit, bool]:
     """The *Apply edit* button (``editing.solve_and_check``) without its page: solve with the calibrated strength and
     apply. Returns the edit and whether the dashboard would have held it because the rule does not carry to the
@@ -237,7 +227,9 @@ def paste_task(bench: Bench, rng: random.Random, settings: Settings) -> Outcome:
     cy, cx = int(ys[pick]), int(xs[pick])
     window[max(0, cy - 5) : cy + 5, max(0, cx - 5) : cx + 5] = True
     brush(ws, brushing.COPY, tree_seed, stroke_mask(trees & window, rng))
-    onto = one_object(region(bench, spires[0], SPIRE))
+    # A person paints the one spire to paste onto: the dashboard centres the copy on the painted region's centre
+    # of mass, which for two spires lies in the sky between them, where the copy meets neither.
+    onto = mask_parts(region(bench, spires[0], SPIRE))[0]
     brush(ws, brushing.PASTE, spires[0], stroke_mask(onto, rng))
     for s in spires[1:]:
         brush(ws, brushing.CONTEXT, s, stroke_mask(region(bench, s, SPIRE), rng))

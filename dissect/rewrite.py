@@ -65,7 +65,7 @@ from dissect.memory import (
 __all__ = [
     "Request", "Copy", "Paste", "Context", "Erase", "Constraint", "Edit", "constraint", "constraint_loss", "solve",
     "Rewriter", "load", "read_edits", "weight_sha256", "check_strength", "DEFAULT_BUDGET", "SpecReader",
-    "calibrate_strength", "Calibration", "goal_output", "mask_centre"
+    "calibrate_strength", "Calibration", "goal_output", "mask_centre", "mask_parts"
 ]
 
 FORMAT = "dissect-edits/2"  # /2: every tensor carries a SHA-256 in the metadata
@@ -219,9 +219,10 @@ class Request:
         default)."""
         raise NotImplementedError
 
-    def at(self, inputs: Inputs, mask: Tensor) -> "Request":
+    def at(self, inputs: Inputs, mask: Tensor) -> list["Request"]:
         """The same request made on another image: ``inputs`` (one row), where ``mask (H, W)`` marks what the
-        request's own region marked in its image. :func:`calibrate_strength` renders these as held-out goals."""
+        request's own region marked in its image; one request per object where the kind acts on one (a paste
+        lands on each brushed spire). :func:`calibrate_strength` renders these together as a held-out goal."""
         raise RequestError(f"A {type(self).__name__} request cannot be moved onto other images, so its strength "
                            f"cannot be calibrated on them: pass a strength instead.")
 
@@ -280,6 +281,20 @@ def mask_centre(mask: Tensor) -> tuple[int, int]:
     return int((ys * m).sum() / m.sum()), int((xs * m).sum() / m.sum())
 
 
+def mask_parts(mask: Tensor) -> list[Tensor]:
+    """The 8-connected parts of ``mask (H, W)``, largest first, each a bool ``(H, W)``: the separate objects a
+    brush marked. (Labels spread as a running max over 3x3 neighbourhoods until they settle.)"""
+    m = mask.detach().bool().cpu()
+    labels = torch.arange(1, m.numel() + 1, dtype=torch.float32).view(m.shape) * m
+    while True:
+        spread = torch.nn.functional.max_pool2d(labels[None, None], 3, stride=1, padding=1)[0, 0] * m
+        if torch.equal(spread, labels):
+            break
+        labels = spread
+    parts = [labels == v for v in labels.unique() if v > 0]
+    return sorted(parts, key=lambda p: -int(p.sum()))
+
+
 def _shift(x: Tensor, offsets: Sequence[int]) -> Tensor:
     """``x (N, *grid, ...)`` moved by ``offsets`` cells along the grid axes, zero-filled."""
     out = torch.zeros_like(x)
@@ -331,10 +346,12 @@ class Paste(Request):
         region = reader.mask(dest["region"], "paste region") if isinstance(dest, dict) and "region" in dest else None
         return cls(reader.inputs([seed]), copied, tuple(center) if center else None, seeds=[seed], region=region)
 
-    def at(self, inputs: Inputs, mask: Tensor) -> "Paste":
-        """The same copy pasted onto ``mask`` of another image: centred on it, and onto it alone when this paste
-        is onto a region."""
-        return Paste(inputs, self.copy, mask_centre(mask), region=mask if self.region is not None else None)
+    def at(self, inputs: Inputs, mask: Tensor) -> list["Paste"]:
+        """The same copy pasted onto each object ``mask (H, W)`` marks in another image (its connected parts: the
+        centre of two spires lies in the sky between them), centred on it, and onto it alone when this paste is
+        onto a region."""
+        return [Paste(inputs, self.copy, mask_centre(part), region=part.to(mask) if self.region is not None else None)
+                for part in mask_parts(mask)]
 
     def constraint(self, memory: LayerMemory, context: Context | None) -> tuple[Constraint, Context]:
         _one_row(self.copy.inputs, "Copy")
@@ -861,14 +878,18 @@ def _solve(memory: LayerMemory, target: Request, context: Context | None, refine
     )
 
 
-def goal_output(memory: LayerMemory, c: Constraint, inputs: Inputs) -> Any:
+def goal_output(memory: LayerMemory, c: Constraint | Sequence[Constraint], inputs: Inputs) -> Any:
     """The model's output for ``inputs`` (the rows the constraint ``c`` was recorded on) with ``memory``'s layer
     emitting the target values where the constraint holds (``weights > 0``) and its own values elsewhere: what a
-    request asks for, rendered exactly."""
-    held = (c.weights > 0).unsqueeze(memory.adapter.channel_dim % c.target.dim())
+    request asks for, rendered exactly. Several constraints on the same rows (a request on each of several
+    objects) hold together, a later one winning where they overlap."""
+    cs = [c] if isinstance(c, Constraint) else list(c)
 
     def emit(output: Tensor, name: str) -> Tensor:
-        return torch.where(held.to(output.device), c.target.to(output), output)
+        for part in cs:
+            held = (part.weights > 0).unsqueeze(memory.adapter.channel_dim % part.target.dim())
+            output = torch.where(held.to(output.device), part.target.to(output), output)
+        return output
 
     model = memory.model
     with eval_mode(model), torch.no_grad(), Trace(model, memory.layer, retain_output=False, edit_output=emit):
@@ -918,8 +939,8 @@ def calibrate_strength(rewriter: "Rewriter", memory: LayerMemory, edit: Edit,
     goals, together = [], None
     for i in rows:
         row = select_rows(context.inputs, torch.tensor([i]))
-        c, _ = constraint(memory, target.at(row, context.masks[i]), None)
-        goals.append(goal_output(memory, c, row))
+        parts = [constraint(memory, moved, None)[0] for moved in target.at(row, context.masks[i])]
+        goals.append(goal_output(memory, parts, row))
         together = row if together is None else concat_rows(together, row)
     goal = torch.cat(goals)
 

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from eval_user import one_object, stroke_mask  # noqa: E402
+from eval_user import stroke_mask  # noqa: E402
 
 
 def test_strokes_cover_the_region_with_a_brush_margin_and_nothing_far_away():
@@ -29,18 +29,3 @@ def test_strokes_differ_between_draws_but_repeat_for_a_seed():
     region[10:30, 10:14] = True  # a thin spire
     a, b, c = (stroke_mask(region, random.Random(s)) for s in (0, 0, 1))
     assert torch.equal(a, b) and not torch.equal(a, c)
-
-
-def test_one_object_is_the_largest_connected_part_and_its_centre_lies_on_it():
-    from dissect.rewrite import mask_centre
-
-    two = torch.zeros(64, 64, dtype=torch.bool)
-    two[10:30, 10:14] = True  # a spire on the left
-    two[12:30, 50:53] = True  # a thinner one on the right: their centre of mass is in the sky between them
-    two[30, 14] = True  # a diagonal neighbour belongs to the left spire (8-connected)
-    y, x = mask_centre(two)
-    assert not two[y, x]
-    one = one_object(two)
-    assert one.dtype == torch.bool and one.sum() == 20 * 4 + 1 and not one[:, 40:].any()
-    y, x = mask_centre(one)
-    assert one[y, x]

@@ -27,6 +27,7 @@ from dissect.rewrite import (
     goal_output,
     load,
     mask_centre,
+    mask_parts,
     output_energy,
     read_edits,
     solve,
@@ -421,6 +422,36 @@ def test_calibration_picks_the_strength_that_reaches_the_held_out_goal_and_leave
     # Only far too strong an edit on offer: no strength beats leaving the model alone, so the edit keeps its own.
     blown = calibrate_strength(rewriter, memory, edit, strengths=(20.0,))
     assert not blown.carries and blown.edit is edit
+
+
+def test_mask_parts_are_the_brushed_objects_largest_first_each_holding_its_centre():
+    two = torch.zeros(64, 64, dtype=torch.bool)
+    two[10:30, 10:14] = True  # a spire on the left
+    two[12:30, 50:53] = True  # a thinner one on the right: their centre of mass is in the sky between them
+    two[30, 14] = True  # a diagonal neighbour belongs to the left spire (8-connected)
+    y, x = mask_centre(two)
+    assert not two[y, x]
+    parts = mask_parts(two)
+    assert [int(p.sum()) for p in parts] == [20 * 4 + 1, 18 * 3] and parts[0].dtype == torch.bool
+    assert torch.equal(parts[0] | parts[1], two) and not (parts[0] & parts[1]).any() and not parts[0][:, 40:].any()
+    assert all(p[mask_centre(p)] for p in parts)
+    assert mask_parts(torch.zeros(4, 4)) == []
+
+
+def test_a_paste_calibrated_on_an_image_with_two_objects_asks_for_the_copy_on_each(setup):
+    model, x, memory, _, _ = setup
+    box = _box(10, 1, 1, 2, 2)
+    target = Paste(x[1:2], Copy(x[:1], box), region=box, seeds=[1])
+    both = box + _box(10, 6, 6, 2, 2)  # a held-out image with two brushed objects
+    moved = target.at(x[2:3], both)
+    assert [m.position for m in moved] == [(1, 1), (6, 6)] and all(m.region is not None for m in moved)
+    goal = goal_output(memory, [constraint(memory, m, None)[0] for m in moved], x[2:3])
+    with torch.no_grad():
+        plain = model(x[2:3])
+    changed = (goal - plain).abs().amax(1)[0] > 1e-6
+    assert changed[1:3, 1:3].any() and changed[6:8, 6:8].any() and not changed[4, 4]  # the copy lands on each
+    edit = solve(memory, target, Context(x[1:3], torch.stack([box, both]), seeds=[1, 2]), budget=None)
+    assert calibrate_strength(Rewriter(model), memory, edit).images == 1
 
 
 def test_calibration_skips_the_request_s_own_image_and_refuses_kinds_that_cannot_move(setup):

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from dissect.models.segmenter import HELD_OUT_SEEDS, WEIGHTS, Segmenter, evaluate, load_segmenter, save_segmenter
-from dissect.models.train_segmenter import TRAIN_SEED_START, augment
+from dissect.models.train_segmenter import PASTED, TRAIN_SEED_START, augment, copy_paste
 from dissect.models.world import CLASSES, World
 
 
@@ -51,6 +51,24 @@ def test_augment_keeps_shapes_range_and_moves_labels_with_the_image():
     assert torch.equal(out_labels, labels)  # without shifts the labels stay put
     _, shifted = augment(images, labels, torch.Generator().manual_seed(0), max_shift=3)
     assert shifted.shape == labels.shape
+
+
+def test_copy_paste_moves_an_object_with_its_labels_and_pixels():
+    world = World(64)
+    images, labels = world.render(world.sample_latents(range(TRAIN_SEED_START, TRAIN_SEED_START + 8)))
+    out, out_labels = copy_paste(images, labels, torch.Generator().manual_seed(0), p=1.0)
+    changed = out_labels != labels
+    assert changed.flatten(1).any(1).sum() >= 6  # nearly every image got an object (its donor may have none)
+    for i in range(8):
+        if changed[i].any():
+            cls = out_labels[i][changed[i]].unique()
+            assert len(cls) == 1 and int(cls) in PASTED  # one object of one class, labelled as what it is
+            donor = labels[(i - 1) % 8] == cls
+            assert donor.any()
+            pixels = out[i][:, changed[i]]  # its pixels are the donor's colours of that class
+            assert torch.isin(pixels[0], images[(i - 1) % 8][0][donor]).all()
+    same, same_labels = copy_paste(images, labels, torch.Generator().manual_seed(0), p=0.0)
+    assert torch.equal(same, images) and torch.equal(same_labels, labels)
 
 
 def test_save_and_load_round_trip(tmp_path):

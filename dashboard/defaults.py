@@ -1,15 +1,17 @@
 """What the dashboard opens on. The evaluation (benchmarks/eval_edits.py) decides the layer and rank."""
 
 DEFAULT_MODEL = "spires"
-DEFAULT_LAYER = "synthesis.b16.conv1"  # best erase on the step-9500 generator (benchmarks/RESULTS.md)
+DEFAULT_LAYER = "synthesis.b16.conv1"  # best erase on the step-9500 and step-17750 generators (benchmarks/RESULTS.md)
 DEFAULT_RANK = 16  # the Advanced section's starting rank
 # The recommended settings per request kind (dashboard.requests.RECOMMENDED), from benchmarks/eval_user.py.
-# Probes (eval_user on request draws 500+ and metric seeds 610000+, never the reported ones): erase rank 4 at
-# budget 0.5 removed 88% at 0.05 of a different image; budget 1.0 and rank 8 changed more for no more removal.
+# Probes (eval_user on request draws 500+ and metric seeds 610000+, never the reported ones), on the step-17750
+# generator: erase rank 8 at budget 0.25 removed 86% at 0.021 of a different image (0.36 of the ablation's);
+# rank 4 at 0.5 (the step-9500 choice) 80% at 0.039; a looser budget or rank 16 removed less (the smoothness
+# term keeps the rule general), a tighter one (0.15) much less.
 # A paste needs room: at budget 0.2 nothing turned to tree; at 1.0 and strength 2.5 a median 16%. Its strength is
 # calibrated on the context's images per request (dissect.rewrite.calibrate_strength), not fixed.
-ERASE_RANK = 4
-ERASE_BUDGET = 0.5
+ERASE_RANK = 8
+ERASE_BUDGET = 0.25
 PASTE_RANK = 1
 PASTE_BUDGET = 1.0
 DEFAULT_ITERATIONS = 50  # L-BFGS iterations after the closed form (dissect.rewrite.solve's default)

@@ -462,6 +462,10 @@ class Erase(Request):
             raise RequestError(f"erase: 'units' is a positive whole number of key channels, got {units!r}.")
         return cls(reader.inputs(seeds), masks, units=units, seeds=seeds, fill=spec["erase"].get("fill", "surround"))
 
+    def at(self, inputs: Inputs, mask: Tensor) -> list["Erase"]:
+        """The same erase on another image: remove what ``mask (H, W)`` marks there, filled the same way."""
+        return [Erase(inputs, mask[None], units=self.units, fill=self.fill)]
+
     def constraint(self, memory: LayerMemory, context: Context | None) -> tuple[Constraint, Context]:
         context = context or Context(self.inputs, self.masks, rank=1, seeds=self.seeds)
         rec = _record(memory, self.inputs)

@@ -461,9 +461,27 @@ def test_calibration_skips_the_request_s_own_image_and_refuses_kinds_that_cannot
     edit = solve(memory, own, Context(x[1:2], mask[None], rank=1, seeds=[1]), budget=None)
     found = calibrate_strength(Rewriter(model), memory, edit)
     assert found.images == 0 and found.carries and found.edit is edit
+
+
+    @dataclass
+    class Fixed(Request):
+        """An erase that does not say how to move it onto other images (a toy kind)."""
+
+        erase: Erase
+
+        def constraint(self, memory, context):
+            return self.erase.constraint(memory, context)
+
+    try:
+        fixed = solve(memory, Fixed(Erase(x[1:2], mask[None])), Context(x[2:4], torch.stack([mask] * 2)), budget=None)
+        with pytest.raises(RequestError, match="cannot be moved onto other images"):
+            calibrate_strength(Rewriter(model), memory, fixed)
+    finally:
+        del Request.kinds["Fixed"]
+    moved = Erase(x[1:2], mask[None], units=7).at(x[2:3], mask)  # an erase moves as itself
+    assert len(moved) == 1 and moved[0].units == 7 and torch.equal(moved[0].masks, mask[None])
     erase = solve(memory, Erase(x[1:2], mask[None]), Context(x[2:4], torch.stack([mask] * 2)), budget=None)
-    with pytest.raises(RequestError, match="cannot be moved onto other images"):
-        calibrate_strength(Rewriter(model), memory, erase)
+    assert calibrate_strength(Rewriter(model), memory, erase, strengths=(0.5, 1.0)).images == 2
     with pytest.raises(RequestError, match="empty mask"):
         mask_centre(torch.zeros(4, 4))
 

@@ -462,7 +462,6 @@ def test_calibration_skips_the_request_s_own_image_and_refuses_kinds_that_cannot
     found = calibrate_strength(Rewriter(model), memory, edit)
     assert found.images == 0 and found.carries and found.edit is edit
 
-
     @dataclass
     class Fixed(Request):
         """An erase that does not say how to move it onto other images (a toy kind)."""

@@ -4,8 +4,8 @@
 
 Every step renders a new batch of scenes from seeds no evaluation uses, pastes objects between them (so that
 a tree on a roof is still a tree), degrades the images the way a generator's samples differ from the world
-(slight blur, noise, colour shifts, small translations), and
-takes an Adam step on a class-weighted cross-entropy. Checkpoints go to `--ckpt-dir` every `--ckpt-every`
+(slight blur, noise, colour shifts, small translations), and takes an Adam step on a class-weighted
+cross-entropy. Checkpoints go to `--ckpt-dir` every `--ckpt-every`
 steps and a rerun with the same arguments resumes from the last one; seeds and augmentations are a
 function of the step, so a resumed run continues the same sequence.
 """
@@ -109,6 +109,7 @@ def copy_paste(images: Tensor, labels: Tensor, gen: torch.Generator, p: float = 
     images, labels = images.clone(), labels.clone()
     n, _, h, w = images.shape
     donors_images, donors_labels = images.roll(1, 0), labels.roll(1, 0)  # from the unchanged batch
+    building = torch.tensor(BUILDING)
 
     def pick(where: Tensor) -> tuple[int, int]:
         ys, xs = where.nonzero(as_tuple=True)
@@ -126,7 +127,7 @@ def copy_paste(images: Tensor, labels: Tensor, gen: torch.Generator, p: float = 
         window = torch.zeros(h, w, dtype=torch.bool)
         window[max(0, cy - reach) : cy + reach + 1, max(0, cx - reach) : cx + reach + 1] = True
         ys, xs = ((donors_labels[i] == c) & window).nonzero(as_tuple=True)
-        onto = torch.isin(labels[i], torch.tensor(BUILDING))
+        onto = torch.isin(labels[i], building)
         if torch.rand(1, generator=gen).item() < 0.5 and onto.any():
             ty, tx = pick(onto)
         else:

@@ -25,7 +25,7 @@ from dashboard.defaults import (
 )
 from dashboard.workspace import Workspace
 from dissect.errors import RequestError
-from dissect.rewrite import DEFAULT_BUDGET, Context, Copy, Erase, Paste, mask_centre
+from dissect.rewrite import DEFAULT_BUDGET, Context, Copy, Erase, Paste, mask_centre, mask_parts
 
 
 class NeedsInput(RequestError):
@@ -101,6 +101,10 @@ def paste(ws: Workspace, settings: Settings) -> tuple[Paste, Context | None]:
     if ws.brush.paste is None:
         raise NeedsInput("Choose where to paste: in *Paste* mode, click or brush on the target image.")
     (src, mask), (dst, where) = ws.brush.copied, ws.brush.paste
+    if len(parts := mask_parts(where)) > 1:
+        raise NeedsInput(f"The paste is painted as {len(parts)} separate regions, and the copy lands on one place: "
+                         f"their common centre, which may lie between them. Clear the paste image and paint one "
+                         f"region (one spire); brush the others in *Context* mode.")
     copied = Copy(ws.inputs([src]), mask, seeds=[src])
     request = Paste(ws.inputs([dst]), copied, position=mask_centre(where), seeds=[dst],
                     region=where if settings.onto_region else None)

@@ -48,11 +48,11 @@ def small_statistics(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.T
     monkeypatch.setattr(editing, "COLLATERAL_BOUND", float("inf"))
 
 
-def painted(box: tuple[int, int, int, int], size: int = 64 * canvas_scale(64)) -> np.ndarray:
-    """The canvas's RGBA pixels with a painted rectangle (rows y0:y1, columns x0:x1 of the canvas)."""
+def painted(*boxes: tuple[int, int, int, int], size: int = 64 * canvas_scale(64)) -> np.ndarray:
+    """The canvas's RGBA pixels with painted rectangles (rows y0:y1, columns x0:x1 of the canvas)."""
     rgba = np.zeros((size, size, 4), np.uint8)
-    y0, y1, x0, x1 = box
-    rgba[y0:y1, x0:x1] = (255, 210, 0, 140)
+    for y0, y1, x0, x1 in boxes:
+        rgba[y0:y1, x0:x1] = (255, 210, 0, 140)
     return rgba
 
 
@@ -68,8 +68,8 @@ def ws_of(at: AppTest) -> workspace.Workspace:
     return at.session_state[workspace.KEY]
 
 
-def brush(at: AppTest, mode: str, seed: int, box: tuple[int, int, int, int]) -> None:
-    """Paint ``box`` on ``seed`` in ``mode``, as a user's stroke would arrive from the canvas."""
+def brush(at: AppTest, mode: str, seed: int, *boxes: tuple[int, int, int, int]) -> None:
+    """Paint ``boxes`` on ``seed`` in ``mode``, as a user's strokes would arrive from the canvas."""
     at.session_state["page"] = "Images"
     at.run()
     at.segmented_control(key="brush_mode").set_value(mode).run()
@@ -77,7 +77,7 @@ def brush(at: AppTest, mode: str, seed: int, box: tuple[int, int, int, int]) -> 
     ws = ws_of(at)
     key = f"canvas-{mode}-{seed}-{ws.brush.generation.get((mode, seed), 0)}"
     stroke_id = len(ws.brush.drawings) + ws.brush.revision + 1  # any new drawing JSON
-    at.session_state[key] = canvas.message({"objects": [{"type": "path", "id": stroke_id}]}, painted(box))
+    at.session_state[key] = canvas.message({"objects": [{"type": "path", "id": stroke_id}]}, painted(*boxes))
     at.run()
     assert not at.exception, at.exception
 
@@ -204,6 +204,15 @@ def test_empty_context_and_paste_without_copy_are_messages_and_nothing_changes()
     brush(at, "Copy", 2, (40, 120, 40, 120))
     apply_edit(at, "Paste")
     assert "Choose where to paste" in messages(at)
+    assert not ws_of(at).edited
+
+
+def test_a_paste_painted_as_two_regions_asks_for_one_and_changes_nothing() -> None:
+    at = open_app()
+    brush(at, "Copy", 2, (40, 120, 40, 120))
+    brush(at, "Paste", 5, (20, 60, 20, 60), (200, 240, 200, 240))  # two spires: their centre lies between them
+    apply_edit(at, "Paste")
+    assert "2 separate regions" in messages(at)
     assert not ws_of(at).edited
 
 

@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from dissect.errors import ModelError
 from dissect.models.loaders import WEIGHTS_DIR, load, load_weights
-from dissect.models.train import Trainer, build_parser, checkpoint_path, snapshot_path, train
+from dissect.models.train import Trainer, build_parser, checkpoint_path, presence_loss, snapshot_path, train
 from dissect.models.world import CLASSES, World
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -116,10 +117,11 @@ def test_class_weighted_l1_has_mean_weight_one_per_pixel_and_weighs_small_classe
 
 
 def test_segmenter_losses_train_g_and_leave_the_segmenter_frozen(tmp_path):
-    trainer = Trainer(_args(tmp_path / "run", 0, "--warmup-steps", "0", "--seg-weight", "1", "--div-weight", "1"))
+    trainer = Trainer(_args(tmp_path / "run", 0, "--warmup-steps", "0", "--seg-weight", "1", "--div-weight", "1",
+                            "--presence-weight", "1"))
     seg_before = copy.deepcopy(trainer.seg.state_dict())
     stats = trainer.step()
-    assert {"seg", "div"} <= set(stats) and all(math.isfinite(v) for v in stats.values())
+    assert {"seg", "div", "presence"} <= set(stats) and all(math.isfinite(v) for v in stats.values())
     assert all(torch.equal(seg_before[k], v) for k, v in trainer.seg.state_dict().items())
     assert not any(p.requires_grad for p in trainer.seg.parameters())
 
@@ -132,6 +134,22 @@ def test_diversity_hinge_is_the_world_pair_distance_g_falls_short_of(tmp_path):
     same = trainer._segmenter_losses(image.expand(4, -1, -1, -1), labels)
     assert same["div"].item() == pytest.approx(0.25 / 2)  # identical fakes: the whole world distance is missing
     assert trainer._segmenter_losses(image.expand(4, -1, -1, -1), torch.zeros_like(labels))["div"].item() == 0.0
+
+
+def test_presence_loss_charges_a_spurious_fragment_and_a_missing_object_alike():
+    labels = torch.zeros(2, 64, 64, dtype=torch.long)
+    labels[0, 40:44, 40:44] = CLASSES.index("dome")  # image 0 shows a dome (16 pixels), image 1 none
+    exact = F.one_hot(labels, len(CLASSES)).permute(0, 3, 1, 2).float() * 30
+    assert presence_loss(exact, labels).item() < 1e-3
+    spurious, missing = exact.clone(), exact.clone()
+    spurious[1, CLASSES.index("dome"), 10:13, 10:14] = 60  # a 12-pixel fragment on image 1's sky
+    missing[0, :, 40:44, 40:44] = exact[1, :, 40:44, 40:44]  # image 0's dome reads as sky
+    charged = [presence_loss(x, labels).item() for x in (spurious, missing)]
+    assert charged[0] > 0.3 and charged[1] > 0.3
+    assert charged[0] == pytest.approx(charged[1], rel=0.05)
+    one_pixel = exact.clone()
+    one_pixel[1, CLASSES.index("dome"), 10, 10] = 60  # under the presence rule's 10 pixels: charged less
+    assert presence_loss(one_pixel, labels).item() < charged[0] / 5
 
 
 def test_near_duplicate_pairs_and_share_come_from_one_matrix():

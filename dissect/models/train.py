@@ -15,7 +15,9 @@ both through the frozen shipped segmenter: ``--seg-weight`` (class-weighted cros
 logits on G(z) against the world's labels for z: a paired loss where a spire or watermark weighs by its
 class, not its pixel count) and ``--div-weight`` (a diversity-sensitive hinge, after the mode-seeking loss of
 Mao et al. 2019: a pair of G's label maps must differ at least as much as the world's pair for the same two
-latents). ``--l1-class-power`` weighs the pixel L1 by the class of the world's pixel, so small objects count
+latents). ``--presence-weight`` asks of each class what the presence rule asks (session 11: the class-weighted
+cross-entropy charges a spurious dome on sky at sky's small weight, and domes stayed 30% over the world's rate).
+``--l1-class-power`` weighs the pixel L1 by the class of the world's pixel, so small objects count
 without the segmenter. ``--init-from`` starts G from an exported generator; ``--d-warmup-steps`` then trains
 the fresh discriminator alone for a while.
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -50,7 +53,7 @@ from tqdm import tqdm
 
 from ..errors import ModelError
 from .loaders import load_generator, load_state_dict, load_weights
-from .segmenter import Segmenter, load_segmenter
+from .segmenter import Segmenter, load_segmenter, presence_threshold, present
 from .stylegan import Discriminator, Generator
 from .world import CLASSES, World
 
@@ -102,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--div-weight", type=float, default=0.0,
                    help="after warm-up: hinge that makes each pair of G's label maps (segmenter probabilities) differ "
                         "at least as much as the world's label maps of the same latents; 0: off")
+    p.add_argument("--presence-weight", type=float, default=0.0,
+                   help="after warm-up: per image and class, binary cross-entropy between the mean of the segmenter's "
+                        "top-K probabilities for the class (K: the presence rule's pixel count) and whether the "
+                        "world's scene for z shows it; unlike the pixel cross-entropy it weighs a spurious fragment "
+                        "as much as a missing object; 0: off")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start G (and its EMA) from this exported generator (safetensors); ignored on resume")
     p.add_argument("--d-warmup-steps", type=int, default=0,
@@ -130,6 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from a --pack file (fresh optimisers) when --out holds no checkpoint")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def presence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy, averaged over images and classes, between a soft presence score and the truth.
+
+    logits (N, C, H, W) of the segmenter, labels (N, H, W) the world's. A class's score is the mean of its K
+    highest pixel probabilities, K the fewest pixels the presence rule counts: near 1 when at least K pixels
+    read as the class, near 0 when none do.
+    """
+    probs = logits.float().softmax(1).flatten(2)
+    pixels = labels[0].numel()
+    losses = []
+    for c, name in enumerate(CLASSES):
+        k = max(1, math.ceil(presence_threshold(name, pixels)))
+        score = probs[:, c].topk(k, dim=1).values.mean(1).clamp(1e-4, 1 - 1e-4)
+        losses.append(F.binary_cross_entropy(score, present(labels, name).float()))
+    return torch.stack(losses).mean()
 
 
 class Trainer:
@@ -163,7 +188,7 @@ class Trainer:
         self.latents = torch.Generator().manual_seed(args.seed + 1)
         self.step_count = 0
         self.seg: Segmenter | None = None
-        if args.seg_weight > 0 or args.div_weight > 0:
+        if args.seg_weight > 0 or args.div_weight > 0 or args.presence_weight > 0:
             from .train_segmenter import class_weights
 
             self.seg = load_segmenter(self.device).eval().requires_grad_(False)
@@ -198,11 +223,13 @@ class Trainer:
         return images.to(self.device), labels.to(self.device)
 
     def _segmenter_losses(self, fake: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Paired cross-entropy and the diversity hinge, both read through the frozen segmenter.
+        """Paired cross-entropy, the diversity hinge and the presence loss, all read through the frozen segmenter.
 
         fake (N, 3, H, W), labels (N, H, W): the world's labels of the same latents. The hinge pairs image i
         with i + N/2: the share of pixels where G's maps differ (total variation of the class probabilities)
-        must reach the share where the world's label maps differ.
+        must reach the share where the world's label maps differ. The class-weighted cross-entropy charges a
+        spurious dome on sky at sky's small weight and a missed dome at dome's large one, so it tolerates
+        fragments; the presence loss asks of each class what the presence rule asks.
         """
         assert self.seg is not None
         logits = self.seg(fake)
@@ -213,6 +240,8 @@ class Trainer:
             d_fake = 0.5 * (probs[:half] - probs[half : 2 * half]).abs().sum(1).mean((1, 2))
             d_world = (labels[:half] != labels[half : 2 * half]).float().mean((1, 2))
             out["div"] = F.relu(d_world - d_fake).mean()
+        if self.args.presence_weight > 0:
+            out["presence"] = presence_loss(logits, labels)
         return out
 
     def _cond(self, z: torch.Tensor) -> torch.Tensor | None:
@@ -266,7 +295,7 @@ class Trainer:
                 loss_g = loss_g + a.fm_weight * fm
                 stats["fm"] = fm.item()
             if self.seg is not None:
-                weights = {"seg": a.seg_weight, "div": a.div_weight}
+                weights = {"seg": a.seg_weight, "div": a.div_weight, "presence": a.presence_weight}
                 for name, value in self._segmenter_losses(fake, target_labels).items():
                     loss_g = loss_g + weights[name] * value
                     stats[name] = value.item()

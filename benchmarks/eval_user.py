@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--draw-start", type=int, default=0, help="first request draw (probes used 500+)")
     p.add_argument("--rank", type=int, default=None, help="override the recommended rank (a probe, not the default)")
     p.add_argument("--budget", type=float, default=None, help="override the smoothness budget (a probe)")
-    p.add_argument("--strength", type=float, default=None, help="override the paste strength (a probe)")
+    p.add_argument("--strength", type=float, default=None, help="override the edit's strength (a probe)")
     p.add_argument("--layer", default=None, help="override the dashboard's layer (a probe)")
     p.add_argument("--model", default="spires",
                    help="the model the dashboard opens: the embedded generator, or a candidate's exported file")
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         kind, run, target, bound = TASKS[task]
         settings = RECOMMENDED[kind]
         overrides = {k: v for k, v in (("rank", args.rank), ("budget", args.budget), ("strength", args.strength))
-                     if v is not None and not (k == "strength" and kind != editing.PASTE)}
+                     if v is not None}
         settings = Settings(**{**settings.__dict__, **overrides})
         print(f"\n== {task}: {settings}", flush=True)
         outcomes: list[Outcome] = []

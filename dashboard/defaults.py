@@ -1,14 +1,15 @@
 """What the dashboard opens on. The evaluation (benchmarks/eval_edits.py) decides the layer and rank."""
 
 DEFAULT_MODEL = "spires"
-DEFAULT_LAYER = "synthesis.b16.conv1"  # best erase on the step-9500 and step-17750 generators (benchmarks/RESULTS.md)
+DEFAULT_LAYER = "synthesis.b16.conv1"  # best erase on the step-9500, 17750 and 20000 generators (benchmarks/RESULTS.md)
 DEFAULT_RANK = 16  # the Advanced section's starting rank
 # The recommended settings per request kind (dashboard.requests.RECOMMENDED), from benchmarks/eval_user.py.
 # Probes (eval_user on request draws 500+ and metric seeds 610000+, never the reported ones), on the step-17750
 # generator: erase rank 8 at budget 0.25 removed 86% at 0.021 of a different image (0.36 of the ablation's);
 # rank 4 at 0.5 (the step-9500 choice) 80% at 0.039; a looser budget or rank 16 removed less (the smoothness
 # term keeps the rule general), a tighter one (0.15) much less. On the step-20000 generator (6 draws, budget
-# 0.25): rank 8 removed 100% (worst decile 100%) at 0.017, rank 4 96% at 0.020, rank 16 100% (96%) at 0.023.
+# 0.25): rank 8 removed 100% (worst decile 100%) at 0.017, rank 4 96% at 0.020, rank 16 100% (96%) at 0.023;
+# at rank 8, b16.conv0 removed 48% and b8.conv1 35%.
 # A paste needs room: at budget 0.2 nothing turned to tree; at 1.0 and strength 2.5 a median 16%. Its strength is
 # calibrated on the context's images per request (dissect.rewrite.calibrate_strength), not fixed.
 ERASE_RANK = 8

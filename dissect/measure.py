@@ -279,10 +279,18 @@ class Perceptual(nn.Module):
 
     def features(self, images: Tensor) -> list[Tensor]:
         """``images (N, 3, H, W)`` -> the unit-normalised features ``(N, C_l, h_l, w_l)`` of every layer."""
-        with eval_mode(self.network), TraceDict(self.network, self.layers, stop=True, detach=not images.requires_grad) as td:
-            self.network(images.to(model_device(self.network)))
+        return self._trace(images, stop=True)[0]
+
+    def features_and_output(self, images: Tensor) -> tuple[list[Tensor], Any]:
+        """:meth:`features` and the network's own output (a segmenter's logits), from one whole forward."""
+        return self._trace(images, stop=False)
+
+    def _trace(self, images: Tensor, stop: bool) -> tuple[list[Tensor], Any]:
+        out = None
+        with eval_mode(self.network), TraceDict(self.network, self.layers, stop=stop, detach=not images.requires_grad) as td:
+            out = self.network(images.to(model_device(self.network)))
         feats = [td[name].output for name in self.layers]
-        return [f / f.square().sum(1, keepdim=True).add(1e-20).sqrt() for f in feats]
+        return [f / f.square().sum(1, keepdim=True).add(1e-20).sqrt() for f in feats], out
 
     def forward(self, a: Tensor, b: Tensor, outside: Tensor | None = None) -> Tensor:
         """Alias of :meth:`distance`."""

@@ -28,8 +28,9 @@ mathematics on raw tensors:
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ from dissect.hooks import call_model, eval_mode, model_device, to_device
 from dissect.memory import Inputs, LayerMemory, channels_last, num_rows
 from dissect.rewrite import Constraint, Context, Edit, Request, SpecReader, output_energy, weight_sha256
 
-__all__ = ["Pairs", "OutputTarget", "positions", "keys_at", "linear_at", "optimize_value", "insert"]
+__all__ = ["Pairs", "OutputTarget", "Shift", "positions", "keys_at", "linear_at", "optimize_value", "insert"]
 
 
 def positions(index: Tensor, length: int) -> Tensor:
@@ -69,6 +70,37 @@ def linear_at(memory: LayerMemory, inputs: Inputs, where: Tensor) -> Tensor:
     return _select(memory, memory.record(inputs).linear, where)
 
 
+@contextmanager
+def _adding(memory: LayerMemory, added: Callable[[], Tensor]) -> Iterator[None]:
+    """While inside, the layer's weight emits its output plus ``added()`` (read at each call; native layout)."""
+    handle = memory.key_module.register_forward_hook(lambda module, args, output: output + added())
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _shift_constraint(memory: LayerMemory, inputs: Inputs, masks: Tensor | None, shift: Tensor) -> Constraint:
+    """The weight should emit its own output plus ``shift (out,)`` wherever ``masks`` > 0. For a layer with a
+    nonlinear rest (a modulated convolution's demodulation, noise, activation) the layer's target is what the rest
+    makes of those values, recorded with them written in."""
+    rec = memory.record(inputs)
+    weights = memory.mask_weights(masks, inputs, rec.linear)
+    cd = memory.adapter.channel_dim
+    if shift.shape != (rec.linear.shape[cd],) or not torch.isfinite(shift).all():
+        raise RequestError(f"A shift at layer {memory.layer!r} is one finite ({rec.linear.shape[cd]},) vector of its "
+                           f"output channels, got {tuple(shift.shape)}.")
+    shape = [1] * rec.linear.dim()
+    shape[cd] = -1
+    added = (weights > 0).unsqueeze(cd).to(rec.linear) * shift.to(rec.linear).view(shape)
+    if memory.key_layer == memory.layer:
+        target = rec.linear + added
+    else:
+        with _adding(memory, lambda: added):
+            target = memory.record(inputs).values
+    return Constraint(rec, linear_target=rec.linear + added, target=target, weights=weights)
+
+
 def optimize_value(memory: LayerMemory, inputs: Inputs, where: Tensor, loss_fn: Callable[[Any], Tensor],
                    steps: int = 40, lr: float = 0.5, weight_decay: float = 1e-3, max_norm: float = 4.0,
                    ) -> tuple[Tensor, Tensor]:
@@ -85,29 +117,22 @@ def optimize_value(memory: LayerMemory, inputs: Inputs, where: Tensor, loss_fn: 
     delta = torch.zeros(base.shape[1], dtype=base.dtype, device=base.device, requires_grad=True)
     cd = memory.adapter.channel_dim
     mask = where.to(device=base.device, dtype=base.dtype).unsqueeze(cd)
-
-    def add_delta(module: torch.nn.Module, args: tuple, output: Tensor) -> Tensor:
-        shape = [1] * output.dim()
-        shape[cd] = -1
-        return output + mask * delta.view(shape)
+    shape = [1] * mask.dim()
+    shape[cd] = -1
 
     opt = torch.optim.Adam([delta], lr=lr * float(scale) / base.shape[1] ** 0.5)
-    handle = memory.key_module.register_forward_hook(add_delta)
     batch = to_device(inputs, model_device(model))
-    try:
-        with eval_mode(model):
-            for _ in range(steps):
-                loss = loss_fn(call_model(model, batch)) + weight_decay * delta.square().sum() / scale**2
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(f"The value objective at layer {memory.layer!r} is not finite; check loss_fn.")
-                (grad,) = torch.autograd.grad(loss, delta)  # δ only: the model's .grad stay untouched
-                opt.zero_grad(set_to_none=True)
-                delta.grad = grad
-                opt.step()
-                with torch.no_grad():
-                    delta.mul_(torch.clamp(max_norm * scale / delta.norm().clamp_min(1e-12), max=1.0))
-    finally:
-        handle.remove()
+    with eval_mode(model), _adding(memory, lambda: mask * delta.view(shape)):
+        for _ in range(steps):
+            loss = loss_fn(call_model(model, batch)) + weight_decay * delta.square().sum() / scale**2
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"The value objective at layer {memory.layer!r} is not finite; check loss_fn.")
+            (grad,) = torch.autograd.grad(loss, delta)  # δ only: the model's .grad stay untouched
+            opt.zero_grad(set_to_none=True)
+            delta.grad = grad
+            opt.step()
+            with torch.no_grad():
+                delta.mul_(torch.clamp(max_norm * scale / delta.norm().clamp_min(1e-12), max=1.0))
     return (base.mean(0) + delta).detach(), delta.detach()
 
 
@@ -302,11 +327,33 @@ class OutputTarget(Request):
 
     def constraint(self, memory: LayerMemory, context: Context | None) -> tuple[Constraint, Context]:
         self.check(memory)
-        rec = memory.record(self.inputs)
-        where = memory.mask_weights(self.masks, self.inputs, rec.linear) > 0
+        where = memory.mask_weights(self.masks, self.inputs, memory.record(self.inputs).linear) > 0
         _, shift = optimize_value(memory, self.inputs, where, self.loss, self.steps, self.lr, self.weight_decay,
                                   self.max_norm)
-        shape = [1] * rec.linear.dim()
-        shape[memory.adapter.channel_dim] = -1
-        values = rec.linear + where.unsqueeze(memory.adapter.channel_dim).to(rec.linear) * shift.view(shape)
-        return _pairs_constraint(memory, self.inputs, self.masks, values, context, self.seeds)
+        return _shift_constraint(memory, self.inputs, self.masks, shift), context or Context(
+            self.inputs, self.masks, rank=1, seeds=self.seeds)
+
+
+@dataclass
+class Shift(Request):
+    """Move what the layer's weight emits at the masked locations of ``inputs`` by one vector ``shift (out,)``: a
+    value found by an objective on the model's output (:func:`optimize_value`; e.g.
+    :func:`dissect.appearance.paste_shift`), stored as a rule. Works at any layer, a nonlinear rest included.
+
+    ``masks (N, H, W)`` as a context's; :meth:`at` moves the same shift onto other images, so the strength can be
+    calibrated on held-out ones. ``source``: provenance (e.g. the seeds a value was copied from), kept in saved
+    files. Default context: the masked locations at rank 1.
+    """
+
+    inputs: Inputs
+    masks: Tensor | None
+    shift: Tensor
+    seeds: list[int] | None = None
+    source: list[int] | None = None
+
+    def at(self, inputs: Inputs, mask: Tensor) -> list["Shift"]:
+        return [Shift(inputs, mask[None], self.shift)]
+
+    def constraint(self, memory: LayerMemory, context: Context | None) -> tuple[Constraint, Context]:
+        return _shift_constraint(memory, self.inputs, self.masks, self.shift), context or Context(
+            self.inputs, self.masks, rank=1, seeds=self.seeds)

@@ -255,8 +255,9 @@ def paste_task(bench: Bench, rng: random.Random, settings: Settings) -> Outcome:
 
 def goal_conversion(bench: Bench, onto: torch.Tensor, settings: Settings) -> float:
     """Share of the painted spire's pixels ``onto (H, W)`` the segmenter labels tree when the session's paste request is
-    rendered exactly (``rewrite.goal_output``: the copied values written over the painted spire at the layer, the
-    model as it is): what the user asked for, which bounds what any rule fitted to it can show on that image."""
+    rendered exactly (``rewrite.goal_output``: the request's values written over the painted spire at the layer, the
+    model as it is; the paste image is the request's first row): what the user asked for, which bounds what any
+    rule fitted to it can show on that image."""
     memory = bench.ws.memory()
     target, _ = requests.paste(bench.ws, settings)
     c, _ = constraint(memory, target, None)
@@ -305,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rank", type=int, default=None, help="override the recommended rank (a probe, not the default)")
     p.add_argument("--budget", type=float, default=None, help="override the smoothness budget (a probe)")
     p.add_argument("--strength", type=float, default=None, help="override the edit's strength (a probe)")
+    p.add_argument("--pointwise", choices=("yes", "no"), default=None, help="override pointwise (a probe)")
     p.add_argument("--layer", default=None, help="override the dashboard's layer (a probe)")
     p.add_argument("--model", default="spires",
                    help="the model the dashboard opens: the embedded generator, or a candidate's exported file")
@@ -339,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     for task in args.tasks.split(","):
         kind, run, target, bound = TASKS[task]
         settings = RECOMMENDED[kind]
-        overrides = {k: v for k, v in (("rank", args.rank), ("budget", args.budget), ("strength", args.strength))
+        overrides = {k: v for k, v in (("rank", args.rank), ("budget", args.budget), ("strength", args.strength),
+                                       ("pointwise", None if args.pointwise is None else args.pointwise == "yes"))
                      if v is not None}
         settings = Settings(**{**settings.__dict__, **overrides})
         print(f"\n== {task}: {settings}", flush=True)

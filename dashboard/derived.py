@@ -9,6 +9,8 @@ import torch
 
 from dashboard.defaults import CLUSTER_SEEDS, MATCH_QUANTILE, POOL_SEEDS, THRESHOLD_IMAGES
 from dashboard.workspace import Workspace
+from dissect.appearance import Appearance
+from dissect.measure import Perceptual
 from dissect.memory import KeyClusters
 from dissect.models.segmenter import Segmenter, load_segmenter
 from dissect.models.world import CLASSES
@@ -27,6 +29,13 @@ def segmenter() -> Segmenter | None:
         return load_segmenter()
     except FileNotFoundError:
         return None
+
+
+@st.cache_resource(show_spinner=False)
+def appearance() -> Appearance | None:
+    """How a paste by appearance judges a look (the segmenter's features and classes), or None without it."""
+    seg = segmenter()
+    return None if seg is None else Appearance(Perceptual(seg))
 
 
 def directions(ws: Workspace, context: Any) -> torch.Tensor:

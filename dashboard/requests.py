@@ -21,11 +21,14 @@ from dashboard.defaults import (
     MATCH_QUANTILE,
     PASTE_BUDGET,
     PASTE_RANK,
+    PASTE_STRENGTH,
     POOL_SEEDS,
 )
 from dashboard.workspace import Workspace
+from dissect.appearance import paste_shift
 from dissect.errors import RequestError
 from dissect.rewrite import DEFAULT_BUDGET, Context, Copy, Erase, Paste, mask_centre, mask_parts
+from dissect.valuetargets import Shift
 
 
 class NeedsInput(RequestError):
@@ -45,6 +48,7 @@ class Settings:
     pointwise: bool = False  # change only the kernel's centre (each value by its own key)
     strength: float | None = 1.0  # the solved edit's Λ times this; None: calibrated on the context's images
     budget: float = DEFAULT_BUDGET  # the smoothness budget: at most this share of the layer's output energy moves
+    appearance: bool = False  # paste: the value that makes the pasted regions look like the copy, not its raw values
     recommended: bool = False  # use each request kind's RECOMMENDED settings instead of these
 
 
@@ -52,8 +56,9 @@ class Settings:
 # request code on held-out simulated requests (benchmarks/eval_user.py, benchmarks/RESULTS.md).
 RECOMMENDED = {
     "Erase": Settings(rank=ERASE_RANK, budget=ERASE_BUDGET),
-    "Paste": Settings(rank=PASTE_RANK, onto_region=True, pointwise=True, strength=None, budget=PASTE_BUDGET),
+    "Paste": Settings(rank=PASTE_RANK, onto_region=True, strength=PASTE_STRENGTH, budget=PASTE_BUDGET, appearance=True),
 }
+LOOK_IMAGES = 4  # a paste by appearance finds its value on the paste image and the context's first images
 
 
 def for_kind(kind: str, settings: Settings) -> Settings:
@@ -94,7 +99,7 @@ def erase(ws: Workspace, settings: Settings) -> tuple[Erase, Context]:
     return Erase(ctx.inputs, ctx.masks, units=settings.units, seeds=ctx.seeds), ctx
 
 
-def paste(ws: Workspace, settings: Settings) -> tuple[Paste, Context | None]:
+def paste(ws: Workspace, settings: Settings) -> tuple[Paste | Shift, Context | None]:
     """A paste of the copied region; its context is the brushed one if any, else the pasted region itself."""
     if ws.brush.copied is None:
         raise NeedsInput("Nothing is copied: brush a region in *Copy* mode first, then place it in *Paste* mode.")
@@ -106,7 +111,28 @@ def paste(ws: Workspace, settings: Settings) -> tuple[Paste, Context | None]:
                          f"their common centre, which may lie between them. Clear the paste image and paint one "
                          f"region (one spire); brush the others in *Context* mode.")
     copied = Copy(ws.inputs([src]), mask, seeds=[src])
+    has_context = ws.brush.cluster is not None or bool(ws.brush.context)
+    ctx = context(ws, settings.rank) if has_context else None
+    if settings.appearance:
+        target = appearance_paste(ws, copied, dst, where, ctx)
+        return target, ctx or Context(target.inputs, target.masks, rank=settings.rank, seeds=target.seeds)
     request = Paste(ws.inputs([dst]), copied, position=mask_centre(where), seeds=[dst],
                     region=where if settings.onto_region else None)
-    has_context = ws.brush.cluster is not None or bool(ws.brush.context)
-    return request, context(ws, settings.rank) if has_context else None
+    return request, ctx
+
+
+def appearance_paste(ws: Workspace, copied: Copy, dst: int, where: torch.Tensor, ctx: Context | None) -> Shift:
+    """The paste as the value that makes the painted region of the paste image, and the regions of the context's
+    first images (brushed ones come first), look like the copy to the segmenter's features
+    (:func:`dissect.appearance.paste_shift`); found once per brush state and weights."""
+    look = derived.appearance()
+    if look is None:
+        raise NeedsInput("A paste by appearance is judged by the shipped segmenter, which is not installed: untick "
+                         "*Recommended settings* under *Advanced* and paste the copied values instead.")
+    rows = [] if ctx is None else [i for i, s in enumerate(ctx.seeds or []) if s != dst][: LOOK_IMAGES - 1]
+    seeds = [dst] + [ctx.seeds[i] for i in rows]
+    masks = torch.stack([where > 0] + [ctx.masks[i] > 0 for i in rows])
+    inputs = ws.inputs(seeds)
+    key = ("paste_shift", ws.layer, ws.brush.revision)
+    shift = derived.cached(ws, key, lambda: paste_shift(ws.memory(), inputs, masks, copied, look))
+    return Shift(inputs, masks.float(), shift, seeds=seeds, source=copied.seeds)

@@ -73,6 +73,10 @@ def _settings(ws: Workspace) -> Settings:
         onto = st.checkbox("Paste: only onto the painted region", key="onto_region",
                            help="The copy must appear only where you painted in Paste mode (over a spire, say); the "
                                 "rest of its box may keep its own look: a smaller, more specific edit.")
+        look = st.checkbox("Paste: by appearance", key="appearance",
+                           help="Store the value that makes the pasted region and the context's first regions look "
+                                "like the copy to the segmenter (its features, colours and classes), instead of "
+                                "copying the copy's own values, which can draw something else in new surroundings.")
         pointwise = st.checkbox("Pointwise (kernel centre only)", key="pointwise",
                                 help="Each location's value changes by its own key alone, not its neighbours'. A "
                                      "paste onto a small object (a spire) then reaches the other objects of its kind.")
@@ -83,12 +87,12 @@ def _settings(ws: Workspace) -> Settings:
                              help="Scales the solved change. The solve fits the request's own keys; other keys of "
                                   "the context change less where they match less.")
     return Settings(int(rank), bool(refine), int(iterations), int(units), bool(onto), bool(pointwise),
-                    None if calibrate else float(strength), float(budget))
+                    None if calibrate else float(strength), float(budget), bool(look))
 
 
 def _describe(s: Settings) -> str:
     parts = [f"rank {s.rank}", f"budget {s.budget:.0%}"]
-    parts += ["pointwise"] * s.pointwise + ["onto the painted region"] * s.onto_region
+    parts += ["pointwise"] * s.pointwise + ["onto the painted region"] * s.onto_region + ["by appearance"] * s.appearance
     strength = ["strength calibrated on the context"] if s.strength is None else (
         [f"strength {s.strength:g}"] if s.strength != 1 else [])
     return ", ".join(parts + strength)

@@ -30,6 +30,7 @@ from dissect.rewrite import (  # noqa: E402
     mask_centre,  # noqa: E402
     solve,
 )
+from dissect.valuetargets import Shift  # noqa: E402
 
 APP = str(ROOT / "dashboard" / "streamlit_app.py")
 TINY = "tiny_model:generator"
@@ -460,8 +461,12 @@ def test_the_recommended_settings_reach_the_applied_edit() -> None:
     (edit,) = ws_of(at).rewriter.history
     want = editing.requests.RECOMMENDED["Paste"]
     assert edit.pointwise == want.pointwise and edit.rank == want.rank, messages(at)
-    assert edit.request["target"].region is not None  # onto the painted region
-    assert want.strength is None and edit.strength == 1.0  # calibrated, but no context image to calibrate on
+    # By appearance: the value that makes the painted region look like the copy, found on the paste image (no
+    # context brushed) and stored at the recommended strength.
+    target = edit.request["target"]
+    assert want.appearance and isinstance(target, Shift) and target.seeds == [5] and target.source == [2]
+    assert torch.equal(target.masks[0] > 0, ws_of(at).brush.paste[1] > 0)
+    assert edit.strength == want.strength
     assert "Applied" in " ".join(s.value for s in at.success), messages(at)
 
 
@@ -481,6 +486,8 @@ def test_a_paste_strength_is_calibrated_on_the_context_and_a_rule_that_does_not_
     brush(at, "Paste", 5, (160, 200, 160, 200))
     for seed in (1, 3):
         brush(at, "Context", seed, (160, 200, 160, 200))
+    advanced(at)  # the copied values pasted, at the strength calibrated by default there
+    at.number_input(key="rank").set_value(1).run()
     apply_edit(at, "Paste")
     calibration = found[-1]  # the Apply button's (the paste preview calibrates the same edit first)
     assert calibration.images == 2 and set(calibration.losses) == set(CALIBRATION_STRENGTHS)
@@ -497,6 +504,8 @@ def test_a_paste_strength_is_calibrated_on_the_context_and_a_rule_that_does_not_
     brush(at, "Copy", 2, (40, 120, 40, 120))
     brush(at, "Paste", 5, (160, 200, 160, 200))
     brush(at, "Context", 1, (160, 200, 160, 200))
+    advanced(at)
+    at.number_input(key="rank").set_value(1).run()
     apply_edit(at, "Paste")
     ws = ws_of(at)
     assert not ws.edited and "does not carry" in messages(at), messages(at)

@@ -124,7 +124,7 @@ def paste(ws: Workspace, settings: Settings) -> tuple[Paste | Shift, Context | N
 def appearance_paste(ws: Workspace, copied: Copy, dst: int, where: torch.Tensor, ctx: Context | None) -> Shift:
     """The paste as the value that makes the painted region of the paste image, and the regions of the context's
     first images (brushed ones come first), look like the copy to the segmenter's features
-    (:func:`dissect.appearance.paste_shift`); found once per brush state and weights."""
+    (:func:`dissect.appearance.paste_shift`); found once per copy, regions and weights."""
     look = derived.appearance()
     if look is None:
         raise NeedsInput("A paste by appearance is judged by the shipped segmenter, which is not installed: untick "
@@ -133,6 +133,9 @@ def appearance_paste(ws: Workspace, copied: Copy, dst: int, where: torch.Tensor,
     seeds = [dst] + [ctx.seeds[i] for i in rows]
     masks = torch.stack([where > 0] + [ctx.masks[i] > 0 for i in rows])
     inputs = ws.inputs(seeds)
-    key = ("paste_shift", ws.layer, ws.brush.revision)
+    # Keyed by what the shift depends on, not the brush's revision: strokes on later context images, and the
+    # best matches added after the brushed ones, reuse it (it takes seconds).
+    key = ("paste_shift", ws.layer, tuple(seeds), masks.numpy().tobytes(), tuple(copied.seeds),
+           copied.mask.numpy().tobytes())
     shift = derived.cached(ws, key, lambda: paste_shift(ws.memory(), inputs, masks, copied, look))
     return Shift(inputs, masks.float(), shift, seeds=seeds, source=copied.seeds)

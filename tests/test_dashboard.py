@@ -16,7 +16,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]  # the dashboard package
 
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from dashboard import browse, canvas, derived, editing, recipes, requests, workspace  # noqa: E402
+from dashboard import browse, brushing, canvas, derived, editing, recipes, requests, workspace  # noqa: E402
 from dashboard.defaults import DEFAULT_LAYER  # noqa: E402
 from dashboard.imaging import canvas_mask, canvas_scale, format_seeds, parse_seeds  # noqa: E402
 from dissect import stats  # noqa: E402
@@ -611,3 +611,27 @@ def test_directions_from_the_cached_keys_equal_the_librarys() -> None:
     ctx = requests.context(ws, 2)
     derived.keys(ws, list(ctx.seeds))  # cached first, as a redraw finds them
     assert torch.allclose(derived.directions(ws, ctx), ws.memory().directions(ctx.inputs, ctx.masks, 2), atol=1e-6)
+
+
+def test_a_paste_by_appearance_finds_its_shift_on_the_first_context_images_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = workspace.Workspace.open(TINY)
+    calls = []
+    real = requests.paste_shift
+    monkeypatch.setattr(requests, "paste_shift", lambda *a, **k: calls.append(a[1]) or real(*a, steps=2, **k))
+    box = torch.zeros(64, 64)
+    box[20:40, 24:40] = 1
+    brushing.stamp(ws.brush, brushing.COPY, 2, box)
+    brushing.stamp(ws.brush, brushing.PASTE, 5, box)
+    for seed in (1, 3, 4):
+        brushing.stamp(ws.brush, brushing.CONTEXT, seed, box)
+    settings = requests.RECOMMENDED["Paste"]
+    target, context = requests.paste(ws, settings)
+    assert target.seeds == [5, 1, 3, 4][: requests.LOOK_IMAGES] and context.rank == settings.rank
+    brushing.stamp(ws.brush, brushing.CONTEXT, 6, box)  # a later context image (or an added best match)
+    again, _ = requests.paste(ws, settings)
+    assert len(calls) == 1 and torch.equal(again.shift, target.shift)
+    moved = torch.zeros(64, 64)
+    moved[30:50, 24:40] = 1
+    brushing.stamp(ws.brush, brushing.PASTE, 5, moved)  # a new paste region: a new shift
+    requests.paste(ws, settings)
+    assert len(calls) == 2

@@ -228,7 +228,9 @@ def solve_and_check(ws: Workspace, kind: str, settings: Settings) -> None:
     bar = st.progress(0.05, text="Key statistics of the layer…")
     try:
         ws.memory()
-        bar.progress(0.25, text="Solving and calibrating the strength…")
+        by_look = kind == PASTE and requests.for_kind(kind, settings).appearance
+        bar.progress(0.25, text="Finding the value that makes the pasted regions look like the copy (seconds), then "
+                                "solving…" if by_look else "Solving and calibrating the strength…")
         edit, found = solve_calibrated(ws, kind, settings)
         bar.progress(0.7, text=f"Trying it on {len(COLLATERAL_SEEDS)} fresh samples…")
         change = collateral(ws, edit)

@@ -32,7 +32,7 @@ from dissect.valuetargets import optimize_value
 
 __all__ = ["Appearance", "paste_shift"]
 
-PASTE_STEPS = 60  # Adam steps on the shift (about 10 s for four 64-pixel images on one CPU core)
+PASTE_STEPS = 60  # Adam steps on the shift (about 8 s for four 64-pixel images on one CPU core)
 PASTE_MAX_NORM = 8.0  # the shift's norm at most this many times the layer's mean output norm there
 
 
@@ -70,8 +70,8 @@ class Appearance:
         return sum(w * (g - t.to(g)).square().sum(1).mean() for w, g, t in zip(weights, got, target))
 
 
-def _images(model: torch.nn.Module, inputs: Inputs, grad: bool) -> Tensor:
-    with torch.set_grad_enabled(grad):
+def _images(model: torch.nn.Module, inputs: Inputs) -> Tensor:
+    with eval_mode(model), torch.no_grad():
         out = call_model(model, to_device(inputs, model_device(model)))
     if not (isinstance(out, Tensor) and out.dim() == 4 and out.shape[1] == 3):
         raise RequestError(f"A paste by appearance compares images: the model must output (N, 3, H, W), got "
@@ -90,11 +90,9 @@ def paste_shift(memory: LayerMemory, inputs: Inputs, masks: Tensor, copy: Copy, 
     if masks.dim() != 3 or not masks.flatten(1).any(1).all():
         raise RequestError(f"Paste by appearance takes one region per image, masks (N, H, W) each marking "
                            f"something; got {tuple(masks.shape)} with {int((~masks.flatten(1).any(1)).sum())} empty.")
-    model = memory.model
-    with eval_mode(model), torch.no_grad():
-        target = look.describe(_images(model, copy.inputs, False), copy.mask[None].float())
-    _images(model, inputs, False)  # refuse a model whose output is not an image before any step
     with torch.no_grad():
+        target = look.describe(_images(memory.model, copy.inputs), copy.mask[None].float())
+        _images(memory.model, inputs)  # refuse a model whose output is not an image before any step
         where = memory.mask_weights(masks.float(), inputs, memory.record(inputs).linear) > 0
     masks = masks.float()
     _, shift = optimize_value(memory, inputs, where, lambda out: look.distance(out, masks, target), steps=steps,

@@ -11,16 +11,19 @@ DEFAULT_RANK = 16  # the Advanced section's starting rank
 # 0.25): rank 8 removed 100% (worst decile 100%) at 0.017, rank 4 96% at 0.020, rank 16 100% (96%) at 0.023;
 # at rank 8, b16.conv0 removed 48% and b8.conv1 35%.
 # A paste is by appearance (dissect.appearance): copied raw values drew teal roofs (0.014 of spire pixels tree).
-# Probes (8 requests, draws 500-507, metric seeds 610000+) of the median share of spire pixels turned tree and
-# its collateral: rank 4 at strength 1 (value found on 16 images) 0.19 at 0.12 of a different image; strength 2
-# 0.48 at 0.23 (draws 510-517: 0.39 at 0.19); 2.5 0.56 at 0.30; 3 0.57 at 0.37 with dark blobs on domes and sky
-# streaks (sheets looked at); rank 1 0.35, rank 8 0.51 at 0.28; pointwise 0.50 at 0.37; the strength calibrated
-# on the grown matches chose 0.5 (0.10). Strength 2 keeps the damage a person sees lowest for a useful paste.
+# Probes (8 requests each, draws 500+, metric seeds 610000+; the median share of spire pixels turned tree at its
+# collateral in units of a different image). At b16.conv1, rank 4: strength 1 (value found on 16 images) 0.19 at
+# 0.12; strength 2 0.48 at 0.23; 3 0.57 at 0.37 with dark blobs on domes; rank 1 0.35, rank 8 0.51; pointwise
+# 0.50 at 0.37; strength calibrated on the grown matches 0.10. At strength 2: b16.conv0 0.21, b32.conv0 0.52 at
+# 0.15 (rainbow fringes), b32.conv1 0.74 at 0.12 (draws 510-517: 0.54 at 0.22; 520-527: 0.61 at 0.15), where a
+# spire becomes a green conical tree; b32.conv1 at strength 1.5: 0.64 at 0.08 (510-517: 0.47 at 0.15). The erase
+# at b32.conv1 removes 0.67 (b16.conv1: 1.00), so each kind keeps its own layer.
 ERASE_RANK = 8
 ERASE_BUDGET = 0.25
 PASTE_RANK = 4
 PASTE_BUDGET = 1.0
 PASTE_STRENGTH = 2.0
+PASTE_LAYER = "synthesis.b32.conv1"  # where the model has it; the erase stays at the sidebar's layer
 DEFAULT_ITERATIONS = 50  # L-BFGS iterations after the closed form (dissect.rewrite.solve's default)
 DEFAULT_SEEDS = "0-11"
 GRID_COLUMNS = 6

@@ -39,7 +39,7 @@ def show_flashes() -> None:
 
 
 def solve_request(ws: Workspace, kind: str, settings: Settings) -> Edit:
-    """Solve (never apply) the session's current request at the chosen layer."""
+    """Solve (never apply) the session's current request at its layer (:func:`requests.layer_for`)."""
     return solve_calibrated(ws, kind, settings)[0]
 
 
@@ -48,7 +48,7 @@ def solve_calibrated(ws: Workspace, kind: str, settings: Settings) -> tuple[Edit
     settings fix the strength)."""
     settings = requests.for_kind(kind, settings)
     target, context = requests.erase(ws, settings) if kind == ERASE else requests.paste(ws, settings)
-    memory = ws.memory()
+    memory = ws.memory(requests.layer_for(ws, settings))
     edit = solve(memory, target, context, refine=settings.refine, max_iter=settings.iterations,
                  pointwise=settings.pointwise, budget=settings.budget, protect=ws.rewriter.history)
     if settings.strength is None:
@@ -62,7 +62,7 @@ def apply(ws: Workspace, kind: str, settings: Settings,
     """Solve and apply; ``progress(fraction, text)`` hears each step. On any error the model is unchanged."""
     report = progress or (lambda f, t: None)
     report(0.05, "Key statistics of the layer…")
-    ws.memory()
+    ws.memory(requests.layer_for(ws, requests.for_kind(kind, settings)))
     report(0.25, "Solving: closed form" + (", then L-BFGS through the layer…" if settings.refine else "…"))
     edit = solve_request(ws, kind, settings)
     report(0.85, "Writing the new weights…")
@@ -227,8 +227,9 @@ def solve_and_check(ws: Workspace, kind: str, settings: Settings) -> None:
     (kept in the session as pending, with the reason)."""
     bar = st.progress(0.05, text="Key statistics of the layer…")
     try:
-        ws.memory()
-        by_look = kind == PASTE and requests.for_kind(kind, settings).appearance
+        chosen = requests.for_kind(kind, settings)
+        ws.memory(requests.layer_for(ws, chosen))
+        by_look = kind == PASTE and chosen.appearance
         bar.progress(0.25, text="Finding the value that makes the pasted regions look like the copy (seconds), then "
                                 "solving…" if by_look else "Solving and calibrating the strength…")
         edit, found = solve_calibrated(ws, kind, settings)
@@ -275,7 +276,8 @@ def add_matches(ws: Workspace, kind: str, settings: Settings) -> int:
     stamped where it matches (shown like brushed ones, and cleared the same way). Returns how many joined."""
     from dashboard import brushing  # brushing imports this module for its previews
 
-    ctx = requests.grown_context(ws, requests.for_kind(kind, settings).rank)
+    chosen = requests.for_kind(kind, settings)
+    ctx = requests.grown_context(ws, chosen.rank, layer=requests.layer_for(ws, chosen))
     added = [(s, m) for s, m in zip(ctx.seeds or [], ctx.masks) if s not in ws.brush.context]
     for seed, mask in added:
         brushing.stamp(ws.brush, brushing.CONTEXT, seed, mask)
@@ -311,6 +313,10 @@ def render(ws: Workspace, settings: Settings) -> None:
     st.subheader("Rewrite the layer")
     kind = st.radio("Request", list(KINDS), key="edit_kind", persist_state="session", format_func=KINDS.__getitem__,
                     horizontal=True)
+    layer = requests.layer_for(ws, requests.for_kind(kind, settings))
+    if layer != ws.layer:
+        st.caption(f"Solved at **{layer}**, the layer recommended for this request (the sidebar's is {ws.layer}: untick "
+                   f"*Recommended settings* under *Advanced* to solve there).")
     c1, c2 = st.columns([1, 2])
     if c1.button("Apply edit", type="primary", key="apply", width="stretch"):
         solve_and_check(ws, kind, settings)

@@ -20,6 +20,7 @@ from dashboard.defaults import (
     GROW_POOL,
     MATCH_QUANTILE,
     PASTE_BUDGET,
+    PASTE_LAYER,
     PASTE_RANK,
     PASTE_STRENGTH,
     POOL_SEEDS,
@@ -49,6 +50,7 @@ class Settings:
     strength: float | None = 1.0  # the solved edit's Λ times this; None: calibrated on the context's images
     budget: float = DEFAULT_BUDGET  # the smoothness budget: at most this share of the layer's output energy moves
     appearance: bool = False  # paste: the value that makes the pasted regions look like the copy, not its raw values
+    layer: str | None = None  # solve at this layer where the model has it (None: the layer chosen in the sidebar)
     recommended: bool = False  # use each request kind's RECOMMENDED settings instead of these
 
 
@@ -56,7 +58,8 @@ class Settings:
 # request code on held-out simulated requests (benchmarks/eval_user.py, benchmarks/RESULTS.md).
 RECOMMENDED = {
     "Erase": Settings(rank=ERASE_RANK, budget=ERASE_BUDGET),
-    "Paste": Settings(rank=PASTE_RANK, onto_region=True, strength=PASTE_STRENGTH, budget=PASTE_BUDGET, appearance=True),
+    "Paste": Settings(rank=PASTE_RANK, onto_region=True, strength=PASTE_STRENGTH, budget=PASTE_BUDGET, appearance=True,
+                      layer=PASTE_LAYER),
 }
 LOOK_IMAGES = 4  # a paste by appearance finds its value on the paste image and the context's first images
 
@@ -64,6 +67,14 @@ LOOK_IMAGES = 4  # a paste by appearance finds its value on the paste image and 
 def for_kind(kind: str, settings: Settings) -> Settings:
     """The settings a request of ``kind`` is solved with."""
     return RECOMMENDED[kind] if settings.recommended else settings
+
+
+def layer_for(ws: Workspace, settings: Settings) -> str:
+    """The layer a request with ``settings`` is solved at: their own where the model has a layer of that name (the
+    recommended ones were measured on the embedded generator), else the one chosen in the sidebar."""
+    if settings.layer is not None and any(info.name == settings.layer for info in ws.layers):
+        return settings.layer
+    return ws.layer
 
 
 def context(ws: Workspace, rank: int) -> Context:
@@ -79,11 +90,12 @@ def context(ws: Workspace, rank: int) -> Context:
     return Context(ws.inputs(seeds), torch.stack([ws.brush.context[s] for s in seeds]), rank=rank, seeds=seeds)
 
 
-def grown_context(ws: Workspace, rank: int, n: int = GROW_IMAGES) -> Context:
-    """The brushed context thickened by the model's own best matches among the pool's first images
-    (:meth:`dissect.rewrite.Context.grown`): what *Add the best matches to the context* adds."""
+def grown_context(ws: Workspace, rank: int, n: int = GROW_IMAGES, layer: str | None = None) -> Context:
+    """The brushed context thickened by the model's own best matches at ``layer`` (default: the chosen one) among
+    the pool's first images (:meth:`dissect.rewrite.Context.grown`): what *Add the best matches to the context*
+    adds."""
     seeds = list(POOL_SEEDS)[:GROW_POOL]
-    return context(ws, rank).grown(ws.memory(), ws.inputs(seeds), n, MATCH_QUANTILE, pool_seeds=seeds)
+    return context(ws, rank).grown(ws.memory(layer), ws.inputs(seeds), n, MATCH_QUANTILE, pool_seeds=seeds)
 
 
 def selection(ws: Workspace, rank: int) -> Context:
@@ -114,16 +126,17 @@ def paste(ws: Workspace, settings: Settings) -> tuple[Paste | Shift, Context | N
     has_context = ws.brush.cluster is not None or bool(ws.brush.context)
     ctx = context(ws, settings.rank) if has_context else None
     if settings.appearance:
-        target = appearance_paste(ws, copied, dst, where, ctx)
+        target = appearance_paste(ws, copied, dst, where, ctx, layer_for(ws, settings))
         return target, ctx or Context(target.inputs, target.masks, rank=settings.rank, seeds=target.seeds)
     request = Paste(ws.inputs([dst]), copied, position=mask_centre(where), seeds=[dst],
                     region=where if settings.onto_region else None)
     return request, ctx
 
 
-def appearance_paste(ws: Workspace, copied: Copy, dst: int, where: torch.Tensor, ctx: Context | None) -> Shift:
-    """The paste as the value that makes the painted region of the paste image, and the regions of the context's
-    first images (brushed ones come first), look like the copy to the segmenter's features
+def appearance_paste(ws: Workspace, copied: Copy, dst: int, where: torch.Tensor, ctx: Context | None,
+                     layer: str) -> Shift:
+    """The paste at ``layer`` as the value that makes the painted region of the paste image, and the regions of the
+    context's first images (brushed ones come first), look like the copy to the segmenter's features
     (:func:`dissect.appearance.paste_shift`); found once per copy, regions and weights."""
     look = derived.appearance()
     if look is None:
@@ -135,7 +148,7 @@ def appearance_paste(ws: Workspace, copied: Copy, dst: int, where: torch.Tensor,
     inputs = ws.inputs(seeds)
     # Keyed by what the shift depends on, not the brush's revision: strokes on later context images, and the
     # best matches added after the brushed ones, reuse it (it takes seconds).
-    key = ("paste_shift", ws.layer, tuple(seeds), masks.numpy().tobytes(), tuple(copied.seeds),
+    key = ("paste_shift", layer, tuple(seeds), masks.numpy().tobytes(), tuple(copied.seeds),
            copied.mask.numpy().tobytes())
-    shift = derived.cached(ws, key, lambda: paste_shift(ws.memory(), inputs, masks, copied, look))
+    shift = derived.cached(ws, key, lambda: paste_shift(ws.memory(layer), inputs, masks, copied, look))
     return Shift(inputs, masks.float(), shift, seeds=seeds, source=copied.seeds)

@@ -91,7 +91,7 @@ def _settings(ws: Workspace) -> Settings:
 
 
 def _describe(s: Settings) -> str:
-    parts = [f"rank {s.rank}", f"budget {s.budget:.0%}"]
+    parts = ([f"at {s.layer}"] if s.layer else []) + [f"rank {s.rank}", f"budget {s.budget:.0%}"]
     parts += ["pointwise"] * s.pointwise + ["onto the painted region"] * s.onto_region + ["by appearance"] * s.appearance
     strength = ["strength calibrated on the context"] if s.strength is None else (
         [f"strength {s.strength:g}"] if s.strength != 1 else [])

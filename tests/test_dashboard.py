@@ -3,6 +3,7 @@ component's state, exactly what the browser would send (the strokes and an RGBA 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -461,6 +462,8 @@ def test_the_recommended_settings_reach_the_applied_edit() -> None:
     (edit,) = ws_of(at).rewriter.history
     want = editing.requests.RECOMMENDED["Paste"]
     assert edit.pointwise == want.pointwise and edit.rank == want.rank, messages(at)
+    # At the paste's own recommended layer (the tiny generator has one of that name), not the sidebar's.
+    assert edit.layer == want.layer != ws_of(at).layer
     # By appearance: the value that makes the painted region look like the copy, found on the paste image (no
     # context brushed) and stored at the recommended strength.
     target = edit.request["target"]
@@ -625,6 +628,8 @@ def test_a_paste_by_appearance_finds_its_shift_on_the_first_context_images_once(
     for seed in (1, 3, 4):
         brushing.stamp(ws.brush, brushing.CONTEXT, seed, box)
     settings = requests.RECOMMENDED["Paste"]
+    assert requests.layer_for(ws, settings) == settings.layer
+    assert requests.layer_for(ws, dataclasses.replace(settings, layer="no.such.layer")) == ws.layer
     target, context = requests.paste(ws, settings)
     assert target.seeds == [5, 1, 3, 4][: requests.LOOK_IMAGES] and context.rank == settings.rank
     brushing.stamp(ws.brush, brushing.CONTEXT, 6, box)  # a later context image (or an added best match)

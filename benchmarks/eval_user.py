@@ -203,7 +203,7 @@ def erase_task(bench: Bench, rng: random.Random, cls: int, settings: Settings) -
         outcome.notes = {"day": bench.removal(after, cls, ~bench.dusk), "dusk": bench.removal(after, cls, bench.dusk)}
     ws.rewriter.revert()
     ws.weights_changed()
-    memory = ws.memory()
+    memory = ws.memory(edit.layer)
     ctx = edit.request["context"]
     with memory.ablate(memory.context_units(ctx.inputs, ctx.masks, settings.units)):
         ablated = bench.render()
@@ -243,7 +243,7 @@ def paste_task(bench: Bench, rng: random.Random, settings: Settings) -> Outcome:
                       {"held": float(held), "goal": goal})
     ws.rewriter.revert()
     ws.weights_changed()
-    memory = ws.memory()
+    memory = ws.memory(edit.layer)
     target, context = edit.request["target"], edit.request["context"]
     tuned = fine_tune(memory, target, context).scaled(edit.strength)
     with ws.rewriter.trial([tuned]):
@@ -258,7 +258,7 @@ def goal_conversion(bench: Bench, onto: torch.Tensor, settings: Settings) -> flo
     rendered exactly (``rewrite.goal_output``: the request's values written over the painted spire at the layer, the
     model as it is; the paste image is the request's first row): what the user asked for, which bounds what any
     rule fitted to it can show on that image."""
-    memory = bench.ws.memory()
+    memory = bench.ws.memory(requests.layer_for(bench.ws, settings))
     target, _ = requests.paste(bench.ws, settings)
     c, _ = constraint(memory, target, None)
     goal = goal_output(memory, c, target.inputs)
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=float, default=None, help="override the smoothness budget (a probe)")
     p.add_argument("--strength", type=float, default=None, help="override the edit's strength (a probe)")
     p.add_argument("--pointwise", choices=("yes", "no"), default=None, help="override pointwise (a probe)")
-    p.add_argument("--layer", default=None, help="override the dashboard's layer (a probe)")
+    p.add_argument("--layer", default=None, help="override the dashboard's layer and each kind's own (a probe)")
     p.add_argument("--model", default="spires",
                    help="the model the dashboard opens: the embedded generator, or a candidate's exported file")
     p.add_argument("--sheets", type=Path, default=None, help="write typical / worst before-after sheets here")
@@ -342,8 +342,8 @@ def main(argv: list[str] | None = None) -> None:
         kind, run, target, bound = TASKS[task]
         settings = RECOMMENDED[kind]
         overrides = {k: v for k, v in (("rank", args.rank), ("budget", args.budget), ("strength", args.strength),
-                                       ("pointwise", None if args.pointwise is None else args.pointwise == "yes"))
-                     if v is not None}
+                                       ("pointwise", None if args.pointwise is None else args.pointwise == "yes"),
+                                       ("layer", args.layer)) if v is not None}
         settings = Settings(**{**settings.__dict__, **overrides})
         print(f"\n== {task}: {settings}", flush=True)
         outcomes: list[Outcome] = []

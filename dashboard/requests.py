@@ -26,7 +26,7 @@ from dashboard.defaults import (
     POOL_SEEDS,
 )
 from dashboard.workspace import Workspace
-from dissect.appearance import paste_shift
+from dissect.appearance import look_rows, paste_by_appearance
 from dissect.errors import RequestError
 from dissect.rewrite import DEFAULT_BUDGET, Context, Copy, Erase, Paste, mask_centre, mask_parts
 from dissect.valuetargets import Shift
@@ -61,7 +61,6 @@ RECOMMENDED = {
     "Paste": Settings(rank=PASTE_RANK, onto_region=True, strength=PASTE_STRENGTH, budget=PASTE_BUDGET, appearance=True,
                       layer=PASTE_LAYER),
 }
-LOOK_IMAGES = 4  # a paste by appearance finds its value on the paste image and the context's first images
 
 
 def for_kind(kind: str, settings: Settings) -> Settings:
@@ -136,19 +135,16 @@ def paste(ws: Workspace, settings: Settings) -> tuple[Paste | Shift, Context | N
 def appearance_paste(ws: Workspace, copied: Copy, dst: int, where: torch.Tensor, ctx: Context | None,
                      layer: str) -> Shift:
     """The paste at ``layer`` as the value that makes the painted region of the paste image, and the regions of the
-    context's first images (brushed ones come first), look like the copy to the segmenter's features
-    (:func:`dissect.appearance.paste_shift`); found once per copy, regions and weights."""
+    context's first images (brushed ones come first), look like the copy to the segmenter
+    (:func:`dissect.appearance.paste_by_appearance`); found once per copy, regions and weights."""
     look = derived.appearance()
     if look is None:
         raise NeedsInput("A paste by appearance is judged by the shipped segmenter, which is not installed: untick "
                          "*Recommended settings* under *Advanced* and paste the copied values instead.")
-    rows = [] if ctx is None else [i for i, s in enumerate(ctx.seeds or []) if s != dst][: LOOK_IMAGES - 1]
-    seeds = [dst] + [ctx.seeds[i] for i in rows]
-    masks = torch.stack([where > 0] + [ctx.masks[i] > 0 for i in rows])
-    inputs = ws.inputs(seeds)
+    request = Paste(ws.inputs([dst]), copied, seeds=[dst], region=where)
+    rows = look_rows(request, ctx)
     # Keyed by what the shift depends on, not the brush's revision: strokes on later context images, and the
     # best matches added after the brushed ones, reuse it (it takes seconds).
-    key = ("paste_shift", layer, tuple(seeds), masks.numpy().tobytes(), tuple(copied.seeds),
-           copied.mask.numpy().tobytes())
-    shift = derived.cached(ws, key, lambda: paste_shift(ws.memory(layer), inputs, masks, copied, look))
-    return Shift(inputs, masks.float(), shift, seeds=seeds, source=copied.seeds)
+    key = ("paste_shift", layer, dst, (where > 0).numpy().tobytes(), tuple(copied.seeds), copied.mask.numpy().tobytes(),
+           tuple((ctx.seeds[i], (ctx.masks[i] > 0).numpy().tobytes()) for i in rows))
+    return derived.cached(ws, key, lambda: paste_by_appearance(ws.memory(layer), request, ctx, look))

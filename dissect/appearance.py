@@ -13,6 +13,9 @@ need in common; :class:`dissect.valuetargets.Shift` stores it as a rule.
     look = Appearance(measure.Perceptual(segmenter))
     shift = paste_shift(memory, inputs, masks, copy, look)       # inputs: the paste's and context's images
     edit = solve(memory, Shift(inputs, masks, shift), context, budget=1.0)
+
+or, from a :class:`~dissect.rewrite.Paste` onto a region and its context (the dashboard's and the CLI's way),
+``edit = solve(memory, paste_by_appearance(memory, paste, context, look), context, budget=1.0)``.
 """
 
 from __future__ import annotations
@@ -26,14 +29,15 @@ from torch import Tensor
 from dissect.errors import RequestError
 from dissect.hooks import call_model, eval_mode, model_device, to_device
 from dissect.measure import Perceptual
-from dissect.memory import Inputs, LayerMemory
-from dissect.rewrite import Copy
-from dissect.valuetargets import optimize_value
+from dissect.memory import Inputs, LayerMemory, concat_rows, num_rows, select_rows
+from dissect.rewrite import Context, Copy, Paste
+from dissect.valuetargets import Shift, optimize_value
 
-__all__ = ["Appearance", "paste_shift"]
+__all__ = ["Appearance", "paste_shift", "look_rows", "paste_by_appearance"]
 
 PASTE_STEPS = 60  # Adam steps on the shift (about 8 s for four 64-pixel images on one CPU core)
 PASTE_MAX_NORM = 8.0  # the shift's norm at most this many times the layer's mean output norm there
+LOOK_IMAGES = 4  # the paste image and the context's first three: what the shift is found on
 
 
 def _masked_mean(x: Tensor, masks: Tensor) -> Tensor:
@@ -98,3 +102,29 @@ def paste_shift(memory: LayerMemory, inputs: Inputs, masks: Tensor, copy: Copy, 
     _, shift = optimize_value(memory, inputs, where, lambda out: look.distance(out, masks, target), steps=steps,
                               max_norm=max_norm)
     return shift
+
+
+def look_rows(paste: Paste, context: Context | None, images: int = LOOK_IMAGES) -> list[int]:
+    """The rows of ``context`` a paste by appearance finds its shift on besides the paste image: its first
+    ``images - 1`` rows with a mask, other than the paste image itself (by seed)."""
+    if context is None or context.masks is None:
+        return []
+    own = set(paste.seeds or [])
+    return [i for i in range(num_rows(context.inputs))
+            if not (context.seeds is not None and context.seeds[i] in own)][: images - 1]
+
+
+def paste_by_appearance(memory: LayerMemory, paste: Paste, context: Context | None, look: Appearance,
+                        images: int = LOOK_IMAGES, steps: int = PASTE_STEPS) -> Shift:
+    """``paste`` (onto its ``region``) as a :class:`~dissect.valuetargets.Shift`: the value that makes its region,
+    and the regions of the context's first rows (:func:`look_rows`), look like the copy (:func:`paste_shift`)."""
+    if paste.region is None:
+        raise RequestError("A paste by appearance needs the region to paste onto (Paste(region=...), or \"region\" in "
+                           "a JSON request's \"paste\"): the part of the image that should look like the copy.")
+    rows = look_rows(paste, context, images)
+    inputs = paste.inputs if not rows else concat_rows(paste.inputs, select_rows(context.inputs, torch.tensor(rows)))
+    masks = torch.stack([paste.region > 0] + [context.masks[i] > 0 for i in rows])
+    seeds = None if paste.seeds is None or (rows and context.seeds is None) else (
+        list(paste.seeds) + [context.seeds[i] for i in rows])
+    shift = paste_shift(memory, inputs, masks, paste.copy, look, steps=steps)
+    return Shift(inputs, masks.float(), shift, seeds=seeds, source=paste.copy.seeds)

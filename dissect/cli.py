@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dissect import measure, rewrite
+from dissect.appearance import Appearance, paste_by_appearance
 from dissect.errors import DissectError, RequestError
 from dissect.hooks import call_model, layers, to_device
 from dissect.memory import LayerMemory
@@ -115,7 +116,10 @@ A request is a JSON object, or a list of them applied in order:
   {"layer": "synthesis.b16.conv1",
    "copy":    {"seed": 3, "box": [y0, x0, y1, x1]},     values copied from a region of seed 3
    "paste":   {"seed": 7, "center": [y, x],             pasted into seed 7 (no center: where they were),
-               "region": {"box": [...]}},               only onto this part of it (optional)
+               "region": {"box": [...]},                only onto this part of it (optional)
+               "by": "appearance"},                     optional: instead of the copied values, the value that makes
+                                                        the region (and the context's first 3 regions) look like the
+                                                        copy to the segmenter (--segmenter; dissect.appearance)
    "context": {"rank": 4, "regions": [{"seed": 1, "box": [...]}, {"seed": 2, "mask": "m.png"}]}}
 
   {"layer": "...", "erase": {"regions": [{"seed": 5, "box": [...]}]}, "context": {...}}
@@ -222,6 +226,18 @@ def _request(
         raise CliError(f"{where}: {err}") from err
 
 
+def _by_appearance(spec: dict, where: str) -> bool:
+    """Whether a paste request asks to paste by appearance (``"paste": {..., "by": "appearance"}``)."""
+    by = spec["paste"].get("by", "values") if isinstance(spec.get("paste"), dict) else "values"
+    if by not in ("values", "appearance"):
+        raise CliError(f"{where}: 'by' in 'paste' is \"values\" (the default: the copied values) or \"appearance\", "
+                       f"got {by!r}.")
+    if by == "appearance" and "region" not in spec["paste"]:
+        raise CliError(f"{where}: a paste by appearance needs \"region\" in \"paste\": the part of the image that "
+                       f"should look like the copy.")
+    return by == "appearance"
+
+
 def _check_request(memory: LayerMemory, target: rewrite.Request, context: rewrite.Context | None,
                    where: str) -> None:
     """Refuse what can be refused before C is collected: the layer's weight, the context's rank against the key
@@ -291,10 +307,14 @@ def _apply_edits(model: nn.Module, sampler: _OnDevice, args: argparse.Namespace)
         memory = LayerMemory(model, str(_field(spec, "layer", f"Request {i}")))
         size = _region_size(memory, sampler, where)
         plans.append((memory, *_request(spec, sampler, size, path.parent, where), *_solver_options(spec, f"Request {i}")))
+    looks = [_by_appearance(spec, where) for spec, where in zip(specs, wheres)]
     for (memory, target, context, *_), where in zip(plans, wheres):
         _check_request(memory, target, context, where)
+    look = Appearance(measure.Perceptual(_segmenter(args)[0])) if any(looks) else None
     rewriter = rewrite.Rewriter(model)
-    for memory, target, context, pointwise, strength, budget in plans:
+    for (memory, target, context, pointwise, strength, budget), by_look in zip(plans, looks):
+        if by_look:
+            target = paste_by_appearance(memory, target, context, look)
         _fit_moment(memory, sampler, args)
         edit = rewrite.solve(memory, target, context, refine=not args.no_refine, pointwise=pointwise, budget=budget)
         rewriter.apply(edit.scaled(strength))
@@ -495,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=_positive, default=2, help="enlarge each image in the PNG (default: %(default)s)")
     p.set_defaults(run=cmd_clusters)
 
-    p = sub.add_parser("rewrite", parents=[common, moment, edit], help="apply an edit file or a request, export weights",
+    p = sub.add_parser("rewrite", parents=[common, moment, edit, segment], help="apply an edit file or a request, export weights",
                        description="Apply a saved edit file (refused for a model it was not made for) or solve a\n"
                                    "request JSON, then export the edited weights and/or save the edits.",
                        epilog=REQUEST_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -414,3 +414,25 @@ def test_image_regions_on_a_layer_without_a_key_map_are_refused(tmp_path, capsys
     code, _, err, _ = _rewrite_request(tmp_path, capsys, CLASSIFIER, {
         "layer": "6", "output_target": {"regions": [{"seed": 1, "box": [8, 8, 24, 24]}], "targets": [3]}})
     assert code == 2 and "layer '6' has no 2-D key map" in err and err.count("\n") == 1
+
+
+def test_a_paste_by_appearance_from_json(workdir, segmenter_path, capsys):
+    spec = {"layer": LAYER, "copy": {"seed": 3, "box": [8, 8, 24, 24]},
+            "paste": {"seed": 7, "region": {"box": [30, 30, 46, 46]}, "by": "appearance"},
+            "context": {"rank": 2, "regions": [{"seed": 1, "box": [0, 0, 20, 20]}, {"seed": 2, "box": [30, 30, 50, 60]}]}}
+    path, edit = workdir / "look.json", workdir / "look.safetensors"
+    args = ["rewrite", "--model", TINY, "--edit", str(path), "--stats-n", "32", "--cache-dir", str(workdir / "cache"),
+            "--segmenter", str(segmenter_path), "--save-edit", str(edit)]
+    path.write_text(json.dumps(spec))
+    code, _, err = _run(capsys, args)
+    assert code == 0, err
+    (saved,) = read_edits(str(edit))
+    target = saved.request["target"]
+    assert type(target).__name__ == "Shift" and target.seeds == [7, 1, 2] and target.source == [3]
+    assert target.masks[0].sum() == 16 * 16  # the paste's region, then the context's regions
+    # Refused before any solve, naming the fix: an unknown way to paste, and appearance without a region.
+    for change, message in (({"by": "colour"}, "'by' in 'paste'"), ({"region": None}, 'needs "region"')):
+        paste = {k: v for k, v in {**spec["paste"], **change}.items() if v is not None}
+        path.write_text(json.dumps({**spec, "paste": paste}))
+        code, _, err = _run(capsys, args)
+        assert code != 0 and message in err, err

@@ -20,7 +20,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from dashboard import browse, brushing, canvas, derived, editing, recipes, requests, workspace  # noqa: E402
 from dashboard.defaults import DEFAULT_LAYER  # noqa: E402
 from dashboard.imaging import canvas_mask, canvas_scale, format_seeds, parse_seeds  # noqa: E402
-from dissect import stats  # noqa: E402
+from dissect import appearance, stats  # noqa: E402
 from dissect.memory import LayerMemory  # noqa: E402
 from dissect.models.world import CLASSES  # noqa: E402
 from dissect.rewrite import (  # noqa: E402
@@ -619,8 +619,8 @@ def test_directions_from_the_cached_keys_equal_the_librarys() -> None:
 def test_a_paste_by_appearance_finds_its_shift_on_the_first_context_images_once(monkeypatch: pytest.MonkeyPatch) -> None:
     ws = workspace.Workspace.open(TINY)
     calls = []
-    real = requests.paste_shift
-    monkeypatch.setattr(requests, "paste_shift", lambda *a, **k: calls.append(a[1]) or real(*a, steps=2, **k))
+    real = appearance.paste_shift
+    monkeypatch.setattr(appearance, "paste_shift", lambda *a, **k: calls.append(a[1]) or real(*a, **{**k, "steps": 2}))
     box = torch.zeros(64, 64)
     box[20:40, 24:40] = 1
     brushing.stamp(ws.brush, brushing.COPY, 2, box)
@@ -631,7 +631,7 @@ def test_a_paste_by_appearance_finds_its_shift_on_the_first_context_images_once(
     assert requests.layer_for(ws, settings) == settings.layer
     assert requests.layer_for(ws, dataclasses.replace(settings, layer="no.such.layer")) == ws.layer
     target, context = requests.paste(ws, settings)
-    assert target.seeds == [5, 1, 3, 4][: requests.LOOK_IMAGES] and context.rank == settings.rank
+    assert target.seeds == [5, 1, 3, 4][: appearance.LOOK_IMAGES] and context.rank == settings.rank
     brushing.stamp(ws.brush, brushing.CONTEXT, 6, box)  # a later context image (or an added best match)
     again, _ = requests.paste(ws, settings)
     assert len(calls) == 1 and torch.equal(again.shift, target.shift)

@@ -330,8 +330,7 @@ class OutputTarget(Request):
         where = memory.mask_weights(self.masks, self.inputs, memory.record(self.inputs).linear) > 0
         _, shift = optimize_value(memory, self.inputs, where, self.loss, self.steps, self.lr, self.weight_decay,
                                   self.max_norm)
-        return _shift_constraint(memory, self.inputs, self.masks, shift), context or Context(
-            self.inputs, self.masks, rank=1, seeds=self.seeds)
+        return Shift(self.inputs, self.masks, shift, seeds=self.seeds).constraint(memory, context)
 
 
 @dataclass

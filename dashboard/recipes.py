@@ -104,9 +104,9 @@ def spire_tree(ws: Workspace, seeds: list[int]) -> None:
     st.markdown("1. **Copy a tree**: on the Images page, brush over one tree in *Copy* mode.\n2. **Paste it on a "
                 "spire**: in *Paste* mode, paint over a spire of another image.\n3. **Context**: brush three or more "
                 "other spires in *Context* mode, so the rule reaches every spire.\n4. **Apply** here: the paste finds "
-                "the value that makes the painted spire and the first context spires look like the copied tree to "
-                "the segmenter, and stores it for every spire (rank 4, at the recommended strength); check the "
-                "fresh samples below.")
+                "the value that makes the painted spire and up to seven context spires (brushed ones first, then any "
+                "best matches added) look like the copied tree to the segmenter, and stores it for every spire "
+                "(rank 4, at the recommended strength); check the fresh samples below.")
     trees, spires = shown_in(ws, seeds, "tree"), shown_in(ws, seeds, "spire")
     if derived.segmenter() is not None:
         st.caption(f"In the grid the segmenter sees a tree on seeds {', '.join(map(str, trees)) or 'none'} and a "

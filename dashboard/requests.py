@@ -143,8 +143,8 @@ def appearance_paste(ws: Workspace, copied: Copy, dst: int, where: torch.Tensor,
                          "*Recommended settings* under *Advanced* and paste the copied values instead.")
     request = Paste(ws.inputs([dst]), copied, seeds=[dst], region=where)
     rows = look_rows(request, ctx)
-    # Keyed by what the shift depends on, not the brush's revision: strokes on later context images, and the
-    # best matches added after the brushed ones, reuse it (it takes seconds).
+    # Keyed by what the shift depends on, not the brush's revision: strokes on context images past the ones it
+    # is found on reuse it (it takes seconds).
     key = ("paste_shift", layer, dst, (where > 0).numpy().tobytes(), tuple(copied.seeds), copied.mask.numpy().tobytes(),
            tuple((ctx.seeds[i], (ctx.masks[i] > 0).numpy().tobytes()) for i in rows))
     return derived.cached(ws, key, lambda: paste_by_appearance(ws.memory(layer), request, ctx, look))

@@ -118,7 +118,7 @@ A request is a JSON object, or a list of them applied in order:
    "paste":   {"seed": 7, "center": [y, x],             pasted into seed 7 (no center: where they were),
                "region": {"box": [...]},                only onto this part of it (optional)
                "by": "appearance"},                     optional: instead of the copied values, the value that makes
-                                                        the region (and the context's first 3 regions) look like the
+                                                        the region (and the context's first 7 regions) look like the
                                                         copy to the segmenter (--segmenter; dissect.appearance)
    "context": {"rank": 4, "regions": [{"seed": 1, "box": [...]}, {"seed": 2, "mask": "m.png"}]}}
 

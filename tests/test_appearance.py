@@ -5,15 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from dissect import measure
-from dissect.appearance import Appearance, paste_shift
+from dissect import appearance, measure
+from dissect.appearance import Appearance, paste_by_appearance, paste_shift
 from dissect.errors import RequestError
 from dissect.hooks import Trace
 from dissect.memory import LayerMemory
 from dissect.models.loaders import LatentSampler
 from dissect.models.segmenter import load_segmenter
 from dissect.models.stylegan import Generator
-from dissect.rewrite import Copy, Rewriter, constraint, goal_output, read_edits, solve
+from dissect.rewrite import Context, Copy, Paste, Rewriter, constraint, goal_output, read_edits, solve
 from dissect.valuetargets import Shift
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -144,3 +144,21 @@ def test_a_paste_by_appearance_refuses_what_it_cannot_judge(gen, look):
     x = torch.randn(1, 3, 8, 8)
     with pytest.raises(RequestError, match="must output"):
         paste_shift(cmem, x, torch.ones(1, 8, 8, dtype=torch.bool), Copy(x, torch.ones(8, 8, dtype=torch.bool)), look)
+
+
+def test_a_paste_by_appearance_finds_its_shift_on_more_images_than_it_holds_it_on(gen, look, monkeypatch):
+    model, sampler, memory = gen
+    found_on = []
+    real = appearance.paste_shift
+    monkeypatch.setattr(appearance, "paste_shift", lambda m, inputs, masks, *a, **k: found_on.append(len(masks))
+                        or real(m, inputs, masks, *a, **k))
+    copy = Copy(sampler([11]), square(1, top=40, left=8)[0].bool(), seeds=[11])
+    paste = Paste(sampler([1]), copy, seeds=[1], region=square(1)[0])
+    context = Context(sampler([2, 3, 4, 5]), square(4), rank=2, seeds=[2, 3, 4, 5])
+    shift = paste_by_appearance(memory, paste, context, look, images=4, hold=2, steps=2)
+    assert found_on == [4]  # the paste image and the context's first three
+    assert shift.seeds == [1, 2] and shift.masks.shape == (2, 64, 64) and shift.source == [11]
+    assert torch.equal(shift.inputs, sampler([1, 2]))
+    for bad in ({"hold": 0}, {"images": 2, "hold": 3}):
+        with pytest.raises(RequestError, match="1 <= hold <= images"):
+            paste_by_appearance(memory, paste, context, look, **bad)

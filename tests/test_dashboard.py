@@ -625,14 +625,16 @@ def test_a_paste_by_appearance_finds_its_shift_on_the_first_context_images_once(
     box[20:40, 24:40] = 1
     brushing.stamp(ws.brush, brushing.COPY, 2, box)
     brushing.stamp(ws.brush, brushing.PASTE, 5, box)
-    for seed in (1, 3, 4):
+    seeds = [s for s in range(1, 20) if s not in (2, 5)][: appearance.LOOK_IMAGES]  # one more than it looks at
+    for seed in seeds[:-1]:
         brushing.stamp(ws.brush, brushing.CONTEXT, seed, box)
     settings = requests.RECOMMENDED["Paste"]
     assert requests.layer_for(ws, settings) == settings.layer
     assert requests.layer_for(ws, dataclasses.replace(settings, layer="no.such.layer")) == ws.layer
     target, context = requests.paste(ws, settings)
-    assert target.seeds == [5, 1, 3, 4][: appearance.LOOK_IMAGES] and context.rank == settings.rank
-    brushing.stamp(ws.brush, brushing.CONTEXT, 6, box)  # a later context image (or an added best match)
+    assert [len(m) for m in calls] == [appearance.LOOK_IMAGES] and context.rank == settings.rank
+    assert target.seeds == ([5] + seeds[:-1])[: appearance.HOLD_IMAGES]
+    brushing.stamp(ws.brush, brushing.CONTEXT, seeds[-1], box)  # a later context image (or an added best match)
     again, _ = requests.paste(ws, settings)
     assert len(calls) == 1 and torch.equal(again.shift, target.shift)
     moved = torch.zeros(64, 64)

@@ -135,6 +135,6 @@ def paste_by_appearance(memory: LayerMemory, paste: Paste, context: Context | No
     seeds = None if paste.seeds is None or (rows and context.seeds is None) else (
         list(paste.seeds) + [context.seeds[i] for i in rows])
     shift = paste_shift(memory, inputs, masks, paste.copy, look, steps=steps)
-    held = torch.arange(min(hold, len(masks)))
-    return Shift(select_rows(inputs, held), masks[held].float(), shift, seeds=None if seeds is None else seeds[:len(held)],
-                 source=paste.copy.seeds)
+    held = min(hold, len(masks))
+    return Shift(select_rows(inputs, slice(0, held)), masks[:held].float(), shift,
+                 seeds=None if seeds is None else seeds[:held], source=paste.copy.seeds)

@@ -154,13 +154,13 @@ class Bench:
         marked = measure.present(self.base.labels, CLASSES[cls]) & (True if among is None else among)
         if not marked.any():
             return float("nan")
-        return 1 - float(measure.present(after.labels[marked], CLASSES[cls]).float().mean())
+        return measure.share(~measure.present(after.labels[marked], CLASSES[cls]))
 
     def pixels_changed(self, after: measure.Rendered, cls: int, to: int | None) -> float:
         """Share of the base's ``cls`` pixels that became ``to`` (or, with None, anything else)."""
         px = self.base.labels == cls
         now = after.labels[px]
-        return float((now == to).float().mean() if to is not None else (now != cls).float().mean())
+        return measure.share(now == to if to is not None else now != cls)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def goal_conversion(bench: Bench, onto: torch.Tensor, settings: Settings) -> flo
     goal = goal_output(memory, c, target.inputs)
     with torch.no_grad():
         labels = bench.seg(goal.to(next(bench.seg.parameters()))).argmax(1)[0].cpu()
-    return float((labels[onto] == TREE).float().mean())
+    return measure.share(labels[onto] == TREE)
 
 
 TASKS: dict[str, tuple[str, Callable[[Bench, random.Random, Settings], Outcome], float, float]] = {

@@ -60,6 +60,7 @@ __all__ = [
     "present",
     "presence_threshold",
     "prevalence",
+    "share",
     "region",
     "Perceptual",
     "default_perceptual",
@@ -169,9 +170,15 @@ def present(labels: Tensor, name: str, min_pixels: int | None = None) -> Tensor:
     return _segmenter_present(labels, name, min_pixels)
 
 
+def share(hits: Tensor) -> float:
+    """The share of true entries of the bool tensor ``hits`` (``nan`` if it is empty), as one division of two
+    counts: a float32 mean put 36 of 40 at 0.8999999, below a 90% target it meets."""
+    return int(hits.sum()) / hits.numel() if hits.numel() else math.nan
+
+
 def prevalence(labels: Tensor, name: str, min_pixels: int | None = None) -> float:
     """Share of the images ``labels (N, H, W)`` that show class ``name`` by :func:`present`."""
-    return float(present(labels, name, min_pixels).float().mean()) if len(labels) else math.nan
+    return share(present(labels, name, min_pixels))
 
 
 def region(labels: Tensor, name: str, grow: int = 1) -> Tensor:

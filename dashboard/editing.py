@@ -18,7 +18,7 @@ from dashboard.requests import NeedsInput, Settings
 from dashboard.workspace import STATS_DIR, Workspace, base_model
 from dissect import measure
 from dissect.errors import DissectError
-from dissect.rewrite import Calibration, Edit, calibrate_strength, read_edits, solve
+from dissect.rewrite import Calibration, Edit, Erase, calibrate_strength, read_edits, solve
 from dissect.visualize import to_unit
 
 if TYPE_CHECKING:
@@ -209,11 +209,21 @@ def _describe(edit: Edit, change: float | None) -> str:
             f"{edit.expected_change:.1%} of the layer's output energy; {seen}")
 
 
+# After an erase, what the recommended flow does next (benchmarks/eval_user.py): a rule brushed on one kind of mark
+# can leave another (the dusk scenes' marks and the day scenes' STOCK), and a second round on what remains clears
+# it while the first edit is kept.
+SECOND_ROUND = ("Look for what it missed: the grid now shows the edited model's images. Where one still shows what "
+                "you erased, press *Clear everything*, brush it in *Context* on up to three images, *Add the best "
+                "matches* and *Apply edit* again. This edit is kept, and the next one protects it.")
+
+
 def _commit(ws: Workspace, edit: Edit, change: float | None) -> None:
     ws.rewriter.apply(edit)
     ws.weights_changed()
     st.session_state.pop(PENDING, None)
     flash("success", f"Applied: {_describe(edit, change)}.")
+    if isinstance(edit.request.get("target"), Erase):
+        flash("info", SECOND_ROUND)
 
 
 def _discard() -> None:

@@ -22,13 +22,17 @@ BRUSHED, SEGMENTED = "My brushed context", "Watermarks the segmenter finds in th
 
 def segmented_context(ws: Workspace, seeds: list[int], name: str, n: int = 3) -> list[int]:
     """Start a context from what the segmenter sees: the bounding boxes of ``name`` on the first ``n`` images that
-    show it, among ``seeds`` and then the first :data:`BROWSED` seeds, as if brushed (NeedsInput when too few)."""
+    show it, among ``seeds`` and then the first :data:`BROWSED` seeds, as if brushed (NeedsInput when too few).
+    The images are the model's as it is now: after an erase, what it left (the recommended second round, which
+    takes one image or more)."""
     seeds = list(dict.fromkeys([*seeds, *range(BROWSED)]))
-    labels = derived.labels(ws, seeds, edited=False)
+    labels = derived.labels(ws, seeds, edited=ws.edited)
     if labels is None:
         raise NeedsInput("The segmenter's weights are not installed: brush the context yourself in Context mode.")
     found = [i for i, has in enumerate(present(labels, name).tolist()) if has][:n]
-    if len(found) < n:
+    if ws.edited and not found:
+        raise NeedsInput(f"None of the first {len(seeds)} images shows a {name} any more: nothing is left to erase.")
+    if len(found) < (1 if ws.edited else n):
         raise NeedsInput(f"Only {len(found)} of {len(seeds)} images show a {name}; brush the context yourself.")
     boxes = bounding_boxes((labels[found] == CLASSES.index(name)).float())
     for i, box in zip(found, boxes):
@@ -73,7 +77,8 @@ def _result(ws: Workspace, name: str) -> None:
 def remove_watermark(ws: Workspace, seeds: list[int]) -> None:
     st.markdown("1. **Find the watermark**: the segmenter's watermark boxes on three images, thickened by their best "
                 "matches (or your own brushed context).\n2. **Erase** it with the recommended settings (under "
-                "*Advanced*).\n3. **Check** the fresh samples below, and how many still show one.")
+                "*Advanced*).\n3. **Check** the fresh samples below, and how many still show one. Where the grid still shows "
+                "one, press the button again: it erases what the edited model left, and keeps the first edit.")
     source = st.radio("Context", [SEGMENTED, BRUSHED], key="watermark_source", persist_state="session",
                       horizontal=True, index=1 if ws.brush.context else 0)
     if st.button("Remove the watermark", type="primary", key="run_watermark"):

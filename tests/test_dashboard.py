@@ -180,6 +180,8 @@ def test_brushed_context_erase_then_undo_restores_the_original_images() -> None:
     apply_edit(at, "Erase")
     assert len(ws.rewriter.history) == 1, messages(at)
     assert not torch.equal(ws.images(SEEDS, edited=True), original)
+    # The recommended flow's second round, suggested after an erase (and after a paste, not: test below).
+    assert editing.SECOND_ROUND in [i.value for i in at.info], messages(at)
     at.session_state["page"] = "Images"
     at.run()
     assert captions(at)[:len(SEEDS)] == [f"seed {s} · edited" for s in SEEDS]
@@ -335,6 +337,29 @@ def test_a_key_cluster_becomes_the_context_and_the_recipe_measures_prevalence() 
         assert "watermark prevalence on 20 fresh samples" in " ".join(m.label for m in at.get("metric"))
 
 
+def test_the_watermark_recipe_starts_its_second_round_on_what_the_edited_model_still_shows(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = workspace.Workspace.open(TINY)
+    marked = {False: [1, 2, 3, 4], True: [4]}  # the original model's marks, and what an erase left
+
+    def labels(_: workspace.Workspace, seeds: list[int], edited: bool) -> torch.Tensor:
+        out = torch.zeros(len(seeds), 64, 64, dtype=torch.long)
+        for i, seed in enumerate(seeds):
+            if seed in marked[edited]:
+                out[i, 10:20, 10:30] = CLASSES.index("watermark")
+        return out
+
+    monkeypatch.setattr(recipes.derived, "labels", labels)
+    assert recipes.segmented_context(ws, [0], "watermark") == [1, 2, 3]
+    brushing.clear_all(ws.brush)
+    monkeypatch.setattr(workspace.Workspace, "edited", property(lambda self: True))
+    assert recipes.segmented_context(ws, [0], "watermark") == [4]  # one left is enough for the second round
+    assert sorted(ws.brush.context) == [4] and int(ws.brush.context[4].sum()) == 200
+    marked[True] = []
+    with pytest.raises(requests.NeedsInput, match="any more"):
+        recipes.segmented_context(ws, [0], "watermark")
+
+
 def test_matches_follow_the_copied_region_and_a_too_large_rank_is_a_message() -> None:
     at = open_app()
     brush(at, "Copy", 2, (40, 120, 40, 120))
@@ -471,6 +496,7 @@ def test_the_recommended_settings_reach_the_applied_edit() -> None:
     assert torch.equal(target.masks[0] > 0, ws_of(at).brush.paste[1] > 0)
     assert edit.strength == want.strength
     assert "Applied" in " ".join(s.value for s in at.success), messages(at)
+    assert editing.SECOND_ROUND not in [i.value for i in at.info]
 
 
 def test_a_paste_strength_is_calibrated_on_the_context_and_a_rule_that_does_not_carry_waits(

@@ -8,8 +8,7 @@ from dashboard import brushing, derived, editing
 from dashboard.defaults import MEASURE_SEEDS
 from dashboard.requests import RECOMMENDED, NeedsInput, Settings
 from dashboard.workspace import Workspace
-from dissect.measure import prevalence as share_showing
-from dissect.measure import share
+from dissect import measure
 from dissect.memory import bounding_boxes
 from dissect.models.segmenter import present
 from dissect.models.world import CLASSES
@@ -44,7 +43,7 @@ def prevalence(ws: Workspace, name: str) -> tuple[float, float]:
     """Share of fresh samples (:data:`MEASURE_SEEDS`) where the segmenter finds ``name``: original, edited."""
     seeds = list(MEASURE_SEEDS)
     before, after = derived.labels(ws, seeds, edited=False), derived.labels(ws, seeds, edited=True)
-    return share_showing(before, name), share_showing(after, name)
+    return measure.prevalence(before, name), measure.prevalence(after, name)
 
 
 def spire_to_tree(ws: Workspace) -> float:
@@ -52,7 +51,7 @@ def spire_to_tree(ws: Workspace) -> float:
     seeds = list(MEASURE_SEEDS)
     before, after = derived.labels(ws, seeds, edited=False), derived.labels(ws, seeds, edited=True)
     spire = before == CLASSES.index("spire")
-    return share(after[spire] == CLASSES.index("tree")) if spire.any() else 0.0
+    return measure.share(after[spire] == CLASSES.index("tree")) if spire.any() else 0.0
 
 
 def _measure(ws: Workspace, name: str) -> None:

@@ -178,8 +178,10 @@ def shows(bench: Bench, cls: int) -> list[int]:
     return [s for s, has in zip(BROWSED, measure.present(bench.browsed.labels, CLASSES[cls]).tolist()) if has]
 
 
-def region(bench: Bench, seed: int, cls: int) -> torch.Tensor:
-    return bench.browsed.labels[list(BROWSED).index(seed)] == cls
+def region(bench: Bench, seed: int, cls: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Where browsed ``seed`` shows ``cls``: in ``labels`` (the browsed images' labels as the model now draws
+    them) or else in the original model's."""
+    return (bench.browsed.labels if labels is None else labels)[list(BROWSED).index(seed)] == cls
 
 
 def apply(ws: Workspace, kind: str, settings: Settings) -> tuple[Edit, bool]:
@@ -197,7 +199,7 @@ def erase_round(bench: Bench, rng: random.Random, cls: int, settings: Settings, 
     """Brush ``cls`` where the grid shows it (``seen``: the browsed images' labels) on ``seeds``, add the best
     matches, and apply the dashboard's Erase."""
     for s in seeds:
-        brush(bench.ws, brushing.CONTEXT, s, stroke_mask(seen[list(BROWSED).index(s)] == cls, rng))
+        brush(bench.ws, brushing.CONTEXT, s, stroke_mask(region(bench, s, cls, seen), rng))
     if bench.grow:
         editing.add_matches(bench.ws, editing.ERASE, settings)
     return apply(bench.ws, editing.ERASE, settings)[0]

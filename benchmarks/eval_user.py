@@ -173,9 +173,11 @@ class Bench:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def shows(bench: Bench, cls: int) -> list[int]:
-    """Browsed seeds where the segmenter sees ``cls``."""
-    return [s for s, has in zip(BROWSED, measure.present(bench.browsed.labels, CLASSES[cls]).tolist()) if has]
+def shows(bench: Bench, cls: int, labels: torch.Tensor | None = None) -> list[int]:
+    """Browsed seeds where the segmenter sees ``cls``: in ``labels`` (the browsed images' labels as the model now
+    draws them) or else in the original model's."""
+    labels = bench.browsed.labels if labels is None else labels
+    return [s for s, has in zip(BROWSED, measure.present(labels, CLASSES[cls]).tolist()) if has]
 
 
 def region(bench: Bench, seed: int, cls: int, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -218,7 +220,7 @@ def erase_task(bench: Bench, rng: random.Random, cls: int, settings: Settings) -
     after = bench.render()
     notes = {"first": measured(after), "first_collateral": bench.collateral(after, cls)}
     seen = measure.render(ws.model, ws.sampler, list(BROWSED), bench.seg).labels
-    left = [s for s, has in zip(BROWSED, measure.present(seen, CLASSES[cls]).tolist()) if has]
+    left = shows(bench, cls, seen)
     edit, earlier = first, []
     if left:
         brushing.clear_all(ws.brush)

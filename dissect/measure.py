@@ -62,6 +62,7 @@ __all__ = [
     "prevalence",
     "share",
     "region",
+    "removed_class",
     "Perceptual",
     "default_perceptual",
     "rmse",
@@ -179,6 +180,23 @@ def share(hits: Tensor) -> float:
 def prevalence(labels: Tensor, name: str, min_pixels: int | None = None) -> float:
     """Share of the images ``labels (N, H, W)`` that show class ``name`` by :func:`present`."""
     return share(present(labels, name, min_pixels))
+
+
+def removed_class(before: Tensor, after: Tensor, masks: Tensor) -> str | None:
+    """The class an erase removed: ``before``/``after`` are labels ``(N, H, W)`` of its images without and with the
+    edit, ``masks (N, H, W)`` where it was asked (> 0). Each class scores ``gone² / inside``, its pixels inside the
+    masks that lost the label over all its pixels there, so the class that was both mostly and largely taken away
+    wins (the watermark, not the wall a smeared letter stood on); None when no masked pixel lost its class."""
+    if not before.shape == after.shape == masks.shape:
+        raise ValueError(f"before, after and masks must have one shape (N, H, W), got {tuple(before.shape)}, "
+                         f"{tuple(after.shape)} and {tuple(masks.shape)}.")
+    inside = masks > 0
+    n = len(CLASSES)
+    total = torch.bincount(before[inside].long().flatten(), minlength=n).double()
+    gone = torch.bincount(before[inside & (after != before)].long().flatten(), minlength=n).double()
+    if not gone.any():
+        return None
+    return CLASSES[int((gone.square() / total.clamp(min=1)).argmax())]
 
 
 def region(labels: Tensor, name: str, grow: int = 1) -> Tensor:

@@ -221,3 +221,21 @@ def test_compare_measures_collateral_on_unrelated_samples(perceptual):
     assert relabelled.collateral == result.collateral
     with pytest.raises(ValueError, match="must hold the seeds compared"):
         measure.compare(result.before, edited, sampler, range(1, 7), perceptual=perceptual)
+
+
+def test_the_removed_class_is_the_one_the_erase_took_away_not_the_most_changed_pixels():
+    sky, wall, mark = (CLASSES.index(c) for c in ("sky", "wall", "watermark"))
+    before = torch.full((2, 32, 32), sky)
+    before[:, 16:, :] = wall
+    before[:, 12:20, 4:28] = mark  # a watermark across the sky and the wall
+    masks = torch.zeros(2, 32, 32)
+    masks[:, 8:, :] = 1  # a loose brush: much wall around the mark
+    after = before.clone()
+    after[before == mark] = sky
+    noise = torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(0))
+    after[(before == wall) & (masks > 0) & (noise < 0.5)] = sky  # half the wall smeared
+    assert int(((before == wall) & (after != wall)).sum()) > int((before == mark).sum())
+    assert measure.removed_class(before, after, masks) == "watermark"
+    assert measure.removed_class(before, before, masks) is None
+    with pytest.raises(ValueError, match="one shape"):
+        measure.removed_class(before, after, masks[:1])

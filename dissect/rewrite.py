@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -78,7 +79,7 @@ DEFAULT_BUDGET = 0.02
 CALIBRATION_STRENGTHS = (0.5, 1.0, 1.5, 2.5, 4.0, 6.0)
 CALIBRATION_IMAGES = 8
 
-_PARTS: dict[str, type] = {}  # every dataclass a saved request may hold, by class name
+_PARTS: dict[str, type] = {}  # every dataclass a saved request may hold, by class name (read_edits needs them)
 
 
 def _part(cls: type) -> type:
@@ -1262,6 +1263,8 @@ def _decode(node: Any, tensors: dict[str, Tensor]) -> Any:
         if "tensor" in node:
             return tensors[node["tensor"]]
         if "request" in node:
+            if node["request"] not in _PARTS:
+                importlib.import_module("dissect.valuetargets")  # dissect's other request kinds register on import
             if node["request"] not in _PARTS:
                 raise EditFileError(f"The edit file holds a request of kind {node['request']!r}, which this "
                                     f"dissect does not know; import the module that defines it first.")

@@ -1,6 +1,9 @@
 """A paste by appearance: dissect.valuetargets.Shift (a value shift stored as a rule at any layer) and
 dissect.appearance (the shift that makes regions look like a copied one)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -84,6 +87,11 @@ def test_a_shift_is_stored_as_a_rule_saved_loaded_and_moved_onto_other_images(ge
     (loaded,) = read_edits(tmp_path / "shift.edits")
     assert isinstance(loaded.request["target"], Shift) and loaded.request["target"].source == [9]
     assert torch.equal(loaded.request["target"].shift, request.shift)
+    # A fresh process that imported nothing but the rewrite module reads it too (the dashboard's files hold shifts).
+    fresh = subprocess.run([sys.executable, "-c", "import sys; from dissect.rewrite import read_edits; "
+                            "print(type(read_edits(sys.argv[1])[0].request['target']).__name__)",
+                            str(tmp_path / "shift.edits")], capture_output=True, text=True)
+    assert fresh.returncode == 0 and fresh.stdout.strip() == "Shift", fresh.stderr[-2000:]
     (moved,) = request.at(sampler([7]), square(1)[0])
     assert moved.masks.shape == (1, 64, 64) and torch.equal(moved.shift, shift)
 

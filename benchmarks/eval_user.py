@@ -14,8 +14,9 @@ button does (where the dashboard would hold a rule that does not carry to its co
 *Apply anyway*; how often is reported). Tasks:
 
   erase   brush the watermark on 3 images (Context), Erase. Then the second round the dashboard suggests after
-          an erase: where the grid's 48 images, now drawn by the edited model, still show the class, Clear
-          everything, brush up to 3 of them and Erase again (the first edit is kept). Figure: removal, the share
+          an erase, its *Erase what it missed* button (dashboard.followup): where the pool's first 128 images, drawn
+          by the edited model, still show the class the segmenter says the erase removed, it brushes the 3 that
+          show the most, adds their matches and erases at a small budget (the first edit is kept). Figure: removal, the share
           of the metric samples marked before that are no longer marked (also apart for day and dusk scenes,
           whose watermarks the generator draws differently; and after the first round alone). Baseline: zeroing
           the first round's 30 units (GAN dissection).
@@ -23,8 +24,8 @@ button does (where the dashboard would hold a rule that does not carry to its co
           (Context), Paste. Figure: the share of the original spire pixels the segmenter labels tree. Beside it,
           the same share on the paste image when the request itself is rendered exactly (the goal).
           Baseline: fine-tuning the whole weight on the same constraint (Adam, as eval_edits).
-  trees   the third rule: remove trees. Brush the trees of 3 images (Context), Erase, and a second round as
-          above. Figure: the share of original tree pixels that are no longer tree. Baseline: zeroing the first
+  trees   the third rule: remove trees. Brush the trees of 3 images (Context), Erase, and *Erase what it missed*
+          as above. Figure: the share of original tree pixels that are no longer tree. Baseline: zeroing the first
           round's 30 units.
 
 Collateral: the perceptual distance (dissect.measure, segmenter features) between the original and the edited
@@ -63,7 +64,7 @@ logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context").dis
 
 from eval_edits import fine_tune  # noqa: E402  (the paper's baseline, as eval_edits runs it)
 
-from dashboard import brushing, editing, requests  # noqa: E402
+from dashboard import brushing, editing, followup, requests  # noqa: E402
 from dashboard.imaging import canvas_mask, canvas_scale  # noqa: E402
 from dashboard.requests import RECOMMENDED, Settings  # noqa: E402
 from dashboard.workspace import Workspace  # noqa: E402
@@ -173,17 +174,14 @@ class Bench:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def shows(bench: Bench, cls: int, labels: torch.Tensor | None = None) -> list[int]:
-    """Browsed seeds where the segmenter sees ``cls``: in ``labels`` (the browsed images' labels as the model now
-    draws them) or else in the original model's."""
-    labels = bench.browsed.labels if labels is None else labels
-    return [s for s, has in zip(BROWSED, measure.present(labels, CLASSES[cls]).tolist()) if has]
+def shows(bench: Bench, cls: int) -> list[int]:
+    """Browsed seeds where the segmenter sees ``cls``."""
+    return [s for s, has in zip(BROWSED, measure.present(bench.browsed.labels, CLASSES[cls]).tolist()) if has]
 
 
-def region(bench: Bench, seed: int, cls: int, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Where browsed ``seed`` shows ``cls``: in ``labels`` (the browsed images' labels as the model now draws
-    them) or else in the original model's."""
-    return (bench.browsed.labels if labels is None else labels)[list(BROWSED).index(seed)] == cls
+def region(bench: Bench, seed: int, cls: int) -> torch.Tensor:
+    """Where browsed ``seed`` shows ``cls``."""
+    return bench.browsed.labels[list(BROWSED).index(seed)] == cls
 
 
 def apply(ws: Workspace, kind: str, settings: Settings) -> tuple[Edit, bool]:
@@ -196,38 +194,38 @@ def apply(ws: Workspace, kind: str, settings: Settings) -> tuple[Edit, bool]:
     return edit, found is not None and not found.carries
 
 
-def erase_round(bench: Bench, rng: random.Random, cls: int, settings: Settings, seen: torch.Tensor,
-                seeds: list[int]) -> Edit:
-    """Brush ``cls`` where the grid shows it (``seen``: the browsed images' labels) on ``seeds``, add the best
-    matches, and apply the dashboard's Erase."""
+def erase_round(bench: Bench, rng: random.Random, cls: int, settings: Settings, seeds: list[int]) -> Edit:
+    """Brush ``cls`` on ``seeds``, add the best matches, and apply the dashboard's Erase."""
     for s in seeds:
-        brush(bench.ws, brushing.CONTEXT, s, stroke_mask(region(bench, s, cls, seen), rng))
+        brush(bench.ws, brushing.CONTEXT, s, stroke_mask(region(bench, s, cls), rng))
     if bench.grow:
         editing.add_matches(bench.ws, editing.ERASE, settings)
     return apply(bench.ws, editing.ERASE, settings)[0]
 
 
 def erase_task(bench: Bench, rng: random.Random, cls: int, settings: Settings) -> Outcome:
-    """Brush ``cls`` on 3 browsed images that show it, apply the dashboard's Erase, and, where the grid (now the
-    edited model's) still shows it, a second round on up to 3 of those; beside it, the first round's 30-unit
-    ablation."""
+    """Brush ``cls`` on 3 browsed images that show it, apply the dashboard's Erase, then press *Erase what it
+    missed* (``dashboard.followup``, as the Edit page's button does) where the pool still shows what it removed;
+    beside it, the first round's 30-unit ablation."""
     ws = bench.ws
     def measured(rendered: measure.Rendered) -> float:
         return bench.removal(rendered, cls) if cls == WATERMARK else bench.pixels_changed(rendered, cls, None)
 
     seeds = rng.sample(shows(bench, cls), 3)
-    first = erase_round(bench, rng, cls, settings, bench.browsed.labels, seeds)
+    first = erase_round(bench, rng, cls, settings, seeds)
     after = bench.render()
     notes = {"first": measured(after), "first_collateral": bench.collateral(after, cls)}
-    seen = measure.render(ws.model, ws.sampler, list(BROWSED), bench.seg).labels
-    left = shows(bench, cls, seen)
+    missed = followup.find(ws)
+    notes.update(found=float(len(missed.found)), named=float(missed.name == CLASSES[cls]))
     edit, earlier = first, []
-    if left:
-        brushing.clear_all(ws.brush)
-        edit, earlier = erase_round(bench, rng, cls, settings, seen, rng.sample(left, min(3, len(left)))), [first]
+    if missed.found:
+        followup.brush(ws, missed, settings)
+        edit, earlier = followup.solve(ws, settings), [first]
+        ws.rewriter.apply(edit)
+        ws.weights_changed()
         after = bench.render()
     outcome = Outcome(measured(after), bench.collateral(after, cls), 0, 0, {"context": seeds}, edit, earlier,
-                      {**notes, "rounds": 1.0 + bool(left)})
+                      notes)
     if cls == WATERMARK:  # the generator draws two kinds of watermark: STOCK on day scenes, a garbled one at dusk
         outcome.notes.update(day=bench.removal(after, cls, ~bench.dusk), dusk=bench.removal(after, cls, bench.dusk))
     ws.rewriter.revert()
@@ -428,7 +426,8 @@ NOTES = {
     "held": "requests the dashboard holds because the rule does not carry to the context (share)",
     "first": "the figure after the first round alone",
     "first_collateral": "the collateral after the first round alone",
-    "rounds": "rounds applied (a second where the edited grid still shows the class)",
+    "found": "pool images where the edited model still draws what the first round removed",
+    "named": "requests where the segmenter named the removed class as the task's (share)",
 }
 
 

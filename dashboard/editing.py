@@ -12,7 +12,16 @@ import torch
 
 from dashboard import derived, requests
 from dashboard.browse import show_grid
-from dashboard.defaults import COLLATERAL_BOUND, COLLATERAL_SEEDS, DISPLAY_SCALE, FRESH_SEEDS, GROW_IMAGES
+from dashboard.defaults import (
+    COLLATERAL_BOUND,
+    COLLATERAL_SEEDS,
+    DISPLAY_SCALE,
+    FRESH_SEEDS,
+    GROW_IMAGES,
+    MISSED_BUDGET,
+    MISSED_IMAGES,
+    MISSED_POOL,
+)
 from dashboard.imaging import to_uint8
 from dashboard.requests import NeedsInput, Settings
 from dashboard.workspace import STATS_DIR, Workspace, base_model
@@ -38,19 +47,21 @@ def show_flashes() -> None:
         getattr(st, kind)(text)
 
 
-def solve_request(ws: Workspace, kind: str, settings: Settings) -> Edit:
-    """Solve (never apply) the session's current request at its layer (:func:`requests.layer_for`)."""
-    return solve_calibrated(ws, kind, settings)[0]
+def solve_request(ws: Workspace, kind: str, settings: Settings, protect: bool = True) -> Edit:
+    """Solve (never apply) the session's current request at its layer (:func:`requests.layer_for`), protecting
+    the session's earlier edits unless ``protect`` is False."""
+    return solve_calibrated(ws, kind, settings, protect)[0]
 
 
-def solve_calibrated(ws: Workspace, kind: str, settings: Settings) -> tuple[Edit, Calibration | None]:
+def solve_calibrated(ws: Workspace, kind: str, settings: Settings,
+                     protect: bool = True) -> tuple[Edit, Calibration | None]:
     """:func:`solve_request`, and what calibrating its strength on the context's images found (None where the
     settings fix the strength)."""
     settings = requests.for_kind(kind, settings)
     target, context = requests.erase(ws, settings) if kind == ERASE else requests.paste(ws, settings)
     memory = ws.memory(requests.layer_for(ws, settings))
     edit = solve(memory, target, context, refine=settings.refine, max_iter=settings.iterations,
-                 pointwise=settings.pointwise, budget=settings.budget, protect=ws.rewriter.history)
+                 pointwise=settings.pointwise, budget=settings.budget, protect=ws.rewriter.history if protect else ())
     if settings.strength is None:
         found = calibrate_strength(ws.rewriter, memory, edit)
         return found.edit, found
@@ -206,15 +217,16 @@ def _describe(edit: Edit, change: float | None) -> str:
     seen = f"changes unrelated fresh samples by {change:.3f} of a different image" if change is not None else \
         "its effect on unrelated samples cannot be measured for this model"
     return (f"rank {edit.rank}, {edit.solver}, strength {edit.strength:g}, {edit.seconds:.1f} s; moves "
-            f"{edit.expected_change:.1%} of the layer's output energy; {seen}")
+            f"{100 * edit.expected_change:.2g}% of the layer's output energy; {seen}")
 
 
 # After an erase, what the recommended flow does next (benchmarks/eval_user.py): a rule brushed on one kind of mark
-# can leave another (the dusk scenes' marks and the day scenes' STOCK), and a second round on what remains clears
-# it while the first edit is kept.
-SECOND_ROUND = ("Look for what it missed: the grid now shows the edited model's images. Where one still shows what "
-                "you erased, press *Clear everything*, brush it in *Context* on up to three images, *Add the best "
-                "matches* and *Apply edit* again. This edit is kept, and the next one protects it.")
+# can leave another (the dusk scenes' marks and the day scenes' STOCK), and a second, smaller round on what remains
+# clears it while the first edit is kept (dashboard.followup).
+SECOND_ROUND = ("Look for what it missed: press *Erase what it missed*. It finds the images of the pool where "
+                "the edited model still draws what you erased, brushes it on three of them, adds their best matches "
+                "and erases it with a small change. This edit is kept. (Without the segmenter: where the grid still "
+                "shows it, *Clear everything*, brush it in *Context* and *Apply edit* again.)")
 
 
 def _commit(ws: Workspace, edit: Edit, change: float | None) -> None:
@@ -232,9 +244,7 @@ def _discard() -> None:
 
 
 def solve_and_check(ws: Workspace, kind: str, settings: Settings) -> None:
-    """The *Apply edit* button: solve, measure the collateral on fresh samples, and apply; an edit above
-    :data:`COLLATERAL_BOUND`, or a rule that does not carry to the context's other images, waits for *Apply anyway*
-    (kept in the session as pending, with the reason)."""
+    """The *Apply edit* button: solve, measure the collateral on fresh samples, and apply (:func:`check_and_commit`)."""
     bar = st.progress(0.05, text="Key statistics of the layer…")
     try:
         chosen = requests.for_kind(kind, settings)
@@ -250,6 +260,13 @@ def solve_and_check(ws: Workspace, kind: str, settings: Settings) -> None:
         _refused(exc)
         return
     bar.empty()
+    check_and_commit(ws, edit, change, found)
+
+
+def check_and_commit(ws: Workspace, edit: Edit, change: float | None, found: Calibration | None = None) -> None:
+    """Apply a solved edit whose collateral is ``change``; one above :data:`COLLATERAL_BOUND`, or a rule that does
+    not carry to the context's other images (``found``, its strength calibration), waits for *Apply anyway* (kept
+    in the session as pending, with the reason)."""
     reasons = []
     if found is not None and not found.carries:
         reasons.append(f"the rule does not carry to the context's other images: at every strength from "
@@ -304,6 +321,48 @@ def _add_matches(ws: Workspace, kind: str, settings: Settings) -> None:
           "No pool image matches the context above the threshold; brush more examples instead.")
 
 
+def followup_button(ws: Workspace, settings: Settings) -> bool:
+    """*Erase what it missed*, shown after an erase; True when pressed."""
+    from dashboard import followup  # it builds on this module
+
+    if followup.last_erase(ws) is None:
+        return False
+    pressed = st.button("Erase what it missed", key="erase_missed", width="stretch",
+                        help=f"Finds the images among the pool's first {MISSED_POOL} where the edited model still "
+                             f"draws what the last erase removed (by the segmenter), brushes it on the "
+                             f"{MISSED_IMAGES} that show the most, adds their best matches and erases it at a budget "
+                             f"of {MISSED_BUDGET:g} (what is left, the first erase already weakened). Replaces the "
+                             f"context.")
+    if pressed:
+        erase_missed(ws, settings)
+    return pressed
+
+
+def erase_missed(ws: Workspace, settings: Settings) -> None:
+    """The second round of an erase (:mod:`dashboard.followup`) behind a progress bar, then the *Apply edit*
+    button's checks (:func:`check_and_commit`)."""
+    from dashboard import followup
+
+    bar = st.progress(0.05, text=f"Segmenting the pool's first {MISSED_POOL} images as the edited model draws them…")
+    try:
+        missed = followup.find(ws)
+        bar.progress(0.3, text=f"Brushing the {missed.name} left on {len(missed.found)} image(s), adding matches…")
+        stamped = followup.brush(ws, missed, settings)
+        bar.progress(0.45, text="Solving…")
+        edit = followup.solve(ws, settings)
+        bar.progress(0.8, text=f"Trying it on {len(COLLATERAL_SEEDS)} fresh samples…")
+        change = collateral(ws, edit)
+    except (DissectError, RuntimeError) as exc:
+        bar.empty()
+        _refused(exc)
+        return
+    bar.empty()
+    flash("info", f"The edited model still drew a {missed.name} on {len(missed.found)} of the pool's first "
+                  f"{MISSED_POOL} images. The context is now where seeds {', '.join(map(str, stamped))} show it, and "
+                  f"their best matches; the erase of it was solved at a budget of at most {MISSED_BUDGET:g}.")
+    check_and_commit(ws, edit, change)
+
+
 def _load_upload(ws: Workspace) -> None:
     """The uploader's callback: runs before the page is drawn, so the history below already shows the loaded
     edits."""
@@ -336,6 +395,8 @@ def render(ws: Workspace, settings: Settings) -> None:
               help=f"Thickens a context brushed on a few images with the {GROW_IMAGES} images of the pool whose keys "
                    f"match it best, each where it matches (as the key-match view outlines). A rule then reaches "
                    f"more of its kind.")
+    if followup_button(ws, settings):
+        show_flashes()
     if PENDING in st.session_state:
         render_pending(ws)
 

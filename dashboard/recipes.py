@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import brushing, derived, editing
+from dashboard import brushing, derived, editing, followup
 from dashboard.defaults import MEASURE_SEEDS
 from dashboard.requests import RECOMMENDED, NeedsInput, Settings
 from dashboard.workspace import Workspace
@@ -21,17 +21,13 @@ BRUSHED, SEGMENTED = "My brushed context", "Watermarks the segmenter finds in th
 
 def segmented_context(ws: Workspace, seeds: list[int], name: str, n: int = 3) -> list[int]:
     """Start a context from what the segmenter sees: the bounding boxes of ``name`` on the first ``n`` images that
-    show it, among ``seeds`` and then the first :data:`BROWSED` seeds, as if brushed (NeedsInput when too few).
-    The images are the model's as it is now: after an erase, what it left (the recommended second round, which
-    takes one image or more)."""
+    show it, among ``seeds`` and then the first :data:`BROWSED` seeds, as if brushed (NeedsInput when too few)."""
     seeds = list(dict.fromkeys([*seeds, *range(BROWSED)]))
     labels = derived.labels(ws, seeds, edited=ws.edited)
     if labels is None:
         raise NeedsInput("The segmenter's weights are not installed: brush the context yourself in Context mode.")
     found = [i for i, has in enumerate(present(labels, name).tolist()) if has][:n]
-    if ws.edited and not found:
-        raise NeedsInput(f"None of the first {len(seeds)} images shows a {name} any more: nothing is left to erase.")
-    if len(found) < (1 if ws.edited else n):
+    if len(found) < n:
         raise NeedsInput(f"Only {len(found)} of {len(seeds)} images show a {name}; brush the context yourself.")
     boxes = bounding_boxes((labels[found] == CLASSES.index(name)).float())
     for i, box in zip(found, boxes):
@@ -76,28 +72,43 @@ def _result(ws: Workspace, name: str) -> None:
 def remove_watermark(ws: Workspace, seeds: list[int]) -> None:
     st.markdown("1. **Find the watermark**: the segmenter's watermark boxes on three images, thickened by their best "
                 "matches (or your own brushed context).\n2. **Erase** it with the recommended settings (under "
-                "*Advanced*).\n3. **Check** the fresh samples below, and how many still show one. Where the grid still shows "
-                "one, press the button again: it erases what the edited model left, and keeps the first edit.")
+                "*Advanced*).\n3. **Check** the fresh samples below, and how many still show one. Then the button becomes "
+                "*Erase what it missed*: it finds the pool images where the edited model still draws one and "
+                "erases what is left with a small change, keeping the first edit.")
     source = st.radio("Context", [SEGMENTED, BRUSHED], key="watermark_source", persist_state="session",
                       horizontal=True, index=1 if ws.brush.context else 0)
-    if st.button("Remove the watermark", type="primary", key="run_watermark"):
-        try:
-            if source == SEGMENTED:
-                brushing.clear_all(ws.brush)
-                used = segmented_context(ws, seeds, "watermark")
-                added = editing.add_matches(ws, editing.ERASE, RECOMMENDED[editing.ERASE])
-                st.caption(f"Context: the watermarks of seeds {', '.join(map(str, used))}, and the {added} pool images "
-                           f"that match them best.")
-            elif ws.brush.cluster is not None:  # the brushed context was chosen, not a cluster picked earlier
-                ws.brush.cluster = None
-                ws.brush.changed()
-        except NeedsInput as exc:
-            st.warning(str(exc))
+    editing.show_flashes()
+    again = followup.last_erase(ws) is not None
+    if st.button("Erase what it missed" if again else "Remove the watermark", type="primary", key="run_watermark"):
+        if again:
+            editing.erase_missed(ws, RECOMMENDED[editing.ERASE])
+            editing.show_flashes()
         else:
-            if editing.apply_with_progress(ws, editing.ERASE, RECOMMENDED[editing.ERASE]):
-                st.success("Erased. The grid on the Images page now shows the edited model.")
+            _first_round(ws, seeds, source)
+    if editing.PENDING in st.session_state:
+        editing.render_pending(ws)
     if ws.edited:
         _result(ws, "watermark")
+
+
+def _first_round(ws: Workspace, seeds: list[int], source: str) -> None:
+    try:
+        if source == SEGMENTED:
+            brushing.clear_all(ws.brush)
+            used = segmented_context(ws, seeds, "watermark")
+            added = editing.add_matches(ws, editing.ERASE, RECOMMENDED[editing.ERASE])
+            editing.flash("info", f"Context: the watermarks of seeds {', '.join(map(str, used))}, and the {added} "
+                                  f"pool images that match them best.")
+        elif ws.brush.cluster is not None:  # the brushed context was chosen, not a cluster picked earlier
+            ws.brush.cluster = None
+            ws.brush.changed()
+    except NeedsInput as exc:
+        st.warning(str(exc))
+        return
+    if editing.apply_with_progress(ws, editing.ERASE, RECOMMENDED[editing.ERASE]):
+        editing.flash("success", "Erased. The grid on the Images page now shows the edited model.")
+        st.rerun()  # the button above becomes the second round
+    editing.show_flashes()
 
 
 def shown_in(ws: Workspace, seeds: list[int], name: str) -> list[int]:

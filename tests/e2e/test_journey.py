@@ -122,6 +122,21 @@ def journey(browser, dashboard_url: str, tmp_path: Path, pages: list) -> None:
     screenshot(page, "journey_02_watermarks_brushed")
     apply_on_edit_tab(page, "Erase what the context shows")
     screenshot(page, "journey_03_erased")
+    # The second round the page offers: found by the segmenter on the pool, applied (or said to be needless), then
+    # undone, so that the rest of the journey holds the first erase alone.
+    page.get_by_role("button", name="Erase what it missed").click()
+    wait_idle(page)
+    found = page.get_by_text("The edited model still drew a watermark")
+    if found.count():
+        page.get_by_text("Applied: rank").nth(0).wait_for()
+        screenshot(page, "journey_03b_missed")
+        ok(page)
+        page.get_by_role("button", name="Undo", exact=True).click()
+        page.get_by_text("Undid the edit").wait_for()
+        wait_idle(page)
+    else:
+        page.get_by_text("nothing is left to erase").wait_for()
+    ok(page)
 
     # 2. Spires -> trees, the recommended flow: copy a tree, paste it onto a spire, spires as the context.
     tab(page, "Images")

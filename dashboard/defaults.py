@@ -43,6 +43,7 @@ GROW_POOL = 64  # "Add the best matches to the context" searches the pool's firs
 GROW_IMAGES = 12  # …and adds this many, each masked where it matches
 MISSED_POOL = 128  # *Erase what it missed* looks for what an erase left on the pool's first images…
 MISSED_IMAGES = 3  # …brushes it on the found images that show the most…
-MISSED_BUDGET = 0.02  # …and erases it at no more than this budget
+MISSED_BUDGET = 0.02  # …and erases it at no more than this budget: probes on draws 560-589 (metric seeds 630000+)
+# met both targets in 24 of 30 requests at 0.02 unprotected, 20 protected, 21 at 0.05, 2 at the erase's 0.25
 DEFAULT_CLUSTERS = 12
 DEFAULT_UNITS = 30  # the authors zero the 30 most watermark-aligned units

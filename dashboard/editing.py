@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import streamlit as st
 import torch
@@ -244,16 +244,25 @@ def _discard() -> None:
 
 
 def solve_and_check(ws: Workspace, kind: str, settings: Settings) -> None:
-    """The *Apply edit* button: solve, measure the collateral on fresh samples, and apply (:func:`check_and_commit`)."""
-    bar = st.progress(0.05, text="Key statistics of the layer…")
-    try:
+    """The *Apply edit* button: solve, measure the collateral on fresh samples, and apply (:func:`checked`)."""
+    def steps(bar: Any) -> tuple[Edit, Calibration | None]:
         chosen = requests.for_kind(kind, settings)
         ws.memory(requests.layer_for(ws, chosen))
         by_look = kind == PASTE and chosen.appearance
         bar.progress(0.25, text="Finding the value that makes the pasted regions look like the copy (seconds), then "
                                 "solving…" if by_look else "Solving and calibrating the strength…")
-        edit, found = solve_calibrated(ws, kind, settings)
-        bar.progress(0.7, text=f"Trying it on {len(COLLATERAL_SEEDS)} fresh samples…")
+        return solve_calibrated(ws, kind, settings)
+
+    checked(ws, "Key statistics of the layer…", steps)
+
+
+def checked(ws: Workspace, first: str, steps: Callable[[Any], tuple[Edit, Calibration | None]]) -> None:
+    """Behind a progress bar (``first`` its first text): ``steps(bar)`` solves an edit, its collateral is measured
+    on fresh samples, and :func:`check_and_commit` applies or holds it; a refused request becomes a message."""
+    bar = st.progress(0.05, text=first)
+    try:
+        edit, found = steps(bar)
+        bar.progress(0.75, text=f"Trying it on {len(COLLATERAL_SEEDS)} fresh samples…")
         change = collateral(ws, edit)
     except (DissectError, RuntimeError) as exc:
         bar.empty()
@@ -339,28 +348,22 @@ def followup_button(ws: Workspace, settings: Settings) -> bool:
 
 
 def erase_missed(ws: Workspace, settings: Settings) -> None:
-    """The second round of an erase (:mod:`dashboard.followup`) behind a progress bar, then the *Apply edit*
-    button's checks (:func:`check_and_commit`)."""
+    """The second round of an erase (:mod:`dashboard.followup`), then the *Apply edit* button's checks."""
     from dashboard import followup
 
-    bar = st.progress(0.05, text=f"Segmenting the pool's first {MISSED_POOL} images as the edited model draws them…")
-    try:
+    def steps(bar: Any) -> tuple[Edit, None]:
         missed = followup.find(ws)
         bar.progress(0.3, text=f"Brushing the {missed.name} left on {len(missed.found)} image(s), adding matches…")
         stamped = followup.brush(ws, missed, settings)
         bar.progress(0.45, text="Solving…")
         edit = followup.solve(ws, settings)
-        bar.progress(0.8, text=f"Trying it on {len(COLLATERAL_SEEDS)} fresh samples…")
-        change = collateral(ws, edit)
-    except (DissectError, RuntimeError) as exc:
-        bar.empty()
-        _refused(exc)
-        return
-    bar.empty()
-    flash("info", f"The edited model still drew a {missed.name} on {len(missed.found)} of the pool's first "
-                  f"{MISSED_POOL} images. The context is now where seeds {', '.join(map(str, stamped))} show it, and "
-                  f"their best matches; the erase of it was solved at a budget of at most {MISSED_BUDGET:g}.")
-    check_and_commit(ws, edit, change)
+        flash("info", f"The edited model still drew a {missed.name} on {len(missed.found)} of the pool's first "
+                      f"{MISSED_POOL} images. The context is now where seeds {', '.join(map(str, stamped))} show "
+                      f"it, and their best matches; the erase of it was solved at a budget of at most "
+                      f"{MISSED_BUDGET:g}.")
+        return edit, None
+
+    checked(ws, f"Segmenting the pool's first {MISSED_POOL} images as the edited model draws them…", steps)
 
 
 def _load_upload(ws: Workspace) -> None:

@@ -14,12 +14,12 @@ button does (where the dashboard would hold a rule that does not carry to its co
 *Apply anyway*; how often is reported). Tasks:
 
   erase   brush the watermark on 3 images (Context), Erase. Then the second round the dashboard suggests after
-          an erase, its *Erase what it missed* button (dashboard.followup): where the pool's first 128 images, drawn
-          by the edited model, still show the class the segmenter says the erase removed, it brushes the 3 that
-          show the most, adds their matches and erases at a small budget (the first edit is kept). Figure: removal, the share
-          of the metric samples marked before that are no longer marked (also apart for day and dusk scenes,
-          whose watermarks the generator draws differently; and after the first round alone). Baseline: zeroing
-          the first round's 30 units (GAN dissection).
+          an erase, its *Erase what it missed* button (dashboard.followup): where the pool's first 128 images,
+          drawn by the edited model, still show the class the segmenter says the erase removed, it brushes the 3
+          that show the most, adds their matches and erases at a small budget (larger where more is left; the
+          first edit is kept). Figure: removal, the share of the metric samples marked before that are no longer
+          marked (also apart for day and dusk scenes, whose watermarks the generator draws differently; and after
+          the first round alone). Baseline: zeroing the first round's 30 units (GAN dissection).
   paste   copy one tree (Copy), paint one spire (the image's largest; Paste, onto the painted region), brush 3 other spires
           (Context), Paste. Figure: the share of the original spire pixels the segmenter labels tree. Beside it,
           the same share on the paste image when the request itself is rendered exactly (the goal).
@@ -220,7 +220,7 @@ def erase_task(bench: Bench, rng: random.Random, cls: int, settings: Settings) -
     edit, earlier = first, []
     if missed.found:
         followup.brush(ws, missed, settings)
-        edit, earlier = followup.solve(ws, settings), [first]
+        edit, earlier = followup.solve(ws, missed, settings), [first]
         ws.rewriter.apply(edit)
         ws.weights_changed()
         after = bench.render()

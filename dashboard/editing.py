@@ -20,6 +20,8 @@ from dashboard.defaults import (
     GROW_IMAGES,
     MISSED_BUDGET,
     MISSED_IMAGES,
+    MISSED_MANY,
+    MISSED_MANY_BUDGET,
     MISSED_POOL,
 )
 from dashboard.imaging import to_uint8
@@ -340,7 +342,8 @@ def followup_button(ws: Workspace, settings: Settings) -> bool:
                         help=f"Finds the images among the pool's first {MISSED_POOL} where the edited model still "
                              f"draws what the last erase removed (by the segmenter), brushes it on the "
                              f"{MISSED_IMAGES} that show the most, adds their best matches and erases it at a budget "
-                             f"of {MISSED_BUDGET:g} (what is left, the first erase already weakened). Replaces the "
+                             f"of at most {MISSED_BUDGET:g} ({MISSED_MANY_BUDGET:g} where {MISSED_MANY} images or "
+                             f"more still show it): what is left, the first erase already weakened. Replaces the "
                              f"context.")
     if pressed:
         erase_missed(ws, settings)
@@ -356,11 +359,11 @@ def erase_missed(ws: Workspace, settings: Settings) -> None:
         bar.progress(0.3, text=f"Brushing the {missed.name} left on {len(missed.found)} image(s), adding matches…")
         stamped = followup.brush(ws, missed, settings)
         bar.progress(0.45, text="Solving…")
-        edit = followup.solve(ws, settings)
+        edit = followup.solve(ws, missed, settings)
         flash("info", f"The edited model still drew a {missed.name} on {len(missed.found)} of the pool's first "
                       f"{MISSED_POOL} images. The context is now where seeds {', '.join(map(str, stamped))} show "
                       f"it, and their best matches; the erase of it was solved at a budget of at most "
-                      f"{MISSED_BUDGET:g}.")
+                      f"{followup.missed_budget(missed):g}.")
         return edit, None
 
     checked(ws, f"Segmenting the pool's first {MISSED_POOL} images as the edited model draws them…", steps)

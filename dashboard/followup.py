@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from dashboard import brushing, derived, editing, requests
-from dashboard.defaults import MISSED_BUDGET, MISSED_IMAGES, MISSED_POOL, POOL_SEEDS
+from dashboard.defaults import MISSED_BUDGET, MISSED_IMAGES, MISSED_MANY, MISSED_MANY_BUDGET, MISSED_POOL, POOL_SEEDS
 from dashboard.requests import NeedsInput, Settings
 from dashboard.workspace import Workspace
 from dissect import measure
@@ -83,11 +83,18 @@ def brush(ws: Workspace, missed: Missed, settings: Settings) -> list[int]:
     return stamped
 
 
-def solve(ws: Workspace, settings: Settings) -> Edit:
-    """The erase of the brushed context with the erase's settings at a budget of at most :data:`MISSED_BUDGET`,
-    not protecting the earlier edits: it removes what they removed, and protection would turn it away from the
-    keys that still draw the mark (measured: fewer requests met the targets). Solved, not applied."""
+def solve(ws: Workspace, missed: Missed, settings: Settings) -> Edit:
+    """The erase of the brushed context with the erase's settings at a budget of at most :data:`MISSED_BUDGET`
+    (:data:`MISSED_MANY_BUDGET` where ``missed`` found :data:`MISSED_MANY` images or more: the first round missed
+    a whole kind of mark, more than a touch clears), not protecting the earlier edits: it removes what they
+    removed, and protection would turn it away from the keys that still draw the mark (measured: fewer requests
+    met the targets). Solved, not applied."""
     chosen = requests.for_kind(editing.ERASE, settings)
-    budget = min(chosen.budget, MISSED_BUDGET)
+    budget = min(chosen.budget, missed_budget(missed))
     return editing.solve_request(ws, editing.ERASE, dataclasses.replace(chosen, budget=budget, recommended=False),
                                  protect=False)
+
+
+def missed_budget(missed: Missed) -> float:
+    """The most the round may change: more where more is left."""
+    return MISSED_MANY_BUDGET if len(missed.found) >= MISSED_MANY else MISSED_BUDGET

@@ -18,7 +18,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]  # the dashboard package
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from dashboard import browse, brushing, canvas, derived, editing, followup, recipes, requests, workspace  # noqa: E402
-from dashboard.defaults import DEFAULT_LAYER, MISSED_BUDGET  # noqa: E402
+from dashboard.defaults import DEFAULT_LAYER, MISSED_BUDGET, MISSED_MANY, MISSED_MANY_BUDGET  # noqa: E402
 from dashboard.imaging import canvas_mask, canvas_scale, format_seeds, parse_seeds  # noqa: E402
 from dissect import appearance, stats  # noqa: E402
 from dissect.memory import LayerMemory  # noqa: E402
@@ -390,9 +390,12 @@ def test_erase_what_it_missed_follows_the_class_the_erase_removed_where_the_edit
     assert followup.brush(ws, missed, settings) == [100009, 100005]
     assert int(ws.brush.context[100009].sum()) == 200 and int(ws.brush.context[100005].sum()) == 80
     assert 1 not in ws.brush.context  # the round replaces the first round's context
-    edit = followup.solve(ws, settings)
+    edit = followup.solve(ws, missed, settings)
     plain = editing.solve_request(ws, editing.ERASE, settings)
     assert edit.expected_change <= MISSED_BUDGET * 1.001 < plain.expected_change
+    # Where more is left (a whole kind of mark missed), the round may change more.
+    assert followup.missed_budget(followup.Missed("watermark", list(range(MISSED_MANY)))) == MISSED_MANY_BUDGET
+    assert followup.missed_budget(followup.Missed("watermark", list(range(MISSED_MANY - 1)))) == MISSED_BUDGET
     # It does not protect the first erase (both take the same thing away): its directions are the context's own.
     small = dataclasses.replace(settings, budget=MISSED_BUDGET)
     assert torch.equal(edit.directions, editing.solve_request(ws, editing.ERASE, small, protect=False).directions)

@@ -3,9 +3,9 @@
 An erase brushed on three images can leave its kind on images unlike them (the day scenes' STOCK after an erase
 brushed on the dusk scenes' marks), often on fewer images than a person browses. This round asks the segmenter
 what the erase took away, finds the pool images where the edited model still draws it, brushes it on the ones that
-show the most, adds their best matches, and erases it at a small budget: what is left is what the first edit
-already weakened, and a second round at a first erase's budget smears (benchmarks/eval_user.py, RESULTS.md). It
-does not protect the first edit: both take away the same thing.
+show the most, adds their best matches, and erases it at a small budget (larger where much is left): what is left
+is what the first edit already weakened, and a second round at a first erase's budget smears
+(benchmarks/eval_user.py, RESULTS.md). It does not protect the first edit: both take away the same thing.
 """
 
 from __future__ import annotations

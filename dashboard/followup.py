@@ -76,9 +76,10 @@ def brush(ws: Workspace, missed: Missed, settings: Settings) -> list[int]:
                          f"left to erase.")
     brushing.clear_all(ws.brush)
     stamped = missed.found[:MISSED_IMAGES]
-    labels = derived.labels(ws, stamped, edited=True)
-    for seed, image in zip(stamped, labels):
-        brushing.stamp(ws.brush, brushing.CONTEXT, seed, (image == CLASSES.index(missed.name)).float())
+    pool = list(POOL_SEEDS)[:MISSED_POOL]
+    labels = derived.labels(ws, pool, edited=True)  # find's, from the cache: no image drawn again
+    for seed in stamped:
+        brushing.stamp(ws.brush, brushing.CONTEXT, seed, (labels[pool.index(seed)] == CLASSES.index(missed.name)).float())
     editing.add_matches(ws, editing.ERASE, settings)
     return stamped
 
